@@ -1,0 +1,29 @@
+"""The frozen, portable bucketing hash.
+
+Specification (stable across releases; any change is a breaking change caught by
+``tests/vectors/buckets.json``)::
+
+    digest = SHA-256( UTF-8(salt) || 0x00 || UTF-8(key) )
+    h      = first 8 bytes of digest, read as an unsigned big-endian 64-bit integer
+    bucket = h mod 10000
+
+A visitor is in the ``new`` variant iff ``bucket < percent * 100``. SHA-256 is chosen
+because every platform has it (Python ``hashlib``, browsers' ``crypto.subtle``, Node,
+OpenSSL, nginx via njs/lua), so a front end or an edge rule can compute the same split.
+The modulo bias of a 64-bit hash over 10,000 buckets is below 1e-15 and is ignored.
+"""
+
+from __future__ import annotations
+
+from hashlib import sha256
+
+BUCKETS = 10_000
+"""Number of buckets; ``percent`` therefore has a resolution of 0.01."""
+
+
+def bucket(salt: str, key: str) -> int:
+    """Return the bucket in ``[0, BUCKETS)`` of ``key`` under ``salt``."""
+    digest = sha256(
+        salt.encode("utf-8", "surrogatepass") + b"\x00" + key.encode("utf-8", "surrogatepass")
+    ).digest()
+    return int.from_bytes(digest[:8], "big") % BUCKETS

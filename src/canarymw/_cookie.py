@@ -1,0 +1,166 @@
+"""The cohort cookie: signing, verification, lenient lookup and ``Set-Cookie`` rendering.
+
+The value is ``1.<id>.<issued>.<signature>``: format version ``1``, a random id of 128
+bits (22 base64url characters), the issue time in hexadecimal Unix seconds, and an
+itsdangerous HMAC-SHA256 signature under a salt of its own, so no other value signed
+with the same secret key (a Flask session, say) ever verifies as a cohort cookie. The
+cookie never stores the variant: the variant follows from the id and the live percent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Sequence
+
+from itsdangerous import BadData, Signer
+
+VERSION = "1"
+SIGNER_SALT = "canarymw.cohort"
+MAX_VALUE_LENGTH = 200
+"""Longer values are never ours and are rejected before any HMAC is computed."""
+
+_SAMESITE = ("Lax", "Strict", "None")
+
+
+def normalise_keys(secret_key: object, owner: str) -> list[bytes]:
+    """Return the key list oldest to newest, or raise a full-sentence ``ValueError``."""
+    if isinstance(secret_key, (str, bytes)):
+        keys: list[object] = [secret_key]
+    elif isinstance(secret_key, Sequence):
+        keys = list(secret_key)
+    else:
+        raise TypeError(
+            f"{owner} needs secret_key as a str, bytes or a list of them (oldest to newest), "
+            f"not {type(secret_key).__name__}."
+        )
+    if not keys:
+        raise ValueError(f"{owner} needs a secret_key; an empty key list cannot sign cookies.")
+    out: list[bytes] = []
+    for k in keys:
+        if not isinstance(k, (str, bytes)):
+            raise TypeError(f"{owner} got a secret key of type {type(k).__name__}; use str or bytes.")
+        if not k:
+            raise ValueError(
+                f"{owner} got an empty secret key; set a long random value "
+                "(for example secrets.token_hex(32)) and keep it out of source control."
+            )
+        out.append(k.encode() if isinstance(k, str) else k)
+    return out
+
+
+def find_values(header: str, name: str) -> list[str]:
+    """Return every value of cookie ``name`` in a ``Cookie`` header, in header order.
+
+    Lenient and linear: other cookies are never parsed, so one malformed neighbour
+    (which makes ``http.cookies.SimpleCookie`` drop everything) cannot hide ours.
+    Values are cut at ``;`` or ``,`` (two headers joined by a comma), stripped of
+    blanks and optional double quotes. See: RFC 6265 §5.4 (order), §4.1.1 (syntax).
+    """
+    needle = name + "="
+    out: list[str] = []
+    start = header.find(needle)
+    while start != -1:
+        if start == 0 or header[start - 1] in " ;,\t":
+            begin = start + len(needle)
+            end = len(header)
+            semi = header.find(";", begin)
+            if semi != -1:
+                end = semi
+            comma = header.find(",", begin, end)
+            if comma != -1:
+                end = comma
+            value = header[begin:end].strip()
+            if len(value) >= 2 and value[0] == '"' and value[-1] == '"':
+                value = value[1:-1]
+            out.append(value)
+            start = header.find(needle, end)
+        else:
+            start = header.find(needle, start + 1)
+    return out
+
+
+class CookieCodec:
+    """Signs and verifies cohort cookie values with a rotating key list."""
+
+    __slots__ = ("_signers",)
+
+    def __init__(self, keys: list[bytes]) -> None:
+        # One signer per key, newest first, so we know which key verified.
+        self._signers = [
+            Signer(k, salt=SIGNER_SALT, key_derivation="hmac", digest_method=hashlib.sha256)
+            for k in reversed(keys)
+        ]
+
+    def issue(self, cohort_id: str, issued: int) -> str:
+        """Sign a new value for ``cohort_id`` with the newest key."""
+        payload = f"{VERSION}.{cohort_id}.{issued:x}"
+        return self._signers[0].sign(payload).decode("ascii")
+
+    def verify(self, value: str) -> tuple[str, int, bool] | None:
+        """Return ``(id, issued, signed_with_newest_key)`` or None for any bad value."""
+        if not value or len(value) > MAX_VALUE_LENGTH or not value.isascii():
+            return None
+        for index, signer in enumerate(self._signers):
+            try:
+                payload = signer.unsign(value).decode("ascii")
+            except (BadData, UnicodeDecodeError):
+                continue
+            parts = payload.split(".")
+            if len(parts) != 3 or parts[0] != VERSION or len(parts[1]) != 22:
+                return None
+            try:
+                issued = int(parts[2], 16)
+            except ValueError:
+                return None
+            return parts[1], issued, index == 0
+        return None
+
+
+def new_id() -> str:
+    """A fresh random cohort id: 128 bits from :mod:`secrets`, base64url, 22 characters."""
+    return secrets.token_urlsafe(16)
+
+
+def render_set_cookie(
+    name: str,
+    value: str,
+    *,
+    max_age: int | None,
+    path: str,
+    domain: str | None,
+    secure: bool,
+    httponly: bool,
+    samesite: str | None,
+) -> str:
+    """Render one ``Set-Cookie`` header value. See: RFC 6265 §4.1."""
+    parts = [f"{name}={value}"]
+    if max_age is not None:
+        parts.append(f"Max-Age={max_age}")
+    if domain:
+        parts.append(f"Domain={domain}")
+    parts.append(f"Path={path}")
+    if secure:
+        parts.append("Secure")
+    if httponly:
+        parts.append("HttpOnly")
+    if samesite:
+        parts.append(f"SameSite={samesite}")
+    return "; ".join(parts)
+
+
+def validate_cookie_settings(
+    owner: str, name: str, samesite: str | None, secure: bool | None, max_age: int | None
+) -> None:
+    """Reject cookie settings a browser would ignore or misread."""
+    if not name or not name.isascii() or any(c in name for c in ' \t;,="()<>@:\\/[]?{}'):
+        raise ValueError(f"{owner} got cookie_name {name!r}; use a plain token such as 'canarymw'.")
+    if samesite is not None and samesite not in _SAMESITE:
+        raise ValueError(f"{owner} got cookie_samesite {samesite!r}; use 'Lax', 'Strict', 'None' or None.")
+    if samesite == "None" and secure is False:
+        raise ValueError(
+            f"{owner} sets SameSite=None without Secure; browsers reject such cookies, "
+            "so leave cookie_secure at None or True."
+        )
+    if max_age is not None and (isinstance(max_age, bool) or not isinstance(max_age, int) or max_age <= 0):
+        raise ValueError(f"{owner} got cookie_max_age {max_age!r}; use a positive number of seconds or None.")

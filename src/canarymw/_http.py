@@ -1,0 +1,89 @@
+"""Response header edits shared by the WSGI and ASGI adapters (str or bytes headers)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import TypeVar
+
+T = TypeVar("T", str, bytes)
+
+
+def caching_headers(
+    vary: str | None, cache_control: str | None, policy: str | None
+) -> tuple[str | None, str | None]:
+    """Return the ``Vary`` and ``Cache-Control`` values a cohort-dependent response needs.
+
+    Each is None when the app's own value (given, or None if absent) is already right.
+    ``Cookie`` is merged into ``Vary`` (never replacing the app's tokens), and ``policy``
+    (normally ``"private"``) is added to ``Cache-Control`` unless the app already said
+    ``private``, ``no-store`` or ``public``: an explicit ``public`` is the app's choice.
+    See: RFC 9110 §12.5.5 (Vary), RFC 9111 §5.2.2 (Cache-Control).
+    """
+    new_vary: str | None = None
+    if vary is None or not vary.strip():
+        new_vary = "Cookie"
+    else:
+        tokens = {t.strip().lower() for t in vary.split(",")}
+        if "*" not in tokens and "cookie" not in tokens:
+            new_vary = f"{vary}, Cookie"
+    new_cc: str | None = None
+    if policy:
+        if cache_control is None or not cache_control.strip():
+            new_cc = policy
+        else:
+            directives = {d.split("=", 1)[0].strip().lower() for d in cache_control.split(",")}
+            if not directives & {"private", "no-store", "public"}:
+                new_cc = f"{policy}, {cache_control}"
+    return new_vary, new_cc
+
+
+def finish_headers(
+    headers: Iterable[tuple[T, T]],
+    set_cookie: T | None,
+    policy: str | None,
+    names: tuple[T, T, T],
+    dec: Callable[[T], str],
+    enc: Callable[[str], T],
+) -> list[tuple[T, T]]:
+    """Return a new header list with our cookie and the caching headers merged in.
+
+    ``names`` are the header names as written for new headers, in the list's type:
+    ``(Vary, Cache-Control, Set-Cookie)``; existing headers match case-insensitively. The
+    input is never mutated. Repeated ``Vary``/``Cache-Control`` lines are read as one
+    comma-joined value and the merged value replaces the first line.
+    """
+    vary_w, cc_w, sc_w = names
+    vary_n, cc_n = vary_w.lower(), cc_w.lower()
+    out = list(headers)
+    vary_i = cc_i = -1
+    vary: list[str] = []
+    cc: list[str] = []
+    for i, (name, value) in enumerate(out):
+        low = name.lower()
+        if low == vary_n:
+            if vary_i < 0:
+                vary_i = i
+            vary.append(dec(value))
+        elif low == cc_n:
+            if cc_i < 0:
+                cc_i = i
+            cc.append(dec(value))
+    new_vary, new_cc = caching_headers(
+        ", ".join(vary) if vary else None, ", ".join(cc) if cc else None, policy
+    )
+    if new_vary is not None:
+        if vary_i < 0:
+            out.append((vary_w, enc(new_vary)))
+        else:
+            out[vary_i] = (out[vary_i][0], enc(new_vary))
+            out[vary_i + 1 :] = [h for h in out[vary_i + 1 :] if h[0].lower() != vary_n]
+            cc_i = next((i for i, h in enumerate(out) if h[0].lower() == cc_n), -1)
+    if new_cc is not None:
+        if cc_i < 0:
+            out.append((cc_w, enc(new_cc)))
+        else:
+            out[cc_i] = (out[cc_i][0], enc(new_cc))
+            out[cc_i + 1 :] = [h for h in out[cc_i + 1 :] if h[0].lower() != cc_n]
+    if set_cookie is not None:
+        out.append((sc_w, set_cookie))
+    return out

@@ -1,0 +1,391 @@
+"""Rollout: configuration, live percent, and the sans-IO cohort decision."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import math
+import re
+import threading
+from time import time as _time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+from urllib.parse import parse_qsl
+
+from ._bucketing import BUCKETS, bucket
+from ._cookie import (
+    CookieCodec,
+    find_values,
+    new_id,
+    normalise_keys,
+    render_set_cookie,
+    validate_cookie_settings,
+)
+
+Variant = Literal["old", "new"]
+Reason = Literal["bucket", "allowlist", "denylist", "forced"]
+KeyFunc = Callable[[Any], "str | int | None"]
+
+log = logging.getLogger("canarymw")
+
+_CACHE_SIZE = 20_000
+# A cohort value is verified once, then served from this cache; the cap bounds memory
+# under a flood of distinct forged values (each costs one HMAC, then is forgotten).
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Where one request goes, and why.
+
+    Exposed as ``environ["canarymw.decision"]`` (WSGI) and ``scope["canarymw.decision"]``
+    (ASGI) so handlers and log formatters can read it.
+    """
+
+    rollout: str
+    """Name of the rollout that decided."""
+    variant: Variant
+    """``"old"`` or ``"new"``."""
+    reason: Reason
+    """``"bucket"`` (the percent split), ``"allowlist"``, ``"denylist"`` or ``"forced"``."""
+    cohort: str
+    """The stickiness key: the user key from ``key=``, else the cookie's random id."""
+    bucket: int
+    """``bucket(salt, cohort)`` in ``[0, 10000)``."""
+    set_cookie: str | None = None
+    """``Set-Cookie`` value the response must carry, or None (cookie valid and fresh)."""
+    first_visit: bool = False
+    """True when this request created the cohort id (a new assignment)."""
+
+    @property
+    def is_new(self) -> bool:
+        """True when the request goes to the new implementation."""
+        return self.variant == "new"
+
+
+class _Entry:
+    __slots__ = ("bucket", "decision", "gen", "id", "refresh_at")
+
+    def __init__(self, cid: str, bkt: int, refresh_at: float) -> None:
+        self.id = cid
+        self.bucket = bkt
+        self.refresh_at = refresh_at
+        self.gen = -1
+        self.decision: Decision | None = None
+
+
+class _PathMatcher:
+    __slots__ = ("_exact", "_prefixes", "_regexes")
+
+    def __init__(self, rules: Iterable[str | re.Pattern[str]], owner: str) -> None:
+        exact: set[str] = set()
+        prefixes: list[str] = []
+        regexes: list[re.Pattern[str]] = []
+        for rule in rules:
+            if isinstance(rule, re.Pattern):
+                regexes.append(rule)
+            elif isinstance(rule, str) and rule.startswith("/"):
+                base = rule.rstrip("/")
+                exact.add(base or "/")
+                if base:
+                    prefixes.append(base + "/")
+            else:
+                raise ValueError(
+                    f"{owner} got exclude rule {rule!r}; use a path starting with '/' "
+                    "(it also covers everything below it) or a compiled regular expression."
+                )
+        self._exact = frozenset(exact)
+        self._prefixes = tuple(prefixes)
+        self._regexes = tuple(regexes)
+
+    def __bool__(self) -> bool:
+        return bool(self._exact or self._regexes)
+
+    def __call__(self, path: str) -> bool:
+        return (
+            path in self._exact
+            or (bool(self._prefixes) and path.startswith(self._prefixes))
+            or any(r.match(path) for r in self._regexes)
+        )
+
+
+def _check_percent(value: object, owner: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(
+            f"{owner} got percent {value!r} of type {type(value).__name__}; use a number from 0 to 100."
+        )
+    pct = float(value)
+    if math.isnan(pct) or not 0.0 <= pct <= 100.0:
+        raise ValueError(f"{owner} got percent {value!r}; use a number from 0 to 100.")
+    return pct
+
+
+class Rollout:
+    """One canary rollout: its name, live percentage, cohort cookie and overrides.
+
+    ``Rollout`` is sans-IO: the WSGI and ASGI middlewares and the framework
+    integrations all call :meth:`decide`, so every adapter assigns a visitor the same
+    way. It is safe to share between threads and to change :attr:`percent` at run time.
+
+    Args:
+        name: Identifies the rollout in outcomes and metrics; also the default hash salt.
+        percent: Share of cohorts, 0 to 100 (resolution 0.01), sent to ``new``.
+            Raising it only moves cohorts from old to new; ``0`` is the kill switch
+            (everyone old at once, whatever their cookie), ``100`` the blue/green switch.
+        secret_key: Key for the cohort cookie signature, or a list oldest to newest
+            for rotation: the newest signs, all verify, and a cookie that verifies only
+            with an older key is re-issued with the newest (same id, same variant).
+        salt: Bucketing salt; defaults to ``name``, so two rollouts split independently.
+            Keep it when renaming a rollout, or everyone is reshuffled.
+        key: Optional callable given the WSGI environ or ASGI scope that returns a
+            stable user key (a logged-in user id), or None for anonymous visitors. A
+            user then gets one variant on every device and no cohort cookie is needed.
+        allow: Cohort keys (user keys or cookie ids) always sent to ``new`` while
+            ``0 < percent``.
+        deny: Cohort keys always kept on ``old`` while ``percent < 100``.
+        force_token: Secret enabling a per-request override: header
+            ``X-Canarymw-Force: new:<token>`` or query ``canarymw_force=new:<token>``
+            (``old`` works too). Without the token nobody can choose a variant.
+        exclude: Paths that are never routed, never get a cookie and never count
+            (health checks, static files, metrics). ``"/static"`` covers ``/static``
+            and everything below it; a compiled regex is matched against the path.
+        cookie_name, cookie_max_age, cookie_path, cookie_domain, cookie_samesite,
+        cookie_httponly: Cohort cookie attributes. The cookie is refreshed (same id)
+            once half of ``cookie_max_age`` has passed, so active visitors never expire.
+        cookie_secure: ``None`` sets ``Secure`` on https requests only; True/False force it.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        percent: float,
+        secret_key: str | bytes | list[str] | list[bytes] | tuple[str | bytes, ...],
+        salt: str | None = None,
+        key: KeyFunc | None = None,
+        allow: Iterable[str] = (),
+        deny: Iterable[str] = (),
+        force_token: str | None = None,
+        exclude: Iterable[str | re.Pattern[str]] = (),
+        cookie_name: str = "canarymw",
+        cookie_max_age: int | None = 30 * 24 * 3600,
+        cookie_path: str = "/",
+        cookie_domain: str | None = None,
+        cookie_secure: bool | None = None,
+        cookie_samesite: str | None = "Lax",
+        cookie_httponly: bool = True,
+    ) -> None:
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError("Rollout needs a non-empty name, such as 'checkout-v2'.")
+        owner = f"Rollout {name!r}"
+        self.name = name
+        self.salt = name if salt is None else salt
+        if not isinstance(self.salt, str) or "\x00" in self.salt:
+            raise ValueError(f"{owner} got salt {salt!r}; use a string without NUL characters.")
+        if key is not None and not callable(key):
+            raise TypeError(f"{owner} got key={key!r}; pass a callable or None.")
+        if force_token is not None and (not isinstance(force_token, str) or len(force_token) < 16):
+            raise ValueError(
+                f"{owner} needs force_token to be a string of at least 16 characters, "
+                "so that nobody can guess their way into a variant."
+            )
+        validate_cookie_settings(owner, cookie_name, cookie_samesite, cookie_secure, cookie_max_age)
+        if not isinstance(cookie_path, str) or not cookie_path.startswith("/"):
+            raise ValueError(f"{owner} got cookie_path {cookie_path!r}; it must start with '/'.")
+        self._codec = CookieCodec(normalise_keys(secret_key, owner))
+        self._state = (0.0, 0.0)
+        self._gen = 0
+        self._lock = threading.Lock()
+        self.percent = percent  # validated by the setter
+        self.key = key
+        self.allow = frozenset(str(k) for k in allow)
+        self.deny = frozenset(str(k) for k in deny)
+        self.force_token = force_token
+        self.is_excluded = _PathMatcher(exclude, owner)
+        self.cookie_name = cookie_name
+        self.cookie_max_age = cookie_max_age
+        self.cookie_path = cookie_path
+        self.cookie_domain = cookie_domain
+        self.cookie_secure = cookie_secure
+        self.cookie_samesite = cookie_samesite
+        self.cookie_httponly = cookie_httponly
+        self._refresh_after = math.inf if cookie_max_age is None else cookie_max_age / 2
+        self._seen: dict[str, _Entry] = {}
+        self._by_header: dict[str, _Entry] = {}
+        self._keys: dict[str, int] = {}
+        self.counters: dict[str, int] = dict.fromkeys(
+            ("assigned", "cookie_rejected", "cookie_reissued", "key_errors", "forced"), 0
+        )
+        """Health counters: new ids assigned, cookies rejected (tampered, foreign
+        key, malformed), cookies re-issued (refresh or key rotation), failures of the
+        ``key`` callable, forced requests."""
+
+    def __repr__(self) -> str:
+        return f"Rollout({self.name!r}, percent={self.percent!r})"
+
+    # -- percent ---------------------------------------------------------------
+    @property
+    def percent(self) -> float:
+        """Share of cohorts sent to ``new``, 0 to 100. Settable from any thread."""
+        return self._state[0]
+
+    @percent.setter
+    def percent(self, value: float) -> None:
+        pct = _check_percent(value, f"Rollout {self.name!r}")
+        with self._lock:
+            # One tuple, so readers never see a percent with another's threshold;
+            # the generation bump afterwards retires cached decisions.
+            self._state = (pct, pct * (BUCKETS / 100))
+            self._gen += 1
+
+    # -- pure helpers ------------------------------------------------------------
+    def bucket_of(self, key: str) -> int:
+        """The frozen bucket of ``key`` under this rollout's salt (see docs/cohorts.md)."""
+        return bucket(self.salt, key)
+
+    def variant_for(self, key: str) -> Variant:
+        """The variant a cohort key gets right now (overrides included, forcing not)."""
+        return self._choose(key, self.bucket_of(key))[0]
+
+    def _choose(self, cohort: str, bkt: int) -> tuple[Variant, Reason]:
+        pct, threshold = self._state
+        if pct <= 0.0:
+            return "old", "bucket"
+        if pct >= 100.0:
+            return "new", "bucket"
+        if cohort in self.deny:
+            return "old", "denylist"
+        if cohort in self.allow:
+            return "new", "allowlist"
+        return ("new" if bkt < threshold else "old"), "bucket"
+
+    def _count(self, name: str) -> None:
+        with self._lock:
+            self.counters[name] += 1
+
+    # -- the decision ----------------------------------------------------------
+    def decide(
+        self,
+        cookie_header: str | None,
+        https: bool = False,
+        force: str | None = None,
+        query: str = "",
+        request: Any = None,
+    ) -> Decision:
+        """Decide one request. Never raises for anything a client sent.
+
+        Args:
+            cookie_header: The request's ``Cookie`` header (several joined by ``"; "``).
+            https: Whether the request came over https (sets ``Secure`` when auto).
+            force: The ``X-Canarymw-Force`` header value, if any.
+            query: The raw query string, searched for ``canarymw_force`` only when a
+                ``force_token`` is configured.
+            request: The WSGI environ or ASGI scope, handed to the ``key`` callable.
+        """
+        # Fast path: a returning visitor whose exact Cookie header was seen before.
+        if cookie_header and self.key is None and (self.force_token is None or not (force or query)):
+            entry = self._by_header.get(cookie_header)
+            if entry is not None and entry.gen == self._gen and entry.refresh_at > _time():
+                return entry.decision  # type: ignore[return-value]
+        decision = None
+        if self.key is not None:
+            decision = self._decide_by_key(request)
+        if decision is None:
+            gen = self._gen
+            entry = self._lookup(cookie_header) if cookie_header else None
+            if entry is None:
+                decision = self._assign(https)
+            elif entry.refresh_at <= _time():
+                decision = self._reissue(entry, https)
+            else:
+                if entry.gen == gen and entry.decision is not None:
+                    decision = entry.decision
+                else:
+                    variant, reason = self._choose(entry.id, entry.bucket)
+                    decision = Decision(self.name, variant, reason, entry.id, entry.bucket)
+                    entry.decision, entry.gen = decision, gen
+                if self.key is None:
+                    if len(self._by_header) >= _CACHE_SIZE:
+                        self._by_header.clear()
+                    self._by_header[cookie_header] = entry  # type: ignore[index]
+        if self.force_token is not None and (force or "canarymw_force=" in query):
+            forced = self._forced(force, query)
+            if forced is not None:
+                self._count("forced")
+                decision = replace(decision, variant=forced, reason="forced")
+        return decision
+
+    def _decide_by_key(self, request: Any) -> Decision | None:
+        try:
+            raw = self.key(request)  # type: ignore[misc]
+        except Exception:
+            self._count("key_errors")
+            log.exception("canarymw: key callable of rollout %r failed; using the cookie", self.name)
+            return None
+        if raw is None or raw == "":
+            return None
+        user = str(raw)
+        bkt = self._keys.get(user)
+        if bkt is None:
+            bkt = self.bucket_of(user)
+            if len(self._keys) >= _CACHE_SIZE:
+                self._keys.clear()
+            self._keys[user] = bkt
+        variant, reason = self._choose(user, bkt)
+        return Decision(self.name, variant, reason, user, bkt)
+
+    def _lookup(self, header: str) -> _Entry | None:
+        for value in find_values(header, self.cookie_name):
+            entry = self._seen.get(value)
+            if entry is None:
+                verified = self._codec.verify(value)
+                if verified is None:
+                    self._count("cookie_rejected")
+                    continue
+                cid, issued, newest = verified
+                entry = _Entry(cid, self.bucket_of(cid), issued + self._refresh_after if newest else 0.0)
+                if len(self._seen) >= _CACHE_SIZE:
+                    self._seen.clear()
+                self._seen[value] = entry
+            return entry
+        return None
+
+    def _cookie(self, cid: str, https: bool) -> str:
+        secure = https if self.cookie_secure is None else self.cookie_secure
+        return render_set_cookie(
+            self.cookie_name,
+            self._codec.issue(cid, int(_time())),
+            max_age=self.cookie_max_age,
+            path=self.cookie_path,
+            domain=self.cookie_domain,
+            secure=secure,
+            httponly=self.cookie_httponly,
+            samesite=self.cookie_samesite,
+        )
+
+    def _assign(self, https: bool) -> Decision:
+        cid = new_id()
+        bkt = self.bucket_of(cid)
+        variant, reason = self._choose(cid, bkt)
+        self._count("assigned")
+        return Decision(self.name, variant, reason, cid, bkt, self._cookie(cid, https), True)
+
+    def _reissue(self, entry: _Entry, https: bool) -> Decision:
+        variant, reason = self._choose(entry.id, entry.bucket)
+        self._count("cookie_reissued")
+        return Decision(self.name, variant, reason, entry.id, entry.bucket, self._cookie(entry.id, https))
+
+    def _forced(self, header: str | None, query: str) -> Variant | None:
+        candidates = [header] if header else []
+        if "canarymw_force=" in query:
+            try:
+                candidates += [v for k, v in parse_qsl(query, max_num_fields=64) if k == "canarymw_force"]
+            except ValueError:
+                pass
+        token = self.force_token
+        assert token is not None
+        for raw in candidates:
+            variant, _, given = raw.strip().partition(":")
+            if variant in ("old", "new") and hmac.compare_digest(given.encode(), token.encode()):
+                return variant  # type: ignore[return-value]
+        return None

@@ -1,0 +1,232 @@
+"""WSGI adapter: route each request to the old or the new WSGI app by cohort.
+
+::
+
+    from canarymw import MemorySink, Rollout, WSGICanaryMiddleware
+
+    rollout = Rollout("hello-v2", percent=10, secret_key=os.environ["CANARY_KEY"])
+    app.wsgi_app = WSGICanaryMiddleware(app.wsgi_app, new=green.wsgi_app, rollout=rollout,
+                                        sink=MemorySink())
+
+The middleware is PEP 3333 correct in both directions: ``start_response`` may be
+called lazily (on the first iteration) and again with ``exc_info``; the ``write()``
+callable is passed through; the response iterable is passed through chunk by chunk
+(never buffered) and the inner ``close()`` is called exactly once. The outcome is
+recorded in our iterable's ``close()``, after the inner one: that is when the server
+has finished with the response. A server that calls ``close()`` before the body was
+exhausted means the client went away: the outcome is marked ``disconnected``.
+
+``environ["canarymw.decision"]`` holds the :class:`~canarymw.Decision`; a framework
+may put a route template in ``environ["canarymw.route"]`` for the outcome.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from ._http import finish_headers
+from ._outcomes import Outcome, Sink, as_sink
+from ._rollout import Decision, Rollout
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+else:
+    StartResponse = WSGIApplication = WSGIEnvironment = Any
+
+ExcInfo = tuple[type[BaseException], BaseException, TracebackType] | tuple[None, None, None]
+
+_NAMES = ("Vary", "Cache-Control", "Set-Cookie")
+_WATCHED = frozenset(("vary", "cache-control"))
+_perf = time.perf_counter
+_wall = time.time
+
+
+def _same(value: str) -> str:
+    return value
+
+
+class WSGICanaryMiddleware:
+    """Route each request to ``old_app`` or ``new`` by its sticky cohort.
+
+    Args:
+        old_app: The WSGI app being wrapped: the current implementation.
+        new: The new implementation, another WSGI app. ``None`` routes every request
+            to ``old_app`` but still assigns cohorts and records outcomes, for apps
+            that branch on ``environ["canarymw.decision"]`` themselves.
+        rollout: The :class:`~canarymw.Rollout` that decides.
+        sink: Where outcomes go: a :class:`~canarymw.Sink`, a list of them, or None.
+            A sink that raises is counted in :attr:`sink_errors`, never seen by clients.
+        cache_control: Directive added to ``Cache-Control`` of routed responses unless
+            the app chose ``private``/``no-store``/``public`` itself; ``None`` adds none.
+            ``Vary: Cookie`` is always merged, so shared caches never mix cohorts.
+    """
+
+    def __init__(
+        self,
+        old_app: WSGIApplication,
+        *,
+        new: WSGIApplication | None,
+        rollout: Rollout,
+        sink: Sink | Sequence[Sink] | None = None,
+        cache_control: str | None = "private",
+    ) -> None:
+        if not callable(old_app):
+            raise TypeError(f"WSGICanaryMiddleware needs a WSGI app to wrap, got {old_app!r}.")
+        if new is not None and not callable(new):
+            raise TypeError(f"WSGICanaryMiddleware needs new= to be a WSGI app, got {new!r}.")
+        if not isinstance(rollout, Rollout):
+            raise TypeError(f"WSGICanaryMiddleware needs rollout= to be a canarymw.Rollout, got {rollout!r}.")
+        self.old_app = old_app
+        self.new_app = old_app if new is None else new
+        self.rollout = rollout
+        self.sink = as_sink(sink)
+        self.cache_control = cache_control
+        self.extra_headers: list[tuple[str, str]] = [("Vary", "Cookie")]
+        if cache_control:
+            self.extra_headers.append(("Cache-Control", cache_control))
+        self.split_only = False
+        # Set by canarymw.flask: count only requests that reached a split view.
+
+    @property
+    def sink_errors(self) -> int:
+        """How many times the sink raised."""
+        return self.sink.errors if self.sink is not None else 0
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        rollout = self.rollout
+        if rollout.is_excluded and rollout.is_excluded(environ.get("PATH_INFO", "")):
+            return self.old_app(environ, start_response)
+        decision = rollout.decide(
+            environ.get("HTTP_COOKIE"),
+            environ.get("wsgi.url_scheme") == "https",
+            environ.get("HTTP_X_CANARYMW_FORCE"),
+            environ.get("QUERY_STRING", ""),
+            environ,
+        )
+        environ["canarymw.decision"] = decision
+        response = _Response(self, decision, environ, start_response)
+        app = self.new_app if decision.variant == "new" else self.old_app
+        try:
+            inner = app(environ, response.start_response)
+            response.iterator = iter(inner)
+        except BaseException as exc:
+            response.error = type(exc).__name__
+            response.finish()
+            raise
+        response.inner = inner
+        return response
+
+
+class _Response:
+    """Our response iterable for one request; also carries its start_response."""
+
+    __slots__ = (
+        "closed",
+        "decision",
+        "done",
+        "environ",
+        "error",
+        "inner",
+        "iterator",
+        "mw",
+        "server_start_response",
+        "started",
+        "status",
+        "wall",
+    )
+
+    def __init__(
+        self,
+        mw: WSGICanaryMiddleware,
+        decision: Decision,
+        environ: WSGIEnvironment,
+        start_response: StartResponse,
+    ) -> None:
+        self.mw = mw
+        self.decision = decision
+        self.environ = environ
+        self.server_start_response = start_response
+        self.status: int | None = None
+        self.error: str | None = None
+        self.done = False
+        self.closed = False
+        self.inner: Iterable[bytes] = ()
+        self.iterator: Iterator[bytes] = iter(())
+        self.wall = _wall()
+        self.started = _perf()
+
+    def start_response(
+        self, status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None
+    ) -> Callable[[bytes], object]:
+        try:
+            self.status = int(status[:3])
+        except ValueError:
+            self.status = None
+        cookie = self.decision.set_cookie
+        mw = self.mw
+        for name, _ in headers:
+            if name.lower() in _WATCHED:
+                headers = finish_headers(headers, cookie, mw.cache_control, _NAMES, _same, _same)
+                break
+        else:
+            # Common case: the app set neither header, so ours are appended as they are.
+            headers = headers + mw.extra_headers
+            if cookie is not None:
+                headers.append(("Set-Cookie", cookie))
+        if exc_info is not None:
+            return self.server_start_response(status, headers, exc_info)
+        return self.server_start_response(status, headers)
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        try:
+            return next(self.iterator)
+        except StopIteration:
+            self.done = True
+            raise
+        except BaseException as exc:
+            self.error = type(exc).__name__
+            raise
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            close = getattr(self.inner, "close", None)
+            if close is not None:
+                close()
+        except BaseException as exc:
+            if self.error is None:
+                self.error = type(exc).__name__
+            raise
+        finally:
+            self.finish()
+
+    def finish(self) -> None:
+        mw = self.mw
+        sink = mw.sink
+        if sink is None:
+            return
+        env = self.environ
+        if mw.split_only and not env.get("canarymw.split"):
+            return
+        method = env.get("REQUEST_METHOD", "GET")
+        sink.record(
+            Outcome(
+                self.decision.rollout,
+                self.decision.variant,
+                self.status,
+                _perf() - self.started,
+                self.error,
+                not self.done and self.error is None and method != "HEAD",
+                method,
+                env.get("canarymw.route"),
+                self.wall,
+            )
+        )
