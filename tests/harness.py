@@ -9,13 +9,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
-from collections.abc import Callable, Iterator, Sequence
+import warnings
+from collections.abc import Callable, Iterator, MutableMapping, Sequence
 from typing import Any
 from wsgiref.validate import validator
 
 import httpx
 
 from canarymw import Rollout, WSGICanaryMiddleware
+from canarymw.asgi import ASGICanaryMiddleware
+
+with warnings.catch_warnings():
+    # Starlette asks for the httpx2 fork; the test client works the same with httpx.
+    warnings.filterwarnings("ignore", "Using `httpx` with `starlette.testclient`")
+    from starlette.testclient import TestClient as TestClient
+    from starlette.testclient import WebSocketDenialResponse as WebSocketDenialResponse
 
 App = Any
 Headers = Sequence[tuple[str, str]]
@@ -196,18 +204,191 @@ class ASGIKit:
         return app
 
     def wrap(self, old: App, new: App | None, rollout: Rollout, **kw: Any) -> App:
-        from canarymw import ASGICanaryMiddleware  # type: ignore[attr-defined]
+        """The middleware between two spec checkers: as an app (outer) and as a server (inner)."""
+        inner_new = validate_asgi(new) if new is not None else None
+        return validate_asgi(ASGICanaryMiddleware(validate_asgi(old), new=inner_new, rollout=rollout, **kw))
 
+    def raw_wrap(self, old: App, new: App | None, rollout: Rollout, **kw: Any) -> App:
         return ASGICanaryMiddleware(old, new=new, rollout=rollout, **kw)
-
-    raw_wrap = wrap
 
     @contextlib.contextmanager
     def client(self, app: App) -> Iterator[httpx.Client]:
-        from starlette.testclient import TestClient
-
         with TestClient(app, base_url="http://testserver") as c:
             yield c
+
+
+class ASGIViolation(AssertionError):
+    """A message or scope that breaks the ASGI spec (raised by :func:`validate_asgi`)."""
+
+
+def _check(ok: bool, what: str) -> None:
+    if not ok:
+        raise ASGIViolation(what)
+
+
+def _check_headers(headers: Any, where: str, *, lower: bool) -> None:
+    _check(isinstance(headers, (list, tuple)), f"{where}: headers must be a list or tuple, got {headers!r}")
+    for item in headers:
+        _check(len(item) == 2, f"{where}: header {item!r} is not a pair")
+        name, value = item
+        _check(type(name) is bytes and type(value) is bytes, f"{where}: header {item!r} is not bytes")
+        _check(not lower or name == name.lower(), f"{where}: header name {name!r} is not lower case")
+
+
+def validate_asgi(app: App) -> App:
+    """Wrap ``app`` so every scope, received and sent message is checked against the ASGI spec.
+
+    The ASGI counterpart of ``wsgiref.validate.validator``; an ``ASGIViolation`` is
+    raised where the rule is broken. See: https://asgi.readthedocs.io/en/latest/specs/www.html
+    """
+
+    async def checked(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        kind = scope["type"]
+        _check(isinstance(scope, dict), "scope must be a dict")
+        if kind in ("http", "websocket"):
+            _check(isinstance(scope["path"], str), "scope path must be str")
+            _check(isinstance(scope.get("query_string", b""), bytes), "query_string must be bytes")
+            _check_headers(scope["headers"], "scope", lower=True)
+        state = {"started": False, "done": False, "trailers": False, "accepted": False, "closed": False}
+
+        async def receive_() -> Any:
+            message = await receive()
+            _check(
+                isinstance(message, dict) and isinstance(message.get("type"), str), f"received {message!r}"
+            )
+            return message
+
+        async def send_(message: Any) -> None:
+            _check(isinstance(message, dict), f"sent {message!r}, not a dict")
+            t = message["type"]
+            if kind == "http":
+                _check(not state["done"], f"{t} sent after the response was complete")
+                if t == "http.response.start":
+                    _check(not state["started"], "a second http.response.start")
+                    _check(type(message["status"]) is int, "status must be an int")
+                    _check_headers(message.get("headers", []), t, lower=True)
+                    state["started"] = True
+                    state["trailers"] = bool(message.get("trailers", False))
+                elif t == "http.response.body":
+                    _check(state["started"], "http.response.body before http.response.start")
+                    _check(isinstance(message.get("body", b""), bytes), "body must be bytes")
+                    if not message.get("more_body", False) and not state["trailers"]:
+                        state["done"] = True
+                elif t == "http.response.trailers" and not message.get("more_trailers", False):
+                    state["done"] = True
+            elif kind == "websocket":
+                _check(not state["closed"], f"{t} sent after websocket.close")
+                if t == "websocket.accept":
+                    _check(not state["accepted"], "a second websocket.accept")
+                    _check_headers(message.get("headers", []), t, lower=True)
+                    state["accepted"] = True
+                elif t == "websocket.send":
+                    _check(state["accepted"], "websocket.send before websocket.accept")
+                elif t == "websocket.close":
+                    state["closed"] = True
+            elif kind == "lifespan":
+                _check(t.startswith("lifespan."), f"{t} sent for a lifespan scope")
+            await send(message)
+
+        await app(scope, receive_, send_)
+
+    return checked
+
+
+class RecordingSink:
+    """A sink that keeps every outcome, in order (optionally also appending to ``log``)."""
+
+    def __init__(self, log: list[str] | None = None) -> None:
+        self.outcomes: list[Any] = []
+        self.log = log
+
+    def record(self, outcome: Any) -> None:
+        self.outcomes.append(outcome)
+        if self.log is not None:
+            self.log.append("outcome")
+
+
+def http_scope(
+    path: str = "/", *, method: str = "GET", headers: Sequence[tuple[bytes, bytes]] = (), **extra: Any
+) -> dict[str, Any]:
+    """A complete HTTP connection scope, as a server builds it."""
+    scope: dict[str, Any] = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": list(headers),
+        "client": ("127.0.0.1", 40000),
+        "server": ("testserver", 80),
+    }
+    scope.update(extra)
+    return scope
+
+
+class FakeServer:
+    """Plays the server side of one ASGI connection and records what the app sends.
+
+    ``receive`` hands out ``incoming`` in order, then waits until :meth:`disconnect`
+    and returns ``http.disconnect`` (``websocket.disconnect`` for ``kind="websocket"``).
+    ``on_send`` runs after each message is recorded; it may raise to play a failing
+    transport.
+    """
+
+    def __init__(
+        self,
+        incoming: Sequence[dict[str, Any]] = ({"type": "http.request", "body": b"", "more_body": False},),
+        *,
+        on_send: Callable[[Any], Any] | None = None,
+        kind: str = "http",
+    ) -> None:
+        self.incoming = list(incoming)
+        self.sent: list[dict[str, Any]] = []
+        self.on_send = on_send
+        self.kind = kind
+        self._gone: asyncio.Event | None = None
+
+    @property
+    def gone(self) -> asyncio.Event:
+        if self._gone is None:
+            self._gone = asyncio.Event()
+        return self._gone
+
+    def disconnect(self) -> None:
+        self.gone.set()
+
+    async def receive(self) -> dict[str, Any]:
+        if self.incoming:
+            return self.incoming.pop(0)
+        await self.gone.wait()
+        return {"type": f"{self.kind}.disconnect"}
+
+    async def send(self, message: MutableMapping[str, Any]) -> None:
+        self.sent.append(dict(message) if not isinstance(message, dict) else message)
+        if self.on_send is not None:
+            result = self.on_send(message)
+            if asyncio.iscoroutine(result):
+                await result
+
+    @property
+    def types(self) -> list[str]:
+        return [m["type"] for m in self.sent]
+
+    def header_list(self) -> list[tuple[bytes, bytes]]:
+        """The headers of the (single) response start message, as sent."""
+        [start] = [m for m in self.sent if m["type"].endswith("http.response.start")]
+        return [(bytes(k), bytes(v)) for k, v in start.get("headers", [])]
+
+    def header(self, name: bytes) -> list[bytes]:
+        return [v for k, v in self.header_list() if k == name]
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(m.get("body", b"") for m in self.sent if m["type"] == "http.response.body")
 
 
 async def _lifespan_ok(receive: Callable[[], Any], send: Callable[[dict[str, Any]], Any]) -> None:

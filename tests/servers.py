@@ -25,7 +25,12 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def serve(
-    argv: Sequence[str], port: int, *, env: dict[str, str] | None = None, ready_path: str = "/", timeout: float = 20
+    argv: Sequence[str],
+    port: int,
+    *,
+    env: dict[str, str] | None = None,
+    ready_path: str = "/",
+    timeout: float = 20,
 ) -> Iterator[str]:
     """Run ``argv`` (a server bound to 127.0.0.1:``port``) until the block ends."""
     full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}

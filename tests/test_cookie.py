@@ -118,3 +118,15 @@ def test_render_set_cookie() -> None:
     assert render_set_cookie(
         "c", "v", max_age=None, path="/a", domain="example.com", secure=False, httponly=False, samesite=None
     ) == ("c=v; Domain=example.com; Path=/a")
+
+
+def test_issue_is_byte_identical_to_itsdangerous_signer() -> None:
+    import hashlib
+
+    from itsdangerous import Signer
+
+    signer = Signer(
+        ["k-old", "k-new"], salt="canarymw.cohort", key_derivation="hmac", digest_method=hashlib.sha256
+    )
+    cid = new_id()
+    assert codec("k-old", "k-new").issue(cid, 123456) == signer.sign(f"1.{cid}.1e240").decode()

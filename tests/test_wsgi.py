@@ -52,7 +52,7 @@ def write_app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
 
 
 def test_lazy_start_response_and_write_callable() -> None:
-    app, sink = sandwich(lazy_app, lazy_app)
+    app, _ = sandwich(lazy_app, lazy_app)
     response = get(app)
     assert response.text == "lazy" and response.headers["vary"] == "Cookie"
     body: list[bytes] = []

@@ -10,18 +10,28 @@ Public names (everything else is private)::
     Rollout, Decision                        configuration, live percent, the decision
     WSGICanaryMiddleware, ASGICanaryMiddleware
     Outcome, Sink, MemorySink, VariantStats, LoggingSink, FanoutSink
+    BackgroundSink, CallableSink             non-blocking dispatch; any function as a sink
     bucket, BUCKETS                          the frozen bucketing hash
-    canarymw.flask.Canary                    Flask extension (imports Flask lazily)
+
+Integrations and optional sinks live in submodules that import their dependency:
+``canarymw.flask`` (Canary), ``canarymw.starlette`` (split, CanaryRoute),
+``canarymw.prometheus``, ``canarymw.otel``, ``canarymw.jsonl``, ``canarymw.sinks``.
 """
 
+from ._background import BackgroundSink
 from ._bucketing import BUCKETS, bucket
 from ._outcomes import FanoutSink, LoggingSink, MemorySink, Outcome, Sink, VariantStats
 from ._rollout import Decision, Rollout
 from ._version import __version__
+from .asgi import ASGICanaryMiddleware
+from .sinks import CallableSink
 from .wsgi import WSGICanaryMiddleware
 
 __all__ = [
     "BUCKETS",
+    "ASGICanaryMiddleware",
+    "BackgroundSink",
+    "CallableSink",
     "Decision",
     "FanoutSink",
     "LoggingSink",

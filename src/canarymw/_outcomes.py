@@ -6,9 +6,10 @@ import logging
 import math
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 log = logging.getLogger("canarymw")
 
@@ -38,6 +39,8 @@ class Outcome(NamedTuple):
     """Route template when the framework knows it, else None (never the raw path)."""
     timestamp: float
     """Wall-clock time (Unix seconds) at which the request was routed."""
+    close_code: int | None = None
+    """WebSocket close code sent by the app or received from the client; None for HTTP."""
 
     @property
     def ok(self) -> bool:
@@ -72,54 +75,33 @@ _GROWTH = 1.04
 _SIZE = 512
 _INV_LOG_GROWTH = 1 / math.log(_GROWTH)
 _log = math.log
+_OFFSET = 1 - math.log(_LOW) * _INV_LOG_GROWTH
+_BATCH = 64
 
 
-class _Histogram:
-    """Fixed-size log-scale latency histogram: 4% relative resolution, 10 us to over an hour.
-
-    Bucket 0 holds durations up to 10 us; bucket i >= 1 holds (10us*1.04^(i-1), 10us*1.04^i].
-    """
-
-    __slots__ = ("counts", "max", "min", "sum")
-    LOW = _LOW
-    GROWTH = _GROWTH
-    SIZE = _SIZE
-
-    def __init__(self) -> None:
-        self.counts = [0] * self.SIZE
-        self.sum = 0.0
-        self.min = math.inf
-        self.max = 0.0
-
-    def quantile(self, q: float, total: int) -> float | None:
-        if total == 0:
-            return None
-        rank = q * total
-        seen = 0
-        for i, c in enumerate(self.counts):
-            if c and seen + c >= rank:
-                if i == 0:
-                    return self.min
-                lo = self.LOW * self.GROWTH ** (i - 1)
-                hi = lo * self.GROWTH
-                # Geometric interpolation inside the bucket, clamped to what was seen.
-                frac = (rank - seen) / c
-                value: float = lo * (hi / lo) ** frac
-                return min(max(value, self.min), self.max)
-            seen += c
-        return self.max
+def _bucket_bounds(i: int) -> tuple[float, float]:
+    if i == 0:
+        return 0.0, _LOW
+    lo = _LOW * _GROWTH ** (i - 1)
+    return lo, lo * _GROWTH
 
 
-class _Stats:
-    __slots__ = ("disconnects", "errors", "exceptions", "hist", "requests", "statuses")
-
-    def __init__(self) -> None:
-        self.requests = 0
-        self.errors = 0
-        self.exceptions = 0
-        self.disconnects = 0
-        self.statuses: dict[int, int] = {}
-        self.hist = _Histogram()
+def _quantile(counts: dict[int, int], total: int, q: float, low: float, high: float) -> float | None:
+    """Quantile from a sparse log histogram, interpolated inside the bucket and clamped
+    to the observed ``[low, high]``."""
+    if total == 0:
+        return None
+    rank = q * total
+    seen = 0
+    for i in sorted(counts):
+        c = counts[i]
+        if seen + c >= rank:
+            lo, hi = _bucket_bounds(i)
+            frac = (rank - seen) / c
+            value: float = lo + (hi - lo) * frac if i == 0 else lo * (hi / lo) ** frac
+            return min(max(value, low), high)
+        seen += c
+    return high
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,10 +135,10 @@ class VariantStats:
 class MemorySink:
     """Aggregates outcomes in this process: counts, error rate and latency quantiles.
 
-    Thread-safe, constant memory (a 512-bucket histogram per rollout and variant, 4%
-    latency resolution). The numbers are per process: under gunicorn or uvicorn with
-    several workers each worker has its own ``MemorySink`` (see docs/outcomes.md for
-    whole-service numbers).
+    Thread-safe, bounded memory (a sparse 512-bucket log histogram per rollout, variant and
+    status, 4% latency resolution; mean and maximum are exact). The numbers are per
+    process: under gunicorn or uvicorn with several workers each worker has its own
+    ``MemorySink`` (see docs/outcomes.md for whole-service numbers).
 
     Args:
         classify: Decides whether an outcome is a success; default: status < 500 and
@@ -166,43 +148,58 @@ class MemorySink:
     def __init__(self, classify: Classifier = default_classifier) -> None:
         self._classify = classify
         self._lock = threading.Lock()
-        self._stats: dict[tuple[str, str], _Stats] = {}
+        # (rollout, variant, status, exception?, disconnected?, failed?, bucket) -> count:
+        # one dict increment per outcome; every statistic is derived at snapshot time.
+        self._counts: dict[tuple[str, str, int | None, bool, bool, bool, int], int] = {}
+        # (rollout, variant) -> [sum, min, max] of durations, for the exact mean and range.
+        self._range: dict[tuple[str, str], list[float]] = {}
+        self._pending: deque[Outcome] = deque()
 
     def record(self, outcome: Outcome) -> None:
-        """Add one outcome."""
-        # Hot path: one lock, no allocation beyond the first outcome of a variant.
-        rollout, variant, status, duration, error, disconnected = outcome[:6]
-        if self._classify is default_classifier:
-            failed = error is not None or status is None or status >= 500
-        else:
-            failed = not self._classify(outcome)
-        if duration > _LOW:
-            i = int(_log(duration / _LOW) * _INV_LOG_GROWTH) + 1
-            if i >= _SIZE:
-                i = _SIZE - 1
-        else:
-            i = 0
-        with self._lock:
-            st = self._stats.get((rollout, variant))
-            if st is None:
-                st = self._stats[(rollout, variant)] = _Stats()
-            st.requests += 1
-            if failed:
-                st.errors += 1
-            if error is not None:
-                st.exceptions += 1
-            if disconnected:
-                st.disconnects += 1
-            if status is not None:
-                cls = status // 100
-                st.statuses[cls] = st.statuses.get(cls, 0) + 1
-            h = st.hist
-            h.counts[i] += 1
-            h.sum += duration
-            if duration < h.min:
-                h.min = duration
-            if duration > h.max:
-                h.max = duration
+        """Add one outcome (thread-safe, lock-free on the request path)."""
+        # deque.append is atomic; outcomes are folded in small batches, so a request
+        # costs an append plus 1/64 of a batch, and no request waits on a lock.
+        pending = self._pending
+        pending.append(outcome)
+        if len(pending) >= _BATCH:
+            self._fold(blocking=False)
+
+    def _fold(self, *, blocking: bool) -> None:
+        if not self._lock.acquire(blocking):
+            return  # another thread is folding and will take ours too
+        try:
+            pending = self._pending
+            pop = pending.popleft
+            counts = self._counts
+            ranges = self._range
+            classify = None if self._classify is default_classifier else self._classify
+            # Only the lock holder pops, so the first len() items are ours to take.
+            for _ in range(len(pending)):
+                outcome = pop()
+                rollout, variant, status, duration, error, disconnected = outcome[:6]
+                if duration > _LOW:
+                    i = int(_log(duration) * _INV_LOG_GROWTH + _OFFSET)
+                    if i >= _SIZE:
+                        i = _SIZE - 1
+                else:
+                    i = 0
+                if classify is None:
+                    failed = error is not None or status is None or status >= 500
+                else:
+                    failed = not classify(outcome)
+                key = (rollout, variant, status, error is not None, disconnected, failed, i)
+                counts[key] = counts.get(key, 0) + 1
+                r = ranges.get((rollout, variant))
+                if r is None:
+                    ranges[rollout, variant] = [duration, duration, duration]
+                else:
+                    r[0] += duration
+                    if duration < r[1]:
+                        r[1] = duration
+                    elif duration > r[2]:
+                        r[2] = duration
+        finally:
+            self._lock.release()
 
     def snapshot(self, rollout: str | None = None) -> dict[str, VariantStats]:
         """Per-variant statistics, for one rollout or summed over all of them.
@@ -210,44 +207,48 @@ class MemorySink:
         Returns a dict keyed ``"old"`` and ``"new"`` (only variants that have seen
         traffic). The result is a copy; later outcomes do not change it.
         """
+        self._fold(blocking=True)
         with self._lock:
-            merged: dict[str, _Stats] = {}
-            for (name, variant), st in self._stats.items():
-                if rollout is not None and name != rollout:
-                    continue
-                acc = merged.setdefault(variant, _Stats())
-                acc.requests += st.requests
-                acc.errors += st.errors
-                acc.exceptions += st.exceptions
-                acc.disconnects += st.disconnects
-                for k, v in st.statuses.items():
-                    acc.statuses[k] = acc.statuses.get(k, 0) + v
-                h = acc.hist
-                h.counts = [a + b for a, b in zip(h.counts, st.hist.counts, strict=True)]
-                h.sum += st.hist.sum
-                h.min = min(h.min, st.hist.min)
-                h.max = max(h.max, st.hist.max)
+            counts = list(self._counts.items())
+            ranges = {k: list(v) for k, v in self._range.items()}
+        acc: dict[str, dict[str, Any]] = {}
+        for (name, variant, status, exc, disc, failed, i), n in counts:
+            if rollout is not None and name != rollout:
+                continue
+            a = acc.setdefault(variant, {"n": 0, "errors": 0, "exc": 0, "disc": 0, "classes": {}, "hist": {}})
+            a["n"] += n
+            a["errors"] += n if failed else 0
+            a["exc"] += n if exc else 0
+            a["disc"] += n if disc else 0
+            if status is not None:
+                cls = status // 100
+                a["classes"][cls] = a["classes"].get(cls, 0) + n
+            a["hist"][i] = a["hist"].get(i, 0) + n
         out: dict[str, VariantStats] = {}
-        for variant, st in sorted(merged.items()):
-            n, h = st.requests, st.hist
+        for variant, a in sorted(acc.items()):
+            rs = [r for (name, v), r in ranges.items() if v == variant and rollout in (None, name)]
+            total, low, high = sum(r[0] for r in rs), min(r[1] for r in rs), max(r[2] for r in rs)
+            n = a["n"]
             out[variant] = VariantStats(
                 requests=n,
-                errors=st.errors,
-                exceptions=st.exceptions,
-                disconnects=st.disconnects,
-                statuses=dict(sorted(st.statuses.items())),
-                latency_mean=h.sum / n if n else None,
-                latency_p50=h.quantile(0.50, n),
-                latency_p95=h.quantile(0.95, n),
-                latency_p99=h.quantile(0.99, n),
-                latency_max=h.max if n else None,
+                errors=a["errors"],
+                exceptions=a["exc"],
+                disconnects=a["disc"],
+                statuses=dict(sorted(a["classes"].items())),
+                latency_mean=total / n,
+                latency_p50=_quantile(a["hist"], n, 0.50, low, high),
+                latency_p95=_quantile(a["hist"], n, 0.95, low, high),
+                latency_p99=_quantile(a["hist"], n, 0.99, low, high),
+                latency_max=high,
             )
         return out
 
     def reset(self) -> None:
         """Forget everything recorded so far."""
+        self._fold(blocking=True)
         with self._lock:
-            self._stats.clear()
+            self._counts.clear()
+            self._range.clear()
 
 
 class LoggingSink:
@@ -325,18 +326,25 @@ class SinkGuard:
         try:
             self.sink.record(outcome)
         except Exception:
-            with self._lock:
-                self.errors += 1
-                now = time.monotonic()
-                due = now - self._last_log >= self.log_interval
-                if due:
-                    self._last_log = now
+            self.failed()
+
+    def failed(self) -> None:
+        """Count one failure of the sink; log it (with traceback) if none was logged lately.
+
+        Call from inside the ``except`` block that caught the sink's exception.
+        """
+        with self._lock:
+            self.errors += 1
+            now = time.monotonic()
+            due = now - self._last_log >= self.log_interval
             if due:
-                log.exception(
-                    "canarymw: sink %r failed (%d failures so far); the response is unaffected",
-                    self.sink,
-                    self.errors,
-                )
+                self._last_log = now
+        if due:
+            log.exception(
+                "canarymw: sink %r failed (%d failures so far); the response is unaffected",
+                self.sink,
+                self.errors,
+            )
 
 
 def as_sink(sink: Sink | Sequence[Sink] | None) -> SinkGuard | None:
@@ -350,5 +358,11 @@ def as_sink(sink: Sink | Sequence[Sink] | None) -> SinkGuard | None:
     else:
         inner = sink  # type: ignore[assignment]
     if not callable(getattr(inner, "record", None)):
-        raise TypeError(f"sink {inner!r} has no record(outcome) method; see canarymw.Sink.")
+        if not callable(inner):
+            raise TypeError(
+                f"sink {inner!r} has no record(outcome) method and is not callable; see canarymw.Sink."
+            )
+        from .sinks import CallableSink  # a plain function is a sink too
+
+        inner = CallableSink(inner)
     return SinkGuard(inner)

@@ -7,10 +7,9 @@ import logging
 import math
 import re
 import threading
-from time import time as _time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
-from typing import Any, Literal
+from time import time as _time
+from typing import Any, Literal, NamedTuple
 from urllib.parse import parse_qsl
 
 from ._bucketing import BUCKETS, bucket
@@ -34,12 +33,12 @@ _CACHE_SIZE = 20_000
 # under a flood of distinct forged values (each costs one HMAC, then is forgotten).
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """Where one request goes, and why.
+class Decision(NamedTuple):
+    """Where one request goes, and why. Immutable.
 
     Exposed as ``environ["canarymw.decision"]`` (WSGI) and ``scope["canarymw.decision"]``
-    (ASGI) so handlers and log formatters can read it.
+    (ASGI) so handlers and log formatters can read it. A named tuple rather than a
+    frozen dataclass because a first visit builds one, and a tuple is cheaper to make.
     """
 
     rollout: str
@@ -282,11 +281,10 @@ class Rollout:
                 ``force_token`` is configured.
             request: The WSGI environ or ASGI scope, handed to the ``key`` callable.
         """
-        # Fast path: a returning visitor whose exact Cookie header was seen before.
         if cookie_header and self.key is None and (self.force_token is None or not (force or query)):
-            entry = self._by_header.get(cookie_header)
-            if entry is not None and entry.gen == self._gen and entry.refresh_at > _time():
-                return entry.decision  # type: ignore[return-value]
+            cached = self.cached(cookie_header)
+            if cached is not None:
+                return cached
         decision = None
         if self.key is not None:
             decision = self._decide_by_key(request)
@@ -312,8 +310,21 @@ class Rollout:
             forced = self._forced(force, query)
             if forced is not None:
                 self._count("forced")
-                decision = replace(decision, variant=forced, reason="forced")
+                decision = decision._replace(variant=forced, reason="forced")
         return decision
+
+    def cached(self, cookie_header: str) -> Decision | None:
+        """The decision for an exact ``Cookie`` header seen before, if still current.
+
+        The adapters' fast path for returning visitors: one dict lookup, no parsing and
+        no HMAC. Returns None when :meth:`decide` must run (unknown header, a changed
+        percent, a cookie due for refresh). Ignores ``key`` and forcing: callers use it
+        only when neither is configured.
+        """
+        entry = self._by_header.get(cookie_header)
+        if entry is not None and entry.gen == self._gen and entry.refresh_at > _time():
+            return entry.decision
+        return None
 
     def _decide_by_key(self, request: Any) -> Decision | None:
         try:

@@ -41,6 +41,7 @@ ExcInfo = tuple[type[BaseException], BaseException, TracebackType] | tuple[None,
 _NAMES = ("Vary", "Cache-Control", "Set-Cookie")
 _WATCHED = frozenset(("vary", "cache-control"))
 _perf = time.perf_counter
+_tuple_new = tuple.__new__  # skips NamedTuple's Python-level __new__ on the hot path
 _wall = time.time
 
 
@@ -83,6 +84,10 @@ class WSGICanaryMiddleware:
         self.new_app = old_app if new is None else new
         self.rollout = rollout
         self.sink = as_sink(sink)
+        self._record = self.sink.sink.record if self.sink is not None else None
+        self._excluded = rollout.is_excluded if rollout.is_excluded else None
+        # Returning visitors skip decide() when no per-request input can change the answer.
+        self._fast = rollout.key is None and rollout.force_token is None
         self.cache_control = cache_control
         self.extra_headers: list[tuple[str, str]] = [("Vary", "Cookie")]
         if cache_control:
@@ -97,46 +102,44 @@ class WSGICanaryMiddleware:
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         rollout = self.rollout
-        if rollout.is_excluded and rollout.is_excluded(environ.get("PATH_INFO", "")):
+        if self._excluded is not None and self._excluded(environ.get("PATH_INFO", "")):
             return self.old_app(environ, start_response)
-        decision = rollout.decide(
-            environ.get("HTTP_COOKIE"),
-            environ.get("wsgi.url_scheme") == "https",
-            environ.get("HTTP_X_CANARYMW_FORCE"),
-            environ.get("QUERY_STRING", ""),
-            environ,
-        )
+        cookie = environ.get("HTTP_COOKIE")
+        decision = None
+        if cookie and self._fast:
+            # Rollout.cached() inlined: this is the path of nearly every request.
+            entry = rollout._by_header.get(cookie)
+            if entry is not None and entry.gen == rollout._gen and entry.refresh_at > _wall():
+                decision = entry.decision
+        if decision is None:
+            decision = rollout.decide(
+                cookie,
+                environ.get("wsgi.url_scheme") == "https",
+                environ.get("HTTP_X_CANARYMW_FORCE"),
+                environ.get("QUERY_STRING", ""),
+                environ,
+            )
         environ["canarymw.decision"] = decision
         response = _Response(self, decision, environ, start_response)
-        app = self.new_app if decision.variant == "new" else self.old_app
         try:
-            inner = app(environ, response.start_response)
-            response.iterator = iter(inner)
+            response.inner = (self.new_app if decision.variant == "new" else self.old_app)(
+                environ, response.start_response
+            )
         except BaseException as exc:
             response.error = type(exc).__name__
             response.finish()
             raise
-        response.inner = inner
         return response
 
 
 class _Response:
     """Our response iterable for one request; also carries its start_response."""
 
-    __slots__ = (
-        "closed",
-        "decision",
-        "done",
-        "environ",
-        "error",
-        "inner",
-        "iterator",
-        "mw",
-        "server_start_response",
-        "started",
-        "status",
-        "wall",
-    )
+    # No __slots__: class-level defaults spare __init__ half of its stores.
+    status: int | None = None
+    error: str | None = None
+    done = False
+    inner: Iterable[bytes] | None = None
 
     def __init__(
         self,
@@ -149,12 +152,6 @@ class _Response:
         self.decision = decision
         self.environ = environ
         self.server_start_response = start_response
-        self.status: int | None = None
-        self.error: str | None = None
-        self.done = False
-        self.closed = False
-        self.inner: Iterable[bytes] = ()
-        self.iterator: Iterator[bytes] = iter(())
         self.wall = _wall()
         self.started = _perf()
 
@@ -168,7 +165,8 @@ class _Response:
         cookie = self.decision.set_cookie
         mw = self.mw
         for name, _ in headers:
-            if name.lower() in _WATCHED:
+            # len() first: most names can be ruled out without building a lower-case copy.
+            if (len(name) == 4 or len(name) == 13) and name.lower() in _WATCHED:
                 headers = finish_headers(headers, cookie, mw.cache_control, _NAMES, _same, _same)
                 break
         else:
@@ -181,24 +179,25 @@ class _Response:
         return self.server_start_response(status, headers)
 
     def __iter__(self) -> Iterator[bytes]:
-        return self
-
-    def __next__(self) -> bytes:
+        # A generator, not __next__: the end of the body costs no StopIteration object.
+        # If the server stops early and calls close(), this generator is left suspended
+        # and never closes the inner iterable itself; close() does that, exactly once.
         try:
-            return next(self.iterator)
-        except StopIteration:
-            self.done = True
-            raise
-        except BaseException as exc:
+            # "yield from" would also close the inner iterable when this generator is closed.
+            for chunk in self.inner:  # type: ignore[union-attr]  # noqa: UP028
+                yield chunk
+        except Exception as exc:
             self.error = type(exc).__name__
             raise
+        self.done = True
 
     def close(self) -> None:
-        if self.closed:
+        inner = self.inner
+        if inner is None:
             return
-        self.closed = True
+        self.inner = None
         try:
-            close = getattr(self.inner, "close", None)
+            close = getattr(inner, "close", None)
             if close is not None:
                 close()
         except BaseException as exc:
@@ -210,23 +209,32 @@ class _Response:
 
     def finish(self) -> None:
         mw = self.mw
-        sink = mw.sink
-        if sink is None:
+        record = mw._record
+        if record is None:
             return
         env = self.environ
         if mw.split_only and not env.get("canarymw.split"):
             return
+        # An integration (a split view, an upstream) may name the failure it handled.
+        error = self.error or env.get("canarymw.error")
         method = env.get("REQUEST_METHOD", "GET")
-        sink.record(
-            Outcome(
-                self.decision.rollout,
-                self.decision.variant,
+        decision = self.decision
+        outcome = _tuple_new(
+            Outcome,
+            (
+                decision.rollout,
+                decision.variant,
                 self.status,
                 _perf() - self.started,
-                self.error,
-                not self.done and self.error is None and method != "HEAD",
+                error,
+                not self.done and error is None and method != "HEAD",
                 method,
                 env.get("canarymw.route"),
                 self.wall,
-            )
+                None,
+            ),
         )
+        try:
+            record(outcome)
+        except Exception:
+            mw.sink.failed()  # type: ignore[union-attr]

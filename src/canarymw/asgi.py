@@ -1,0 +1,724 @@
+"""ASGI adapter: route each request to the old or the new ASGI app by cohort.
+
+::
+
+    from canarymw import ASGICanaryMiddleware, MemorySink, Rollout   # or canarymw.asgi
+
+    rollout = Rollout("hello-v2", percent=10, secret_key=os.environ["CANARY_KEY"])
+
+    # as Starlette (or FastAPI) middleware: the app being built is the old one
+    app = Starlette(routes=blue_routes,
+                    middleware=[Middleware(ASGICanaryMiddleware, new=green_app, rollout=rollout,
+                                           sink=MemorySink())])
+    # or around any ASGI app
+    app = ASGICanaryMiddleware(blue_app, new=green_app, rollout=rollout)
+
+The middleware is pure ASGI (no ``BaseHTTPMiddleware``): the chosen app runs in the
+caller's task, so contextvars, background tasks, streaming and disconnects behave
+exactly as without it. Every cohort decision is made by :meth:`Rollout.decide
+<canarymw.Rollout.decide>`, the same sans-IO core the WSGI adapter uses, so a visitor
+gets the same variant from both.
+
+HTTP (``scope["type"] == "http"``)
+    Paths excluded by the rollout go straight to the old app, untouched. Otherwise the
+    cookie is read from every ``cookie`` header (HTTP/2 and HTTP/3 send one per
+    cookie; they are joined with ``"; "``), the scope is copied (the server's dict is
+    never changed) and the copy carries ``scope["canarymw.decision"]``. On
+    ``http.response.start`` a new header list is built with ``Set-Cookie`` (when the
+    decision needs one), ``Vary: Cookie`` and ``Cache-Control: private`` merged in; the
+    app's message and header list are never mutated. Body messages pass through one by
+    one, unbuffered. Like Starlette, request header names are expected in lower case,
+    as every ASGI server sends them; the ASGI spec requires lower-case response header
+    names, so only those are checked for an existing ``vary``/``cache-control``.
+
+Outcomes
+    Exactly one :class:`~canarymw.Outcome` per routed request or websocket. Its
+    duration ends when the last response message has been sent (``more_body`` false,
+    or the last trailers when the app announced trailers), so work done afterwards,
+    such as Starlette background tasks, is not part of the latency. It is recorded when
+    the app's call returns or raises (like WSGI's ``close()``), so an exception after
+    the last byte still counts: Starlette's ``ServerErrorMiddleware`` sends its 500 and
+    raises afterwards. An app exception is recorded with its type name and re-raised
+    unchanged; the middleware never sends a response of its own, so there is never a
+    second ``http.response.start``. A client that goes away is recorded at once, as a
+    disconnect without error: when the app receives ``http.disconnect`` before the
+    response was complete, or when the server's ``send`` raises ``OSError``. A task
+    cancelled from outside (a server cancelling on disconnect or shutdown) counts as a
+    disconnect too. ``route`` is ``scope["canarymw.route"]`` if the app set it, else the
+    path template of the Starlette/FastAPI route that handled the request (innermost,
+    relative to its mount), else None; never the raw path.
+
+WebSocket
+    Routed like HTTP, by the cohort cookie of the handshake request. A handshake
+    without a valid cookie is assigned a cohort like a first page visit (so ``0`` and
+    ``100`` percent, the ``key`` callable and forcing work for websockets too) and the
+    cookie is offered in the ``headers`` of ``websocket.accept`` (or of a
+    ``websocket.http.response.start`` denial). The outcome has method ``"WEBSOCKET"``;
+    status 101 once accepted, 403 when closed before accept (what the server answers),
+    or the denial response's status; ``disconnected`` is true when the client closed
+    first; the close code is recorded when :class:`~canarymw.Outcome` has a
+    ``close_code`` field.
+
+Lifespan
+    Both apps get ``lifespan.startup`` and ``lifespan.shutdown``, concurrently; the
+    server hears ``lifespan.startup.complete`` only after both apps completed. The old
+    app sees the server's lifespan ``state``; the new app gets a ``state`` of its own,
+    laid over the server's state in the scope of requests routed to it, so two apps
+    that store the same key do not overwrite each other. An app that returns or raises
+    before it received ``lifespan.startup`` does not support lifespan and is skipped
+    (if neither app does, the old app's exception is re-raised, exactly as without the
+    middleware). A failing old app fails startup, as it would alone. A failing new app
+    (``lifespan.startup.failed``, or an exception after it received the startup
+    message) follows ``on_new_startup_failure``: ``"disable"`` (default: fail open,
+    towards old) logs the error, sets the rollout's percent to 0 and routes every
+    request, forced ones included, to old for the life of the process;
+    ``"fail"`` shuts the old app down again and reports ``lifespan.startup.failed`` to
+    the server, which then refuses to start.
+
+Any other scope type is passed to the old app untouched.
+See: https://asgi.readthedocs.io/en/latest/specs/www.html and .../specs/lifespan.html
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
+from typing import Any, Literal, Protocol, TypeVar, cast
+
+from ._http import finish_headers
+from ._outcomes import Outcome, Sink, as_sink
+from ._rollout import Decision, Rollout
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+"""The same shapes as ``starlette.types``, so Starlette and FastAPI apps type-check."""
+
+StartupFailurePolicy = Literal["fail", "disable"]
+
+__all__ = ["ASGIApp", "ASGICanaryMiddleware", "Message", "Receive", "Scope", "Send", "StartupFailurePolicy"]
+
+log = logging.getLogger("canarymw")
+
+_perf = time.perf_counter
+_wall = time.time
+_NAMES = (b"vary", b"cache-control", b"set-cookie")
+_SECURE = ("https", "wss")
+_new_tuple = tuple.__new__
+
+
+def _dec(value: bytes) -> str:
+    return value.decode("latin-1")
+
+
+def _enc(value: str) -> bytes:
+    return value.encode("latin-1")
+
+
+def _app_path(scope: Scope) -> str:
+    # The path below the mount point, like WSGI's PATH_INFO.
+    # See: https://asgi.readthedocs.io/en/latest/specs/www.html#http-connection-scope (root_path)
+    path: str = scope.get("path", "")
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root):
+        return path[len(root) :] or "/"
+    return path
+
+
+class ASGICanaryMiddleware:
+    """Route each request to ``old_app`` or ``new`` by its sticky cohort (pure ASGI).
+
+    Args:
+        old_app: The ASGI app being wrapped: the current implementation. Positional,
+            so ``Middleware(ASGICanaryMiddleware, new=..., rollout=...)`` works.
+        new: The new implementation, another ASGI app (a Starlette or FastAPI app, a
+            router, a bare callable). ``None`` routes every request to ``old_app`` but
+            still assigns cohorts, sets ``scope["canarymw.decision"]`` and records
+            outcomes, for apps that branch on the decision themselves.
+        rollout: The :class:`~canarymw.Rollout` that decides.
+        sink: Where outcomes go: a :class:`~canarymw.Sink`, a list of them, or None.
+            A sink that raises is counted in :attr:`sink_errors`, never seen by clients.
+        cache_control: Directive added to ``Cache-Control`` of routed responses unless
+            the app chose ``private``/``no-store``/``public`` itself; ``None`` adds none.
+            ``Vary: Cookie`` is always merged, so shared caches never mix cohorts.
+        on_new_startup_failure: What a failing lifespan startup of ``new`` does.
+            ``"disable"`` (default) keeps the service up on the old app: the error is
+            logged, ``rollout.percent`` is set to 0 and every request goes to old,
+            because a canary must never take the service down. ``"fail"`` fails the
+            server's startup instead, for deployments that would rather not start.
+    """
+
+    def __init__(
+        self,
+        old_app: ASGIApp,
+        *,
+        new: ASGIApp | None,
+        rollout: Rollout,
+        sink: Sink | Sequence[Sink] | None = None,
+        cache_control: str | None = "private",
+        on_new_startup_failure: StartupFailurePolicy = "disable",
+    ) -> None:
+        if not callable(old_app):
+            raise TypeError(f"ASGICanaryMiddleware needs an ASGI app to wrap, got {old_app!r}.")
+        if new is not None and not callable(new):
+            raise TypeError(f"ASGICanaryMiddleware needs new= to be an ASGI app, got {new!r}.")
+        if not isinstance(rollout, Rollout):
+            raise TypeError(f"ASGICanaryMiddleware needs rollout= to be a canarymw.Rollout, got {rollout!r}.")
+        if on_new_startup_failure not in ("fail", "disable"):
+            raise ValueError(
+                f"ASGICanaryMiddleware got on_new_startup_failure={on_new_startup_failure!r}; "
+                "use 'disable' (route everyone to old) or 'fail' (refuse to start)."
+            )
+        if cache_control is not None and (not isinstance(cache_control, str) or not cache_control.isascii()):
+            raise ValueError(
+                f"ASGICanaryMiddleware got cache_control={cache_control!r}; "
+                "use an ASCII directive such as 'private', or None."
+            )
+        self.app = self.old_app = old_app
+        self.new_app = old_app if new is None else new
+        self.rollout = rollout
+        self.sink = as_sink(sink)
+        self.cache_control = cache_control or None
+        self.on_new_startup_failure: StartupFailurePolicy = on_new_startup_failure
+        self.new_startup_error: str | None = None
+        """Why the new app was disabled at startup (its failure message), or None."""
+        self._extra: list[tuple[bytes, bytes]] = [(b"vary", b"Cookie")]
+        if self.cache_control:
+            self._extra.append((b"cache-control", self.cache_control.encode("ascii")))
+        # Rollout.is_excluded is fixed at construction; skip the call when it is empty.
+        self._excluded: Callable[[str], bool] | None = rollout.is_excluded if rollout.is_excluded else None
+        # Returning visitors skip decide() when no per-request input can change the answer.
+        self._fast = rollout.key is None and rollout.force_token is None
+        self._record = self.sink.sink.record if self.sink is not None else None
+        self._new_state: dict[str, Any] | None = None
+
+    @property
+    def sink_errors(self) -> int:
+        """How many times the sink raised."""
+        return self.sink.errors if self.sink is not None else 0
+
+    # -- routing -------------------------------------------------------------------
+    def _decide(self, scope: Scope) -> Decision:
+        """Decide from the request or handshake headers, in one pass over ``scope["headers"]``."""
+        rollout = self.rollout
+        cookie: bytes | None = None
+        force: str | None = None
+        query = ""
+        if rollout.force_token is None:
+            for name, value in scope.get("headers", ()):
+                if name == b"cookie":
+                    # See: RFC 9113 §8.2.3 (HTTP/2 splits cookies; rejoin with "; ")
+                    cookie = value if cookie is None else cookie + b"; " + value
+        else:
+            for name, value in scope.get("headers", ()):
+                if name == b"cookie":
+                    cookie = value if cookie is None else cookie + b"; " + value
+                elif name == b"x-canarymw-force":
+                    force = value.decode("latin-1")
+            query = scope.get("query_string", b"").decode("latin-1")
+        return rollout.decide(
+            None if cookie is None else cookie.decode("latin-1"),
+            scope.get("scheme") in _SECURE,
+            force,
+            query,
+            scope,
+        )
+
+    def _pick(self, scope: Scope, decision: Decision) -> tuple[ASGIApp, Decision]:
+        if decision.variant == "new":
+            if self.new_startup_error is not None:
+                return self.old_app, decision._replace(variant="old")
+            new_state = self._new_state
+            if new_state:
+                # The server copied the (old) lifespan state into the scope; lay the
+                # new app's own state over it. See: ASGI lifespan spec, "Lifespan State".
+                state = dict(scope.get("state") or ())
+                state.update(new_state)
+                scope["state"] = state
+            return self.new_app, decision
+        return self.old_app, decision
+
+    def _start(self, message: Message, cookie: bytes | None, extra: list[tuple[bytes, bytes]]) -> Message:
+        """A copy of a response start message with our headers merged into a new list."""
+        headers: Iterable[Any] | None = message.get("headers")
+        if headers is None:
+            headers = ()
+        elif not isinstance(headers, (list, tuple)):
+            headers = list(headers)  # a one-shot iterable is read twice below
+        for name, _ in headers:
+            if name == b"vary" or name == b"cache-control":
+                merged = finish_headers(
+                    cast("Iterable[tuple[bytes, bytes]]", headers),
+                    cookie,
+                    self.cache_control,
+                    _NAMES,
+                    _dec,
+                    _enc,
+                )
+                break
+        else:
+            # Common case: the app set neither header, so ours are appended as they are.
+            merged = [*headers, *extra]
+        out = dict(message)
+        out["headers"] = merged
+        return out
+
+    # -- HTTP ----------------------------------------------------------------------
+    def _outcome(
+        self,
+        decision: Decision,
+        scope: Scope,
+        status: int | None,
+        duration: float,
+        error: str | None,
+        disconnected: bool,
+        method: str,
+        wall: float,
+        close_code: int | None = None,
+    ) -> None:
+        """Build and record one outcome; a failing sink is counted, never raised."""
+        record = self._record
+        if record is None:
+            return
+        route = scope.get("canarymw.route")
+        if route is None:
+            # Starlette's Router (and FastAPI's) store the matched route object here.
+            route = getattr(scope.get("route"), "path", None)
+            if not isinstance(route, str):
+                route = None
+        error = error or scope.get("canarymw.error")
+        fields = (
+            decision.rollout,
+            decision.variant,
+            status,
+            duration,
+            error,
+            disconnected,
+            method,
+            route,
+            wall,
+            close_code,
+        )
+        try:
+            # tuple.__new__ skips _make's length check: the field count is fixed above.
+            record(_new_tuple(Outcome, fields))
+        except Exception:
+            self.sink.failed()  # type: ignore[union-attr]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            if scope["type"] == "websocket":
+                await self._websocket(scope, receive, send)
+            elif scope["type"] == "lifespan" and self.new_app is not self.old_app:
+                await self._lifespan(scope, receive, send)
+            else:
+                await self.old_app(scope, receive, send)
+            return
+        excluded = self._excluded
+        if excluded is not None and excluded(_app_path(scope)):
+            await self.old_app(scope, receive, send)
+            return
+        scope = dict(scope)
+        decision = None
+        if self._fast:
+            # A returning visitor: one pass for the cookie, one dict lookup, no parsing.
+            cookie_header: bytes | None = None
+            for name, value in scope.get("headers", ()):
+                if name == b"cookie":
+                    cookie_header = value if cookie_header is None else cookie_header + b"; " + value
+            if cookie_header is not None:
+                decision = self.rollout.cached(cookie_header.decode("latin-1"))
+        if decision is None:
+            decision = self._decide(scope)
+        if decision.variant == "new":
+            app, decision = self._pick(scope, decision)
+        else:
+            app = self.old_app
+        scope["canarymw.decision"] = decision
+        set_cookie = decision.set_cookie
+        cookie = None if set_cookie is None else set_cookie.encode("latin-1")
+        extra = self._extra if cookie is None else [*self._extra, (b"set-cookie", cookie)]
+        status: int | None = None
+        trailers = False
+        ended = 0.0  # perf_counter() when the last response message went out
+        done = False  # the outcome has been recorded
+        wall = _wall()
+        started = _perf()
+
+        async def send_(message: Message) -> None:
+            nonlocal status, trailers, ended, done
+            kind = message["type"]
+            last = False
+            if kind == "http.response.body":
+                last = not (ended or trailers or message.get("more_body", False))
+            elif kind == "http.response.start":
+                status = message.get("status")
+                trailers = bool(message.get("trailers", False))
+                headers = message.get("headers")
+                if type(headers) is list:
+                    for name, _ in headers:
+                        if name == b"vary" or name == b"cache-control":
+                            message = self._start(message, cookie, extra)
+                            break
+                    else:
+                        # Common case: the app set neither header, so ours are appended.
+                        message = {**message, "headers": [*headers, *extra]}
+                else:
+                    message = self._start(message, cookie, extra)
+            elif kind == "http.response.trailers":
+                # See: https://asgi.readthedocs.io/en/latest/extensions.html#http-trailers
+                last = not (ended or message.get("more_trailers", False))
+            elif kind == "http.response.pathsend":
+                last = not ended
+            try:
+                await send(message)
+            except OSError:
+                # The server could not write: the client is gone (uvicorn raises
+                # ClientDisconnected, an OSError, for ASGI spec >= 2.4).
+                if not done:
+                    done = True
+                    self._outcome(
+                        decision,
+                        scope,
+                        status,
+                        _perf() - started,
+                        None,
+                        True,
+                        scope.get("method", "GET"),
+                        wall,
+                    )
+                raise
+            if last:
+                ended = _perf()
+
+        async def receive_() -> Message:
+            nonlocal done
+            message = await receive()
+            if not (done or ended) and message["type"] == "http.disconnect":
+                done = True
+                self._outcome(
+                    decision, scope, status, _perf() - started, None, True, scope.get("method", "GET"), wall
+                )
+            return message
+
+        # The outcome waits for the app to return (like WSGI's close()), so an exception
+        # raised after the last byte still counts: Starlette's ServerErrorMiddleware sends
+        # its 500 first and raises afterwards; a background task may fail.
+        try:
+            await app(scope, receive_, send_)
+        except Exception as exc:
+            if not done:
+                duration = (ended or _perf()) - started
+                self._outcome(
+                    decision,
+                    scope,
+                    status,
+                    duration,
+                    type(exc).__name__,
+                    False,
+                    scope.get("method", "GET"),
+                    wall,
+                )
+            raise
+        except BaseException:
+            # Cancelled or interrupted from outside: the server tore the request down.
+            if not done:
+                duration = (ended or _perf()) - started
+                self._outcome(
+                    decision, scope, status, duration, None, not ended, scope.get("method", "GET"), wall
+                )
+            raise
+        if not done and self._record is not None:
+            self._outcome(
+                decision,
+                scope,
+                status,
+                (ended or _perf()) - started,
+                None,
+                False,
+                scope.get("method", "GET"),
+                wall,
+            )
+
+    # -- WebSocket -----------------------------------------------------------------
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        excluded = self._excluded
+        if excluded is not None and excluded(_app_path(scope)):
+            await self.old_app(scope, receive, send)
+            return
+        scope = dict(scope)
+        decision = self._decide(scope)
+        app, decision = self._pick(scope, decision)
+        scope["canarymw.decision"] = decision
+        set_cookie = decision.set_cookie
+        cookie = None if set_cookie is None else set_cookie.encode("latin-1")
+        extra = self._extra if cookie is None else [*self._extra, (b"set-cookie", cookie)]
+        status: int | None = None
+        close_code: int | None = None
+        ended = 0.0
+        done = False
+        wall = _wall()
+        started = _perf()
+
+        def finish(error: str | None, disconnected: bool) -> None:
+            nonlocal done
+            done = True
+            duration = (ended or _perf()) - started
+            self._outcome(
+                decision, scope, status, duration, error, disconnected, "WEBSOCKET", wall, close_code
+            )
+
+        async def send_(message: Message) -> None:
+            nonlocal status, close_code, ended
+            kind = message["type"]
+            last = False
+            if kind == "websocket.send":
+                pass
+            elif kind == "websocket.accept":
+                status = 101
+                if cookie is not None:
+                    # See: https://asgi.readthedocs.io/en/latest/specs/www.html#accept-send-event
+                    message = dict(message)
+                    message["headers"] = [*(message.get("headers") or ()), (b"set-cookie", cookie)]
+            elif kind == "websocket.close":
+                if status is None:
+                    status = 403  # closing before accept rejects the handshake with 403
+                if not (ended or done):
+                    close_code = message.get("code", 1000)
+                    last = True
+            elif kind == "websocket.http.response.start":
+                # See: https://asgi.readthedocs.io/en/latest/extensions.html#websocket-denial-response
+                status = message.get("status")
+                message = self._start(message, cookie, extra)
+            elif kind == "websocket.http.response.body":
+                last = not (ended or message.get("more_body", False))
+            try:
+                await send(message)
+            except OSError:
+                if not done:
+                    finish(None, True)
+                raise
+            if last:
+                ended = _perf()
+
+        async def receive_() -> Message:
+            nonlocal close_code
+            message = await receive()
+            if not (done or ended) and message["type"] == "websocket.disconnect":
+                close_code = message.get("code", 1005)  # 1005: no code given, RFC 6455 §7.4.1
+                finish(None, True)
+            return message
+
+        try:
+            await app(scope, receive_, send_)
+        except Exception as exc:
+            if not done:
+                finish(type(exc).__name__, False)
+            raise
+        except BaseException:
+            if not done:
+                finish(None, not ended)
+            raise
+        if not done:
+            finish(None, False)
+
+    # -- Lifespan ------------------------------------------------------------------
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        new_scope = dict(scope)
+        new_state: dict[str, Any] | None = None
+        if "state" in scope:
+            new_state = new_scope["state"] = {}
+        old = _LifespanApp("old", self.old_app, scope)
+        new = _LifespanApp("new", self.new_app, new_scope)
+        error = await _run_beside(lambda: self._orchestrate(old, new, new_state, receive, send), old, new)
+        if error is not None:
+            raise error
+
+    async def _orchestrate(
+        self,
+        old: _LifespanApp,
+        new: _LifespanApp,
+        new_state: dict[str, Any] | None,
+        receive: Receive,
+        send: Send,
+    ) -> Exception | None:
+        """Speak lifespan to the server for both apps; return an exception to re-raise, if any."""
+        running: list[_LifespanApp] = []
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                old_failure = await old.exchange(message, "startup")
+                new_failure = await new.exchange(message, "startup")
+                if old_failure is not None:
+                    if new.started:
+                        await new.exchange({"type": "lifespan.shutdown"}, "shutdown")
+                    await send({"type": "lifespan.startup.failed", "message": old_failure})
+                    return None
+                if new_failure is not None:
+                    if self.on_new_startup_failure == "fail":
+                        if old.started:
+                            await old.exchange({"type": "lifespan.shutdown"}, "shutdown")
+                        text = f"canarymw: the new app of rollout {self.rollout.name!r} failed to start: "
+                        await send({"type": "lifespan.startup.failed", "message": text + new_failure})
+                        return None
+                    self._disable(new_failure)
+                running = [app for app in (old, new) if app.started]
+                if not running:
+                    # Neither app speaks lifespan: leave the server as the old app alone
+                    # would have. See: lifespan spec, an exception means "unsupported".
+                    return old.error
+                if new.started:
+                    self._new_state = new_state
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                failures = []
+                for app in running:
+                    failure = await app.exchange(message, "shutdown")
+                    if failure is not None:
+                        failures.append(f"{app.label} app: {failure}")
+                if failures:
+                    await send({"type": "lifespan.shutdown.failed", "message": "\n".join(failures)})
+                else:
+                    await send({"type": "lifespan.shutdown.complete"})
+                return None
+
+    def _disable(self, reason: str) -> None:
+        self.new_startup_error = reason
+        self.rollout.percent = 0
+        log.error(
+            "canarymw: the new app of rollout %r failed its lifespan startup; the canary is "
+            "disabled (percent set to 0, every request goes to old): %s",
+            self.rollout.name,
+            reason,
+        )
+
+
+class _Event(Protocol):
+    def set(self) -> None: ...
+    def is_set(self) -> bool: ...
+    async def wait(self) -> Any: ...
+
+
+class _LifespanApp:
+    """One app's lifespan, run in a task of its own; messages alternate with ours."""
+
+    __slots__ = (
+        "_inbox",
+        "_inbox_ready",
+        "_new_event",
+        "_reply",
+        "_reply_ready",
+        "app",
+        "done",
+        "error",
+        "label",
+        "received",
+        "scope",
+        "started",
+    )
+
+    def __init__(self, label: str, app: ASGIApp, scope: Scope) -> None:
+        self.label = label
+        self.app = app
+        self.scope = scope
+        self.received = False
+        """The app called receive(): it speaks lifespan, so an exception is a failure."""
+        self.started = False
+        self.done = False
+        self.error: Exception | None = None
+        self._inbox: Message = {}
+        self._reply: Message | None = None
+        self._reply_ready: _Event | None = None
+
+    def bind(self, new_event: Callable[[], _Event]) -> None:
+        self._new_event = new_event
+        self._inbox_ready = new_event()
+
+    async def run(self) -> None:
+        try:
+            await self.app(self.scope, self._receive, self._send)
+        except Exception as exc:
+            self.error = exc
+        finally:
+            self.done = True
+            if self._reply_ready is not None:
+                self._reply_ready.set()
+
+    async def _receive(self) -> Message:
+        await self._inbox_ready.wait()
+        self.received = True
+        message = self._inbox
+        self._inbox_ready = self._new_event()
+        return message
+
+    async def _send(self, message: Message) -> None:
+        self._reply = message
+        if self._reply_ready is not None:
+            self._reply_ready.set()
+
+    async def exchange(self, message: Message, phase: str) -> str | None:
+        """Deliver ``message``; return None if the phase went well, else why it failed.
+
+        An app that ends before it received the startup message does not support
+        lifespan: that is not a failure, and ``started`` stays False.
+        """
+        self._reply = None
+        if not self.done:
+            self._reply_ready = self._new_event()
+            self._inbox = message
+            self._inbox_ready.set()
+            await self._reply_ready.wait()
+        reply = self._reply
+        if reply is None:
+            if self.error is not None and self.received:
+                return "".join(traceback.format_exception(self.error)).rstrip()
+            if self.error is not None:
+                log.debug("canarymw: the %s app does not support lifespan (%r)", self.label, self.error)
+            return None
+        kind = reply.get("type")
+        if kind == f"lifespan.{phase}.complete":
+            self.started = True
+            return None
+        if kind == f"lifespan.{phase}.failed":
+            return str(reply.get("message") or f"lifespan.{phase}.failed")
+        return f"sent {kind!r} in reply to lifespan.{phase}"
+
+
+T = TypeVar("T")
+
+
+async def _run_beside(main: Callable[[], Awaitable[T]], *apps: _LifespanApp) -> T:
+    """Await ``main()`` while each app's lifespan runs in its own task; then cancel stragglers.
+
+    Uses anyio when it is installed (it is with Starlette and FastAPI), so trio works
+    too; plain asyncio otherwise.
+    """
+    try:
+        import anyio
+    except ImportError:
+        anyio = None  # type: ignore[assignment]
+    if anyio is not None:
+        for app in apps:
+            app.bind(anyio.Event)
+        async with anyio.create_task_group() as tg:
+            for app in apps:
+                tg.start_soon(app.run)
+            try:
+                return await main()
+            finally:
+                tg.cancel_scope.cancel()
+    import asyncio
+
+    for app in apps:
+        app.bind(asyncio.Event)
+    tasks = [asyncio.ensure_future(app.run()) for app in apps]
+    try:
+        return await main()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,126 @@
+"""Through a real uvicorn with 2 workers: every worker, and the WSGI adapter, agree on each user."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+from wsgiref.util import setup_testing_defaults
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
+from canarymw import Rollout, WSGICanaryMiddleware
+from canarymw.asgi import ASGICanaryMiddleware
+
+from .servers import free_port, serve
+
+NAME = "uvicorn-v2"
+KEY = "uvicorn-secret-key-0123456789abcdef"
+PERCENT = 30
+USERS = 200
+REQUESTS_PER_USER = 4
+
+
+def make_app() -> Any:
+    """The served app (``uvicorn --factory``): Starlette blue (old) and FastAPI green (new).
+
+    Both have a lifespan that stores a value in the lifespan state, so each response
+    also shows that both apps were started in that worker.
+    """
+
+    @contextlib.asynccontextmanager
+    async def blue_lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+        yield {"started": "blue-started"}
+
+    async def blue(request: Request) -> Response:
+        return PlainTextResponse(f"old {request.state.started}", headers={"x-pid": str(os.getpid())})
+
+    async def healthz(request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+    @contextlib.asynccontextmanager
+    async def green_lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+        yield {"started": "green-started"}
+
+    green = FastAPI(lifespan=green_lifespan)
+
+    @green.get("/")
+    async def green_index(request: Request) -> Response:
+        return PlainTextResponse(f"new {request.state.started}", headers={"x-pid": str(os.getpid())})
+
+    old = Starlette(routes=[Route("/", blue), Route("/healthz", healthz)], lifespan=blue_lifespan)
+    rollout = Rollout(NAME, percent=PERCENT, secret_key=KEY, exclude=["/healthz"])
+    return ASGICanaryMiddleware(old, new=green, rollout=rollout, on_new_startup_failure="fail")
+
+
+def wsgi_variant(cookie: str) -> str:
+    """What the WSGI adapter, in this process, decides for the same cookie."""
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [environ["canarymw.decision"].variant.encode()]
+
+    mw = WSGICanaryMiddleware(app, new=app, rollout=Rollout(NAME, percent=PERCENT, secret_key=KEY))
+    environ: dict[str, Any] = {"HTTP_COOKIE": cookie}
+    setup_testing_defaults(environ)
+
+    def start_response(
+        status: str, headers: list[tuple[str, str]], exc_info: Any = None
+    ) -> Callable[[bytes], object]:
+        return lambda data: None
+
+    return b"".join(mw(environ, start_response)).decode()
+
+
+async def one_user(base: str, gate: asyncio.Semaphore) -> tuple[list[str], list[str], list[bool], str]:
+    bodies, pids, set_cookie = [], [], []
+    # A fresh connection per request, so one user's requests spread over both workers;
+    # verify=False: plain HTTP on loopback, and it skips loading a CA bundle per client.
+    limits = httpx.Limits(max_keepalive_connections=0)
+    async with gate, httpx.AsyncClient(base_url=base, limits=limits, timeout=10, verify=False) as client:
+        for _ in range(REQUESTS_PER_USER):
+            response = await client.get("/")
+            assert response.status_code == 200, response.text
+            bodies.append(response.text)
+            pids.append(response.headers["x-pid"])
+            set_cookie.append("set-cookie" in response.headers)
+        cookie = f"canarymw={client.cookies['canarymw']}"
+    return bodies, pids, set_cookie, cookie
+
+
+@pytest.mark.server
+def test_uvicorn_two_workers_agree_with_each_other_and_with_wsgi() -> None:
+    port = free_port()
+    argv = ["uvicorn", "--factory", "tests.test_asgi_uvicorn:make_app", "--workers", "2"]
+    argv += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+    with serve(argv, port, ready_path="/healthz", timeout=30) as base:
+
+        async def main() -> list[tuple[list[str], list[str], list[bool], str]]:
+            gate = asyncio.Semaphore(16)
+            return list(await asyncio.gather(*(one_user(base, gate) for _ in range(USERS))))
+
+        users = asyncio.run(main())
+
+    all_pids: set[str] = set()
+    both_workers = 0
+    variants = []
+    for bodies, pids, set_cookie, cookie in users:
+        assert len(set(bodies)) == 1, bodies  # sticky, whichever worker answered
+        variant, started = bodies[0].split()
+        assert started == ("green-started" if variant == "new" else "blue-started")  # both lifespans ran
+        assert set_cookie == [True, False, False, False]
+        assert wsgi_variant(cookie) == variant
+        all_pids.update(pids)
+        both_workers += len(set(pids)) > 1
+        variants.append(variant)
+    assert len(all_pids) == 2, all_pids
+    assert both_workers > 0  # some users were served by both workers, and kept their variant
+    assert 0.15 * USERS < variants.count("new") < 0.45 * USERS
