@@ -66,3 +66,34 @@ def test_salts_are_independent() -> None:
     in_b = {i for i in ids if b.variant_for(i) == "new"}
     # Independent 10% splits overlap on about 1% of ids, not 10%.
     assert len(in_a & in_b) < 0.03 * len(ids)
+
+
+def test_rollout_bucket_of_matches_the_reference() -> None:
+    for case in VECTORS["vectors"]:
+        r = Rollout("any", salt=case["salt"], percent=0, secret_key="k" * 32)
+        assert r.bucket_of(case["key"]) == case["bucket"]
+
+
+def test_javascript_in_the_docs_agrees_with_the_vectors(tmp_path: Path) -> None:
+    import re
+    import shutil
+    import subprocess
+
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed; the JavaScript snippet cannot be run here")
+    docs = (Path(__file__).parent.parent / "docs" / "cohorts.md").read_text("utf-8")
+    snippet = re.search(r"```js\n(.*?)```", docs, re.S)
+    assert snippet is not None
+    script = tmp_path / "check.mjs"
+    script.write_text(
+        snippet.group(1)
+        + "\nconst cases = JSON.parse(process.argv[2]);\n"
+        + "const got = [];\nfor (const c of cases) got.push(await canaryBucket(c.salt, c.key));\n"
+        + "console.log(JSON.stringify(got));\n",
+        "utf-8",
+    )
+    out = subprocess.run(
+        [node, str(script), json.dumps(VECTORS["vectors"])], capture_output=True, text=True, check=True
+    )
+    assert json.loads(out.stdout) == [c["bucket"] for c in VECTORS["vectors"]]

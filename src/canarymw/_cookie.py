@@ -10,7 +10,6 @@ cookie never stores the variant: the variant follows from the id and the live pe
 from __future__ import annotations
 
 import hashlib
-import hmac
 import secrets
 from base64 import urlsafe_b64encode
 from collections.abc import Sequence
@@ -85,7 +84,7 @@ def find_values(header: str, name: str) -> list[str]:
 class CookieCodec:
     """Signs and verifies cohort cookie values with a rotating key list."""
 
-    __slots__ = ("_mac", "_signers")
+    __slots__ = ("_inner", "_outer", "_signers")
 
     def __init__(self, keys: list[bytes]) -> None:
         # One signer per key, newest first, so we know which key verified.
@@ -93,16 +92,21 @@ class CookieCodec:
             Signer(k, salt=SIGNER_SALT, key_derivation="hmac", digest_method=hashlib.sha256)
             for k in reversed(keys)
         ]
-        # Signing is what a first visit pays for: keep a keyed HMAC to copy instead of
-        # deriving the key again per cookie. Output is byte-identical to Signer.sign().
-        self._mac = hmac.new(self._signers[0].derive_key(), digestmod=hashlib.sha256)
+        # Signing is what a first visit pays for: derive the key once and keep the two
+        # keyed hash states of HMAC (RFC 2104) to copy. Byte-identical to Signer.sign().
+        key = self._signers[0].derive_key().ljust(64, b"\0")  # derived key: 32 bytes
+        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in key))
+        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))
 
     def issue(self, cohort_id: str, issued: int) -> str:
         """Sign a new value for ``cohort_id`` with the newest key."""
         payload = f"{VERSION}.{cohort_id}.{issued:x}".encode("ascii")
-        mac = self._mac.copy()
-        mac.update(payload)
-        return (payload + b"." + urlsafe_b64encode(mac.digest()).rstrip(b"=")).decode("ascii")
+        inner = self._inner.copy()
+        inner.update(payload)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        sig = urlsafe_b64encode(outer.digest()).rstrip(b"=")
+        return (payload + b"." + sig).decode("ascii")
 
     def verify(self, value: str) -> tuple[str, int, bool] | None:
         """Return ``(id, issued, signed_with_newest_key)`` or None for any bad value."""

@@ -8,11 +8,12 @@ import math
 import re
 import threading
 from collections.abc import Callable, Iterable
+from hashlib import sha256
 from time import time as _time
 from typing import Any, Literal, NamedTuple
 from urllib.parse import parse_qsl
 
-from ._bucketing import BUCKETS, bucket
+from ._bucketing import BUCKETS
 from ._cookie import (
     CookieCodec,
     find_values,
@@ -192,6 +193,8 @@ class Rollout:
         if not isinstance(cookie_path, str) or not cookie_path.startswith("/"):
             raise ValueError(f"{owner} got cookie_path {cookie_path!r}; it must start with '/'.")
         self._codec = CookieCodec(normalise_keys(secret_key, owner))
+        self._cookie_templates: dict[bool, tuple[str, str, str]] = {}
+        self._salted = sha256(self.salt.encode("utf-8", "surrogatepass") + b"\x00")
         self._state = (0.0, 0.0)
         self._gen = 0
         self._lock = threading.Lock()
@@ -240,7 +243,10 @@ class Rollout:
     # -- pure helpers ------------------------------------------------------------
     def bucket_of(self, key: str) -> int:
         """The frozen bucket of ``key`` under this rollout's salt (see docs/cohorts.md)."""
-        return bucket(self.salt, key)
+        # Same as bucket(self.salt, key), with the salt's hash state computed once.
+        h = self._salted.copy()
+        h.update(key.encode("utf-8", "surrogatepass"))
+        return int.from_bytes(h.digest()[:8], "big") % BUCKETS
 
     def variant_for(self, key: str) -> Variant:
         """The variant a cohort key gets right now (overrides included, forcing not)."""
@@ -259,8 +265,10 @@ class Rollout:
         return ("new" if bkt < threshold else "old"), "bucket"
 
     def _count(self, name: str) -> None:
-        with self._lock:
-            self.counters[name] += 1
+        lock = self._lock
+        lock.acquire()
+        self.counters[name] += 1
+        lock.release()
 
     # -- the decision ----------------------------------------------------------
     def decide(
@@ -363,16 +371,20 @@ class Rollout:
 
     def _cookie(self, cid: str, https: bool) -> str:
         secure = https if self.cookie_secure is None else self.cookie_secure
-        return render_set_cookie(
-            self.cookie_name,
-            self._codec.issue(cid, int(_time())),
-            max_age=self.cookie_max_age,
-            path=self.cookie_path,
-            domain=self.cookie_domain,
-            secure=secure,
-            httponly=self.cookie_httponly,
-            samesite=self.cookie_samesite,
-        )
+        # Attributes depend on configuration and scheme only: rendered once per pair.
+        template = self._cookie_templates.get(secure)
+        if template is None:
+            template = self._cookie_templates[secure] = render_set_cookie(
+                self.cookie_name,
+                "\0",
+                max_age=self.cookie_max_age,
+                path=self.cookie_path,
+                domain=self.cookie_domain,
+                secure=secure,
+                httponly=self.cookie_httponly,
+                samesite=self.cookie_samesite,
+            ).partition("\0")
+        return template[0] + self._codec.issue(cid, int(_time())) + template[2]
 
     def _assign(self, https: bool) -> Decision:
         cid = new_id()
