@@ -149,3 +149,32 @@ def test_log_filter_adds_variant(caplog: pytest.LogCaptureFixture) -> None:
 def test_split_requires_callable() -> None:
     with pytest.raises(TypeError, match="view function"):
         Canary().split(new="nope")  # type: ignore[arg-type]
+
+
+@pytest.mark.server
+def test_split_view_under_gunicorn_is_sticky_across_workers() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    from .servers import free_port, gunicorn, serve
+
+    port = free_port()
+    with serve(gunicorn("tests.apps.flask_split:app", port), port, ready_path="/stats") as base:
+
+        def user(i: int) -> tuple[set[str], set[str]]:
+            with httpx.Client(base_url=base, timeout=10) as c:
+                seen, pids = set(), set()
+                for _ in range(4):
+                    version, name, variant, pid = c.get(f"/greet/u{i}").text.split()
+                    assert name == f"u{i}"
+                    assert (version, variant) in (("v1", "old"), ("v2", "new"))
+                    seen.add(version)
+                    pids.add(pid)
+                return seen, pids
+
+        with ThreadPoolExecutor(6) as pool:
+            results = list(pool.map(user, range(80)))
+    assert all(len(seen) == 1 for seen, _ in results)
+    assert len({p for _, pids in results for p in pids}) == 2
+    assert 0 < sum("v2" in seen for seen, _ in results) < 80

@@ -268,3 +268,27 @@ def test_cookie_value_is_small_and_never_holds_the_variant() -> None:
 def test_decision_exposes_is_new() -> None:
     r: Callable[[float], Rollout] = lambda p: Rollout("r", percent=p, secret_key=KEY)  # noqa: E731
     assert r(100).decide(None).is_new and not r(0).decide(None).is_new
+
+
+@given(st.floats(min_value=0, max_value=100), st.integers(min_value=1, max_value=20))
+def test_stickiness_property(percent: float, visits: int) -> None:
+    r = Rollout("sticky", percent=percent, secret_key=KEY)
+    first = r.decide(None)
+    cookie = cookie_of(first)
+    for _ in range(visits):
+        d = r.decide(f"other=1; {cookie}; x=y")
+        assert (d.cohort, d.variant, d.set_cookie) == (first.cohort, first.variant, None)
+
+
+@given(
+    st.lists(st.text(alphabet="abcdefghij0123456789", min_size=8, max_size=20), min_size=1, max_size=4),
+    st.text(alphabet="abcdefghij0123456789", min_size=8, max_size=20),
+)
+def test_rotation_property(old_keys: list[str], new_key: str) -> None:
+    before = Rollout("rot", percent=50, secret_key=old_keys)
+    first = before.decide(None)
+    after = Rollout("rot", percent=50, secret_key=[*old_keys, new_key])
+    d = after.decide(cookie_of(first))
+    assert d.cohort == first.cohort and d.variant == first.variant
+    if new_key != old_keys[-1]:
+        assert d.set_cookie is not None  # re-issued with the newest key
