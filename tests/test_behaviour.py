@@ -10,19 +10,11 @@ import pytest
 
 from canarymw import MemorySink, Outcome, Rollout
 
-from .harness import ASGIKit, Boom, WSGIKit
+from .harness import ASGIKit, Boom, RecordingSink, WSGIKit
 
 Kit = WSGIKit | ASGIKit
 MakeRollout = Callable[..., Rollout]
 TOKEN = "force-token-0123456789"
-
-
-class ListSink:
-    def __init__(self) -> None:
-        self.outcomes: list[Outcome] = []
-
-    def record(self, outcome: Outcome) -> None:
-        self.outcomes.append(outcome)
 
 
 class BrokenSink:
@@ -45,7 +37,7 @@ def visit(client: httpx.Client, path: str = "/", **kw: Any) -> httpx.Response:
 
 
 def test_visitor_is_sticky_and_cookie_is_set_once(kit: Kit, make_rollout: MakeRollout) -> None:
-    sink = ListSink()
+    sink = RecordingSink()
     rollout = make_rollout(50)
     with kit.client(pair(kit, rollout, sink=sink)) as client:
         first = visit(client)
@@ -159,7 +151,7 @@ def test_valid_cookie_among_others_and_joined_headers(kit: Kit, make_rollout: Ma
 
 
 def test_exception_before_start_is_recorded_and_reraised(kit: Kit, make_rollout: MakeRollout) -> None:
-    sink = ListSink()
+    sink = RecordingSink()
     app = kit.wrap(kit.boom(after_start=False), kit.boom(after_start=False), make_rollout(50), sink=sink)
     with kit.client(app) as client, pytest.raises(Boom, match="before start"):
         client.get("/")
@@ -168,7 +160,7 @@ def test_exception_before_start_is_recorded_and_reraised(kit: Kit, make_rollout:
 
 
 def test_exception_after_start_is_recorded_and_reraised(kit: Kit, make_rollout: MakeRollout) -> None:
-    sink = ListSink()
+    sink = RecordingSink()
     app = kit.wrap(kit.boom(after_start=True), kit.boom(after_start=True), make_rollout(50), sink=sink)
     with kit.client(app) as client, pytest.raises(Boom, match="after start"):
         client.get("/")
@@ -177,7 +169,7 @@ def test_exception_after_start_is_recorded_and_reraised(kit: Kit, make_rollout: 
 
 
 def test_one_outcome_per_request_with_fields(kit: Kit, make_rollout: MakeRollout) -> None:
-    sink = ListSink()
+    sink = RecordingSink()
     memory = MemorySink()
     with kit.client(pair(kit, make_rollout(50, name="fields"), sink=[sink, memory])) as client:
         seen = [visit(client).text for _ in range(3)]
@@ -205,7 +197,7 @@ def test_failing_sink_never_affects_the_response(
     kit: Kit, make_rollout: MakeRollout, caplog: pytest.LogCaptureFixture
 ) -> None:
     broken = BrokenSink()
-    good = ListSink()
+    good = RecordingSink()
     mw = pair(kit, make_rollout(50), sink=[broken, good])
     with kit.client(mw) as client:
         for _ in range(5):
@@ -225,7 +217,7 @@ def test_sink_errors_are_counted_on_the_middleware(kit: Kit, make_rollout: MakeR
 def test_streaming_passes_chunk_by_chunk(kit: Kit, make_rollout: MakeRollout) -> None:
     log: list[str] = []
     chunks = [b"one ", b"two ", b"three"]
-    sink = ListSink()
+    sink = RecordingSink()
     app = kit.wrap(kit.stream(chunks, log), kit.stream(chunks, log), make_rollout(50), sink=sink)
     with kit.client(app) as client, client.stream("GET", "/") as response:
         assert b"".join(response.iter_bytes()) == b"one two three"
@@ -235,7 +227,7 @@ def test_streaming_passes_chunk_by_chunk(kit: Kit, make_rollout: MakeRollout) ->
 
 
 def test_excluded_paths_are_never_routed_or_counted(kit: Kit, make_rollout: MakeRollout) -> None:
-    sink = ListSink()
+    sink = RecordingSink()
     rollout = make_rollout(100, exclude=["/healthz"])
     with kit.client(pair(kit, rollout, sink=sink)) as client:
         response = client.get("/healthz")

@@ -6,24 +6,18 @@ from typing import Any
 import pytest
 from flask import Flask, render_template_string
 
-from canarymw import MemorySink, Outcome, Rollout
+from canarymw import MemorySink, Rollout
 from canarymw.flask import Canary, CanaryLogFilter, current_variant
+
+from .harness import RecordingSink
 
 KEY = "test-secret-key-0123456789abcdef"
 
 
-class ListSink:
-    def __init__(self) -> None:
-        self.outcomes: list[Outcome] = []
-
-    def record(self, outcome: Outcome) -> None:
-        self.outcomes.append(outcome)
-
-
-def make_app(percent: float = 50, **config: Any) -> tuple[Flask, Canary, ListSink]:
+def make_app(percent: float = 50, **config: Any) -> tuple[Flask, Canary, RecordingSink]:
     app = Flask(__name__)
     app.config.update(CANARYMW_NAME="hello-v2", CANARYMW_PERCENT=percent, CANARYMW_SECRET_KEY=KEY, **config)
-    sink = ListSink()
+    sink = RecordingSink()
     canary = Canary(sink=sink)
     canary.init_app(app)
 

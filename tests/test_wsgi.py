@@ -11,24 +11,16 @@ from wsgiref.validate import validator
 import httpx
 import pytest
 
-from canarymw import Outcome, Rollout, WSGICanaryMiddleware
+from canarymw import Rollout, WSGICanaryMiddleware
 
-from .harness import WSGITransport
+from .harness import RecordingSink, WSGITransport
 from .servers import free_port, gunicorn, serve
 
 KEY = "test-secret-key-0123456789abcdef"
 
 
-class ListSink:
-    def __init__(self) -> None:
-        self.outcomes: list[Outcome] = []
-
-    def record(self, outcome: Outcome) -> None:
-        self.outcomes.append(outcome)
-
-
-def sandwich(old: Any, new: Any, percent: float = 50, **kw: Any) -> tuple[Any, ListSink]:
-    sink = ListSink()
+def sandwich(old: Any, new: Any, percent: float = 50, **kw: Any) -> tuple[Any, RecordingSink]:
+    sink = RecordingSink()
     rollout = Rollout("w", percent=percent, secret_key=KEY)
     mw = WSGICanaryMiddleware(validator(old), new=validator(new), rollout=rollout, sink=sink, **kw)
     return validator(mw), sink
@@ -83,7 +75,7 @@ def test_exc_info_is_passed_through_and_error_response_gets_our_headers() -> Non
         seen.append((status, dict(headers), exc_info))
         return lambda data: None
 
-    sink = ListSink()
+    sink = RecordingSink()
     mw = WSGICanaryMiddleware(app, new=app, rollout=Rollout("w", percent=5, secret_key=KEY), sink=sink)
     result = mw({"REQUEST_METHOD": "GET", "PATH_INFO": "/"}, start_response)
     assert list(result) == [b"error page"]
@@ -107,7 +99,7 @@ def test_inner_close_called_exactly_once_and_outcome_once() -> None:
         start_response("200 OK", [])
         return Body()
 
-    sink = ListSink()
+    sink = RecordingSink()
     mw = WSGICanaryMiddleware(app, new=app, rollout=Rollout("w", percent=5, secret_key=KEY), sink=sink)
     result = mw({"REQUEST_METHOD": "GET", "PATH_INFO": "/"}, lambda s, h, e=None: None)
     assert list(result) == [b"x"]
@@ -147,7 +139,7 @@ def test_inner_close_raising_is_recorded_and_reraised() -> None:
         start_response("200 OK", [])
         return Body([b"x"])
 
-    sink = ListSink()
+    sink = RecordingSink()
     mw = WSGICanaryMiddleware(app, new=app, rollout=Rollout("w", percent=5, secret_key=KEY), sink=sink)
     result = mw({"REQUEST_METHOD": "GET", "PATH_INFO": "/"}, lambda s, h, e=None: None)
     list(result)
