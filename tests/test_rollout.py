@@ -292,3 +292,27 @@ def test_rotation_property(old_keys: list[str], new_key: str) -> None:
     assert d.cohort == first.cohort and d.variant == first.variant
     if new_key != old_keys[-1]:
         assert d.set_cookie is not None  # re-issued with the newest key
+
+
+def test_exposure_hook_once_per_new_assignment() -> None:
+    seen: list[Any] = []
+    r = Rollout("r", percent=50, secret_key=KEY, on_exposure=seen.append)
+    first = r.decide(None)
+    for _ in range(3):
+        r.decide(cookie_of(first))
+    assert seen == [first]
+    users = Rollout("u", percent=50, secret_key=KEY, key=lambda env: env["user"], on_exposure=seen.append)
+    for _ in range(3):
+        users.decide(None, request={"user": "ann"})
+    assert [d.cohort for d in seen[1:]] == ["ann"]
+
+
+def test_failing_exposure_hook_is_counted_not_raised() -> None:
+    def broken(decision: Any) -> None:
+        raise RuntimeError("analytics down")
+
+    r = Rollout("r", percent=50, secret_key=KEY, on_exposure=broken)
+    assert r.decide(None).first_visit
+    assert r.counters["exposure_errors"] == 1
+    with pytest.raises(TypeError, match="on_exposure"):
+        Rollout("r", percent=5, secret_key=KEY, on_exposure="nope")  # type: ignore[arg-type]

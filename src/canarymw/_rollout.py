@@ -153,6 +153,12 @@ class Rollout:
         cookie_httponly: Cohort cookie attributes. The cookie is refreshed (same id)
             once half of ``cookie_max_age`` has passed, so active visitors never expire.
         cookie_secure: ``None`` sets ``Secure`` on https requests only; True/False force it.
+        on_exposure: Called with the :class:`Decision` when a visitor is first placed:
+            once per new cohort id, and for ``key=`` users once per process (until the
+            bounded key cache is cleared). For exposure logging to analytics. It runs on
+            the request path, so it must be quick (hand slow work to a queue); if it
+            raises, the error is counted in ``counters["exposure_errors"]`` and logged,
+            and the request goes on.
     """
 
     def __init__(
@@ -174,6 +180,7 @@ class Rollout:
         cookie_secure: bool | None = None,
         cookie_samesite: str | None = "Lax",
         cookie_httponly: bool = True,
+        on_exposure: Callable[[Decision], object] | None = None,
     ) -> None:
         if not isinstance(name, str) or not name.strip():
             raise ValueError("Rollout needs a non-empty name, such as 'checkout-v2'.")
@@ -182,6 +189,9 @@ class Rollout:
         self.salt = name if salt is None else salt
         if not isinstance(self.salt, str) or "\x00" in self.salt:
             raise ValueError(f"{owner} got salt {salt!r}; use a string without NUL characters.")
+        if on_exposure is not None and not callable(on_exposure):
+            raise TypeError(f"{owner} got on_exposure={on_exposure!r}; pass a callable or None.")
+        self.on_exposure = on_exposure
         if key is not None and not callable(key):
             raise TypeError(f"{owner} got key={key!r}; pass a callable or None.")
         if force_token is not None and (not isinstance(force_token, str) or len(force_token) < 16):
@@ -216,7 +226,7 @@ class Rollout:
         self._by_header: dict[str, _Entry] = {}
         self._keys: dict[str, int] = {}
         self.counters: dict[str, int] = dict.fromkeys(
-            ("assigned", "cookie_rejected", "cookie_reissued", "key_errors", "forced"), 0
+            ("assigned", "cookie_rejected", "cookie_reissued", "key_errors", "forced", "exposure_errors"), 0
         )
         """Health counters: new ids assigned, cookies rejected (tampered, foreign
         key, malformed), cookies re-issued (refresh or key rotation), failures of the
@@ -350,6 +360,11 @@ class Rollout:
             if len(self._keys) >= _CACHE_SIZE:
                 self._keys.clear()
             self._keys[user] = bkt
+            variant, reason = self._choose(user, bkt)
+            decision = Decision(self.name, variant, reason, user, bkt)
+            if self.on_exposure is not None:
+                self._expose(decision)
+            return decision
         variant, reason = self._choose(user, bkt)
         return Decision(self.name, variant, reason, user, bkt)
 
@@ -391,7 +406,17 @@ class Rollout:
         bkt = self.bucket_of(cid)
         variant, reason = self._choose(cid, bkt)
         self._count("assigned")
-        return Decision(self.name, variant, reason, cid, bkt, self._cookie(cid, https), True)
+        decision = Decision(self.name, variant, reason, cid, bkt, self._cookie(cid, https), True)
+        if self.on_exposure is not None:
+            self._expose(decision)
+        return decision
+
+    def _expose(self, decision: Decision) -> None:
+        try:
+            self.on_exposure(decision)  # type: ignore[misc]
+        except Exception:
+            self._count("exposure_errors")
+            log.exception("canarymw: on_exposure hook of rollout %r failed; request unaffected", self.name)
 
     def _reissue(self, entry: _Entry, https: bool) -> Decision:
         variant, reason = self._choose(entry.id, entry.bucket)
