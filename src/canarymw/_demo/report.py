@@ -20,7 +20,11 @@ from .settings import DemoSettings
 SIGMAS = 4.0
 """Width of the split check: a correct split fails it about once in 16,000 runs."""
 
-NOTE = "MemorySink numbers are per worker process; this table is computed client-side over the whole service."
+NOTE = (
+    "MemorySink numbers are per worker process; this table is computed client-side over the whole "
+    "service. In production, get whole-service numbers from PrometheusSink in multiprocess mode or "
+    "JSONLinesSink + `python -m canarymw.jsonl DIR` (docs/outcomes.md)."
+)
 VARIANTS = ("old", "new")
 LABELS = {"old": "old (blue)", "new": "new (green)", "all": "all"}
 
