@@ -340,20 +340,24 @@ def test_new_app_that_fails_and_never_returns_does_not_hang_shutdown(make_rollou
 
 
 def test_single_app_lifespan_passes_straight_through(make_rollout: MakeRollout) -> None:
-    calls: list[tuple[Any, Any, Any]] = []
+    calls: list[tuple[Any, Any]] = []
+    sent: list[Message] = []
 
     async def old(scope: Any, receive: Any, send: Any) -> None:
-        calls.append((scope, receive, send))
+        calls.append((scope, receive))
+        await send({"type": "lifespan.shutdown.complete"})
 
     async def receive() -> Message:
         raise AssertionError("not called")
 
     async def send(message: Any) -> None:
-        raise AssertionError("not called")
+        sent.append(message)
 
     scope = {"type": "lifespan", "state": {}}
     run(wrap(old, None, make_rollout(50))(scope, receive, send))
-    assert calls == [(scope, receive, send)]
+    # Same scope and receive; send is only watched, to flush background sinks at shutdown.
+    assert calls == [(scope, receive)]
+    assert sent == [{"type": "lifespan.shutdown.complete"}]
 
 
 def test_lifespan_reply_of_the_wrong_type_is_a_failure(make_rollout: MakeRollout) -> None:
@@ -367,3 +371,44 @@ def test_lifespan_reply_of_the_wrong_type_is_a_failure(make_rollout: MakeRollout
     sent, error = run(serve_lifespan(mw))
     assert error is None and types(sent) == ["lifespan.startup.failed"]
     assert "sent 'lifespan.shutdown.complete' in reply to lifespan.startup" in sent[0]["message"]
+
+
+@pytest.mark.parametrize("new", ["app", "none"])
+def test_shutdown_delivers_what_a_background_sink_still_holds(make_rollout: MakeRollout, new: str) -> None:
+    import threading
+
+    from canarymw import BackgroundSink
+
+    from .harness import RecordingSink
+
+    inner = RecordingSink()
+    release = threading.Event()
+
+    class Slow:
+        def record(self, outcome: Any) -> None:
+            release.wait(1.0)  # the consumer lags behind the requests
+            inner.record(outcome)
+
+    background = BackgroundSink(Slow())
+    new_app = lifespan_app("new", []) if new == "app" else None
+    mw = ASGICanaryMiddleware(lifespan_app("old", []), new=new_app, rollout=make_rollout(0), sink=background)
+
+    async def requests() -> None:
+        for _ in range(3):
+            scope = {"type": "http", "method": "GET", "path": "/", "headers": [], "query_string": b""}
+
+            async def receive() -> Message:
+                return {"type": "http.request", "body": b""}
+
+            async def send(message: Message) -> None:
+                pass
+
+            await mw(scope, receive, send)
+        release.set()
+
+    try:
+        sent, error = run(serve_lifespan(mw, between=requests))
+        assert error is None and types(sent)[-1] == "lifespan.shutdown.complete"
+        assert len(inner.outcomes) == 3  # delivered before the server was told shutdown completed
+    finally:
+        background.close(timeout=2)

@@ -198,11 +198,12 @@ def test_failing_sink_never_affects_the_response(
 ) -> None:
     broken = BrokenSink()
     good = RecordingSink()
-    mw = pair(kit, make_rollout(50), sink=[broken, good])
+    mw = kit.raw_wrap(kit.echo("old"), kit.echo("new"), make_rollout(50), sink=[broken, good])
     with kit.client(mw) as client:
         for _ in range(5):
             visit(client)
     assert broken.calls == 5 and len(good.outcomes) == 5
+    assert mw.sink_errors == 5  # counted through the fan-out too
     assert sum("sink" in r.getMessage() for r in caplog.records) == 1  # logged once, not per request
 
 

@@ -12,10 +12,12 @@ Public names (everything else is private)::
     Outcome, Sink, MemorySink, VariantStats, LoggingSink, FanoutSink
     BackgroundSink, CallableSink             non-blocking dispatch; any function as a sink
     bucket, BUCKETS                          the frozen bucketing hash
+    Upstream                                 another server as old or new (proxied; extra "upstream")
 
 Integrations and optional sinks live in submodules that import their dependency:
 ``canarymw.flask`` (Canary), ``canarymw.starlette`` (split, CanaryRoute),
-``canarymw.prometheus``, ``canarymw.otel``, ``canarymw.jsonl``, ``canarymw.sinks``.
+``canarymw.prometheus``, ``canarymw.otel``, ``canarymw.jsonl``, ``canarymw.sinks``;
+``canarymw.upstream`` holds the upstream exceptions (httpx is imported only when used).
 """
 
 from ._background import BackgroundSink
@@ -25,6 +27,7 @@ from ._rollout import Decision, Rollout
 from ._version import __version__
 from .asgi import ASGICanaryMiddleware
 from .sinks import CallableSink
+from .upstream import Upstream
 from .wsgi import WSGICanaryMiddleware
 
 __all__ = [
@@ -39,6 +42,7 @@ __all__ = [
     "Outcome",
     "Rollout",
     "Sink",
+    "Upstream",
     "VariantStats",
     "WSGICanaryMiddleware",
     "__version__",

@@ -358,6 +358,12 @@ class SinkGuard:
         self._last_log = -math.inf
         self._lock = threading.Lock()
 
+    @property
+    def total_errors(self) -> int:
+        """Failures of the sink, including those a :class:`FanoutSink` isolated itself."""
+        inner = self.sink
+        return self.errors + (inner.errors if isinstance(inner, FanoutSink) else 0)
+
     def record(self, outcome: Outcome) -> None:
         """Record, never raising (``Exception`` subclasses are swallowed and counted)."""
         try:

@@ -56,8 +56,7 @@ WebSocket
     ``websocket.http.response.start`` denial). The outcome has method ``"WEBSOCKET"``;
     status 101 once accepted, 403 when closed before accept (what the server answers),
     or the denial response's status; ``disconnected`` is true when the client closed
-    first; the close code is recorded when :class:`~canarymw.Outcome` has a
-    ``close_code`` field.
+    first; ``close_code`` is the code the app sent or the client gave.
 
 Lifespan
     Both apps get ``lifespan.startup`` and ``lifespan.shutdown``, concurrently; the
@@ -90,6 +89,8 @@ from typing import Any, Literal, Protocol, TypeVar, cast
 from ._http import finish_headers
 from ._outcomes import Outcome, Sink, as_sink
 from ._rollout import Decision, Rollout
+from .sinks import background_sinks
+from .upstream import Upstream
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -133,12 +134,14 @@ class ASGICanaryMiddleware:
     """Route each request to ``old_app`` or ``new`` by its sticky cohort (pure ASGI).
 
     Args:
-        old_app: The ASGI app being wrapped: the current implementation. Positional,
-            so ``Middleware(ASGICanaryMiddleware, new=..., rollout=...)`` works.
+        old_app: The ASGI app being wrapped: the current implementation, or an
+            :class:`~canarymw.Upstream` to proxy the old variant to. Positional, so
+            ``Middleware(ASGICanaryMiddleware, new=..., rollout=...)`` works.
         new: The new implementation, another ASGI app (a Starlette or FastAPI app, a
-            router, a bare callable). ``None`` routes every request to ``old_app`` but
-            still assigns cohorts, sets ``scope["canarymw.decision"]`` and records
-            outcomes, for apps that branch on the decision themselves.
+            router, a bare callable) or an :class:`~canarymw.Upstream` (which falls
+            back to ``old_app`` when that is safe). ``None`` routes every request to
+            ``old_app`` but still assigns cohorts, sets ``scope["canarymw.decision"]``
+            and records outcomes, for apps that branch on the decision themselves.
         rollout: The :class:`~canarymw.Rollout` that decides.
         sink: Where outcomes go: a :class:`~canarymw.Sink`, a list of them, or None.
             A sink that raises is counted in :attr:`sink_errors`, never seen by clients.
@@ -150,18 +153,27 @@ class ASGICanaryMiddleware:
             logged, ``rollout.percent`` is set to 0 and every request goes to old,
             because a canary must never take the service down. ``"fail"`` fails the
             server's startup instead, for deployments that would rather not start.
+        shutdown_flush_timeout: On lifespan shutdown, after both apps stopped, each
+            :class:`~canarymw.BackgroundSink` fed by this middleware gets this many
+            seconds to deliver the outcomes it still holds.
     """
 
     def __init__(
         self,
-        old_app: ASGIApp,
+        old_app: ASGIApp | Upstream,
         *,
-        new: ASGIApp | None,
+        new: ASGIApp | Upstream | None,
         rollout: Rollout,
         sink: Sink | Sequence[Sink] | None = None,
         cache_control: str | None = "private",
         on_new_startup_failure: StartupFailurePolicy = "disable",
+        shutdown_flush_timeout: float = 2.0,
     ) -> None:
+        # Upstreams become plain ASGI apps here, once, so the request path never checks.
+        if isinstance(old_app, Upstream):
+            old_app = old_app.asgi_app()
+        if isinstance(new, Upstream):
+            new = new.asgi_app(fallback=old_app)
         if not callable(old_app):
             raise TypeError(f"ASGICanaryMiddleware needs an ASGI app to wrap, got {old_app!r}.")
         if new is not None and not callable(new):
@@ -184,6 +196,8 @@ class ASGICanaryMiddleware:
         self.sink = as_sink(sink)
         self.cache_control = cache_control or None
         self.on_new_startup_failure: StartupFailurePolicy = on_new_startup_failure
+        self.shutdown_flush_timeout = shutdown_flush_timeout
+        """Seconds lifespan shutdown waits for BackgroundSinks to deliver what they hold."""
         self.new_startup_error: str | None = None
         """Why the new app was disabled at startup (its failure message), or None."""
         self._extra: list[tuple[bytes, bytes]] = [(b"vary", b"Cookie")]
@@ -198,8 +212,8 @@ class ASGICanaryMiddleware:
 
     @property
     def sink_errors(self) -> int:
-        """How many times the sink raised."""
-        return self.sink.errors if self.sink is not None else 0
+        """How many times the sink (or, for a list of sinks, any one of them) raised."""
+        return self.sink.total_errors if self.sink is not None else 0
 
     # -- routing -------------------------------------------------------------------
     def _decide(self, scope: Scope) -> Decision:
@@ -313,8 +327,11 @@ class ASGICanaryMiddleware:
         if scope["type"] != "http":
             if scope["type"] == "websocket":
                 await self._websocket(scope, receive, send)
-            elif scope["type"] == "lifespan" and self.new_app is not self.old_app:
-                await self._lifespan(scope, receive, send)
+            elif scope["type"] == "lifespan":
+                if self.new_app is not self.old_app:
+                    await self._lifespan(scope, receive, send)
+                else:
+                    await self.old_app(scope, receive, self._flushing(send))
             else:
                 await self.old_app(scope, receive, send)
             return
@@ -527,6 +544,14 @@ class ASGICanaryMiddleware:
             finish(None, False)
 
     # -- Lifespan ------------------------------------------------------------------
+    def _flushing(self, send: Send) -> Send:
+        async def send_(message: Message) -> None:
+            if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+                self._flush_sinks()
+            await send(message)
+
+        return send_
+
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         new_scope = dict(scope)
         new_state: dict[str, Any] | None = None
@@ -580,11 +605,18 @@ class ASGICanaryMiddleware:
                     failure = await app.exchange(message, "shutdown")
                     if failure is not None:
                         failures.append(f"{app.label} app: {failure}")
+                self._flush_sinks()
                 if failures:
                     await send({"type": "lifespan.shutdown.failed", "message": "\n".join(failures)})
                 else:
                     await send({"type": "lifespan.shutdown.complete"})
                 return None
+
+    def _flush_sinks(self) -> None:
+        # Outcomes still queued in a BackgroundSink are delivered before the server exits;
+        # bounded, as a stuck sink must not hold the shutdown hostage.
+        for sink in background_sinks(self):
+            sink.flush(timeout=self.shutdown_flush_timeout)
 
     def _disable(self, reason: str) -> None:
         self.new_startup_error = reason

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from ._http import finish_headers
 from ._outcomes import Outcome, Sink, as_sink
 from ._rollout import Decision, Rollout
+from .upstream import Upstream
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -53,10 +54,12 @@ class WSGICanaryMiddleware:
     """Route each request to ``old_app`` or ``new`` by its sticky cohort.
 
     Args:
-        old_app: The WSGI app being wrapped: the current implementation.
-        new: The new implementation, another WSGI app. ``None`` routes every request
-            to ``old_app`` but still assigns cohorts and records outcomes, for apps
-            that branch on ``environ["canarymw.decision"]`` themselves.
+        old_app: The WSGI app being wrapped: the current implementation, or an
+            :class:`~canarymw.Upstream` to proxy the old variant to.
+        new: The new implementation, another WSGI app or an :class:`~canarymw.Upstream`
+            (which falls back to ``old_app`` when that is safe). ``None`` routes every
+            request to ``old_app`` but still assigns cohorts and records outcomes, for
+            apps that branch on ``environ["canarymw.decision"]`` themselves.
         rollout: The :class:`~canarymw.Rollout` that decides.
         sink: Where outcomes go: a :class:`~canarymw.Sink`, a list of them, or None.
             A sink that raises is counted in :attr:`sink_errors`, never seen by clients.
@@ -67,13 +70,18 @@ class WSGICanaryMiddleware:
 
     def __init__(
         self,
-        old_app: WSGIApplication,
+        old_app: WSGIApplication | Upstream,
         *,
-        new: WSGIApplication | None,
+        new: WSGIApplication | Upstream | None,
         rollout: Rollout,
         sink: Sink | Sequence[Sink] | None = None,
         cache_control: str | None = "private",
     ) -> None:
+        # Upstreams become plain WSGI apps here, once, so the request path never checks.
+        if isinstance(old_app, Upstream):
+            old_app = old_app.wsgi_app()
+        if isinstance(new, Upstream):
+            new = new.wsgi_app(fallback=old_app)
         if not callable(old_app):
             raise TypeError(f"WSGICanaryMiddleware needs a WSGI app to wrap, got {old_app!r}.")
         if new is not None and not callable(new):
@@ -97,8 +105,8 @@ class WSGICanaryMiddleware:
 
     @property
     def sink_errors(self) -> int:
-        """How many times the sink raised."""
-        return self.sink.errors if self.sink is not None else 0
+        """How many times the sink (or, for a list of sinks, any one of them) raised."""
+        return self.sink.total_errors if self.sink is not None else 0
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         rollout = self.rollout
