@@ -8,6 +8,24 @@ from typing import TypeVar
 T = TypeVar("T", str, bytes)
 
 
+def check_adapter_args(
+    owner: str, kind: str, old_app: object, new: object, rollout: object, cache_control: object
+) -> None:
+    """Validate what both middlewares take, with the same full-sentence errors."""
+    from ._rollout import Rollout  # _rollout does not import this module back
+
+    if not callable(old_app):
+        raise TypeError(f"{owner} needs {kind} app to wrap, got {old_app!r}.")
+    if new is not None and not callable(new):
+        raise TypeError(f"{owner} needs new= to be {kind} app, got {new!r}.")
+    if not isinstance(rollout, Rollout):
+        raise TypeError(f"{owner} needs rollout= to be a canarymw.Rollout, got {rollout!r}.")
+    if cache_control is not None and (not isinstance(cache_control, str) or not cache_control.isascii()):
+        raise ValueError(
+            f"{owner} got cache_control={cache_control!r}; use an ASCII directive such as 'private', or None."
+        )
+
+
 def caching_headers(
     vary: str | None, cache_control: str | None, policy: str | None
 ) -> tuple[str | None, str | None]:

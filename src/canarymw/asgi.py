@@ -86,7 +86,7 @@ import traceback
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
 from typing import Any, Literal, Protocol, TypeVar, cast
 
-from ._http import finish_headers
+from ._http import check_adapter_args, finish_headers
 from ._outcomes import Outcome, Sink, as_sink
 from ._rollout import Decision, Rollout
 from .sinks import background_sinks
@@ -174,21 +174,11 @@ class ASGICanaryMiddleware:
             old_app = old_app.asgi_app()
         if isinstance(new, Upstream):
             new = new.asgi_app(fallback=old_app)
-        if not callable(old_app):
-            raise TypeError(f"ASGICanaryMiddleware needs an ASGI app to wrap, got {old_app!r}.")
-        if new is not None and not callable(new):
-            raise TypeError(f"ASGICanaryMiddleware needs new= to be an ASGI app, got {new!r}.")
-        if not isinstance(rollout, Rollout):
-            raise TypeError(f"ASGICanaryMiddleware needs rollout= to be a canarymw.Rollout, got {rollout!r}.")
+        check_adapter_args("ASGICanaryMiddleware", "an ASGI", old_app, new, rollout, cache_control)
         if on_new_startup_failure not in ("fail", "disable"):
             raise ValueError(
                 f"ASGICanaryMiddleware got on_new_startup_failure={on_new_startup_failure!r}; "
                 "use 'disable' (route everyone to old) or 'fail' (refuse to start)."
-            )
-        if cache_control is not None and (not isinstance(cache_control, str) or not cache_control.isascii()):
-            raise ValueError(
-                f"ASGICanaryMiddleware got cache_control={cache_control!r}; "
-                "use an ASCII directive such as 'private', or None."
             )
         self.app = self.old_app = old_app
         self.new_app = old_app if new is None else new

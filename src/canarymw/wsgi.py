@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from ._http import finish_headers
+from ._http import check_adapter_args, finish_headers
 from ._outcomes import Outcome, Sink, as_sink
 from ._rollout import Decision, Rollout
 from .upstream import Upstream
@@ -82,12 +82,7 @@ class WSGICanaryMiddleware:
             old_app = old_app.wsgi_app()
         if isinstance(new, Upstream):
             new = new.wsgi_app(fallback=old_app)
-        if not callable(old_app):
-            raise TypeError(f"WSGICanaryMiddleware needs a WSGI app to wrap, got {old_app!r}.")
-        if new is not None and not callable(new):
-            raise TypeError(f"WSGICanaryMiddleware needs new= to be a WSGI app, got {new!r}.")
-        if not isinstance(rollout, Rollout):
-            raise TypeError(f"WSGICanaryMiddleware needs rollout= to be a canarymw.Rollout, got {rollout!r}.")
+        check_adapter_args("WSGICanaryMiddleware", "a WSGI", old_app, new, rollout, cache_control)
         self.old_app = old_app
         self.new_app = old_app if new is None else new
         self.rollout = rollout
