@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -35,12 +36,14 @@ def serve(
     """Run ``argv`` (a server bound to 127.0.0.1:``port``) until the block ends."""
     full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     full_env.update(env or {})
+    # stderr goes to a file, not a pipe: a chatty server must never block on a full pipe.
+    log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in the finally below, after the server
     proc = subprocess.Popen(
         [sys.executable, "-m", *argv],
         cwd=ROOT,
         env=full_env,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=log,
         start_new_session=True,
     )
     base = f"http://127.0.0.1:{port}"
@@ -48,7 +51,8 @@ def serve(
         deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
-                err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+                log.seek(0)
+                err = log.read().decode(errors="replace")
                 raise RuntimeError(f"server exited early ({proc.returncode}):\n{err[-3000:]}")
             try:
                 httpx.get(base + ready_path, timeout=1.0)
@@ -66,8 +70,7 @@ def serve(
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        if proc.stderr:
-            proc.stderr.close()
+        log.close()
 
 
 def gunicorn(app: str, port: int, workers: int = 2) -> list[str]:
