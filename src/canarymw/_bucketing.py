@@ -15,15 +15,25 @@ The modulo bias of a 64-bit hash over 10,000 buckets is below 1e-15 and is ignor
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from hashlib import sha256
 
 BUCKETS = 10_000
 """Number of buckets; ``percent`` therefore has a resolution of 0.01."""
 
 
+def bucketer(salt: str) -> Callable[[str], int]:
+    """Return ``key -> bucket(salt, key)`` with the salt's hash state computed once."""
+    salted = sha256(salt.encode("utf-8", "surrogatepass") + b"\x00")
+
+    def bucket_of(key: str) -> int:
+        h = salted.copy()
+        h.update(key.encode("utf-8", "surrogatepass"))
+        return int.from_bytes(h.digest()[:8], "big") % BUCKETS
+
+    return bucket_of
+
+
 def bucket(salt: str, key: str) -> int:
     """Return the bucket in ``[0, BUCKETS)`` of ``key`` under ``salt``."""
-    digest = sha256(
-        salt.encode("utf-8", "surrogatepass") + b"\x00" + key.encode("utf-8", "surrogatepass")
-    ).digest()
-    return int.from_bytes(digest[:8], "big") % BUCKETS
+    return bucketer(salt)(key)

@@ -8,12 +8,11 @@ import math
 import re
 import threading
 from collections.abc import Callable, Iterable
-from hashlib import sha256
 from time import time as _time
 from typing import Any, Literal, NamedTuple
 from urllib.parse import parse_qsl
 
-from ._bucketing import BUCKETS
+from ._bucketing import BUCKETS, bucketer
 from ._cookie import (
     CookieCodec,
     find_values,
@@ -204,7 +203,7 @@ class Rollout:
             raise ValueError(f"{owner} got cookie_path {cookie_path!r}; it must start with '/'.")
         self._codec = CookieCodec(normalise_keys(secret_key, owner))
         self._cookie_templates: dict[bool, tuple[str, str, str]] = {}
-        self._salted = sha256(self.salt.encode("utf-8", "surrogatepass") + b"\x00")
+        self._bucket = bucketer(self.salt)
         self._state = (0.0, 0.0)
         self._gen = 0
         self._lock = threading.Lock()
@@ -253,10 +252,7 @@ class Rollout:
     # -- pure helpers ------------------------------------------------------------
     def bucket_of(self, key: str) -> int:
         """The frozen bucket of ``key`` under this rollout's salt (see docs/cohorts.md)."""
-        # Same as bucket(self.salt, key), with the salt's hash state computed once.
-        h = self._salted.copy()
-        h.update(key.encode("utf-8", "surrogatepass"))
-        return int.from_bytes(h.digest()[:8], "big") % BUCKETS
+        return self._bucket(key)
 
     def variant_for(self, key: str) -> Variant:
         """The variant a cohort key gets right now (overrides included, forcing not)."""

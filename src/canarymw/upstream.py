@@ -704,15 +704,12 @@ class _WSGIBody:
             response.close()
 
 
-class _WSGIProxy:
-    """``Upstream.wsgi_app()``: one instance per middleware variant."""
+class _Proxy:
+    """What both proxies copy from their Upstream, once, off the request path."""
 
-    def __init__(self, upstream: Upstream, fallback: WSGIApplication | None) -> None:
+    def __init__(self, upstream: Upstream) -> None:
         self.upstream = upstream
-        self.fallback = fallback
-        self._pool = upstream._sync_pool
         self._prefix = upstream._prefix
-        self._authority = upstream._authority
         self._cap = upstream.max_replay_body
         self._preserve_host = upstream.preserve_host
         self._extensions = upstream._extensions
@@ -721,6 +718,16 @@ class _WSGIProxy:
 
         self._Request = httpcore.Request
         self._URL = httpcore.URL
+
+
+class _WSGIProxy(_Proxy):
+    """``Upstream.wsgi_app()``: one instance per middleware variant."""
+
+    def __init__(self, upstream: Upstream, fallback: WSGIApplication | None) -> None:
+        super().__init__(upstream)
+        self.fallback = fallback
+        self._pool = upstream._sync_pool
+        self._authority = upstream._authority
 
     def __repr__(self) -> str:
         return f"<WSGI proxy to {self.upstream.url}>"
@@ -1045,22 +1052,13 @@ async def _aclose(response: httpcore.Response) -> None:
     await asyncio.shield(loop.create_task(response.aclose()))
 
 
-class _ASGIProxy:
+class _ASGIProxy(_Proxy):
     """``Upstream.asgi_app()``: one instance per middleware variant."""
 
     def __init__(self, upstream: Upstream, fallback: ASGIApp | None) -> None:
-        self.upstream = upstream
+        super().__init__(upstream)
         self.fallback = fallback
-        self._prefix = upstream._prefix
         self._authority = upstream._authority.encode("latin-1")
-        self._cap = upstream.max_replay_body
-        self._preserve_host = upstream.preserve_host
-        self._extensions = upstream._extensions
-        self._scheme, self._host, self._port = upstream._scheme, upstream._host, upstream._port
-        import httpcore
-
-        self._Request = httpcore.Request
-        self._URL = httpcore.URL
 
     def __repr__(self) -> str:
         return f"<ASGI proxy to {self.upstream.url}>"
