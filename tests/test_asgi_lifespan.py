@@ -29,14 +29,19 @@ TOKEN = "force-token-0123456789"
 
 
 async def serve_lifespan(
-    app: Any, *, state: dict[str, Any] | None = None, between: Callable[[], Awaitable[None]] | None = None
+    app: Any,
+    *,
+    state: dict[str, Any] | None = None,
+    between: Callable[[], Awaitable[None]] | None = None,
+    sent: list[Message] | None = None,
 ) -> tuple[list[Message], BaseException | None]:
     """Play a server's lifespan: startup, then (if it completed) shutdown.
 
-    Returns what the app sent and the exception it raised, if any.
+    Returns what the app sent (also appended to ``sent`` as it arrives) and the
+    exception it raised, if any.
     """
     inbox: asyncio.Queue[Message] = asyncio.Queue()
-    sent: list[Message] = []
+    sent = [] if sent is None else sent
     replied = asyncio.Event()
 
     async def receive() -> Message:
@@ -137,13 +142,16 @@ def test_both_apps_start_and_stop_and_startup_waits_for_both(
 
     async def main() -> tuple[list[Message], BaseException | None]:
         async def open_gate_late() -> None:
+            # Both apps are starting; give the middleware time to (wrongly) reply early.
+            while "new lifespan.startup" not in log:
+                await asyncio.sleep(0.001)
             await asyncio.sleep(0.05)
             log.append(f"server has {len(sent_early)} replies")
             gate().set()
 
         sent_early: list[Message] = []
         opener = asyncio.ensure_future(open_gate_late())
-        result = await serve_lifespan(mw)
+        result = await serve_lifespan(mw, sent=sent_early)
         await opener
         return result
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 import threading
 import time
@@ -316,3 +317,64 @@ def test_failing_exposure_hook_is_counted_not_raised() -> None:
     assert r.counters["exposure_errors"] == 1
     with pytest.raises(TypeError, match="on_exposure"):
         Rollout("r", percent=5, secret_key=KEY, on_exposure="nope")  # type: ignore[arg-type]
+
+
+def _ids(rollout: Rollout, n: int) -> list[str]:
+    return [rollout.decide(None).cohort for _ in range(n)]
+
+
+def test_first_visits_get_distinct_ids_across_threads() -> None:
+    rollout = Rollout("hello-v2", percent=50, secret_key=KEY)
+    found: list[list[str]] = []
+    barrier = threading.Barrier(8)
+
+    def visit() -> None:
+        barrier.wait()
+        found.append(_ids(rollout, 3000))
+
+    threads = [threading.Thread(target=visit) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ids = [cid for chunk in found for cid in chunk]
+    assert len(ids) == 24_000
+    assert len(set(ids)) == len(ids)
+    assert all(len(cid) == 22 and re.fullmatch(r"[A-Za-z0-9_-]{22}", cid) for cid in ids)
+    assert rollout.counters["assigned"] == 24_000
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_forked_workers_never_share_ids() -> None:
+    # A preloading server (gunicorn --preload) may have assigned ids before it forks.
+    rollout = Rollout("hello-v2", percent=50, secret_key=KEY)
+    parent_first = _ids(rollout, 3)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through the pipe
+        try:
+            os.write(write, " ".join(_ids(rollout, 100)).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        child = pipe.read().split()
+    os.waitpid(pid, 0)
+    parent = parent_first + _ids(rollout, 100)
+    assert len(child) == 100
+    assert not set(child) & set(parent)
+
+
+def test_first_visit_cookie_carries_a_recent_issue_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    import canarymw._rollout as module
+
+    rollout = Rollout("hello-v2", percent=50, secret_key=KEY, cookie_max_age=3600)
+    clock = [1_000_000.0]
+    monkeypatch.setattr(module, "_time", lambda: clock[0])
+    _ids(rollout, 2)
+    clock[0] += 10 * 60  # the ids made ahead are now too old to hand out
+    value = cookie_of(rollout.decide(None)).split("=", 1)[1]
+    issued = int(value.split(".")[2], 16)
+    assert clock[0] - issued <= rollout._fresh_ttl
+    # and a visitor returning with it is not due for a refresh yet
+    assert rollout.decide(f"canarymw={value}").set_cookie is None

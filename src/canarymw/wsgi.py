@@ -44,6 +44,7 @@ _WATCHED = frozenset(("vary", "cache-control"))
 _perf = time.perf_counter
 _tuple_new = tuple.__new__  # skips NamedTuple's Python-level __new__ on the hot path
 _wall = time.time
+_new_response = object.__new__
 
 
 def _same(value: str) -> str:
@@ -109,10 +110,11 @@ class WSGICanaryMiddleware:
             return self.old_app(environ, start_response)
         cookie = environ.get("HTTP_COOKIE")
         decision = None
+        wall = _wall()
         if cookie and self._fast:
             # Rollout.cached() inlined: this is the path of nearly every request.
             entry = rollout._by_header.get(cookie)
-            if entry is not None and entry.gen == rollout._gen and entry.refresh_at > _wall():
+            if entry is not None and entry.gen == rollout._gen and entry.refresh_at > wall:
                 decision = entry.decision
         if decision is None:
             decision = rollout.decide(
@@ -123,7 +125,14 @@ class WSGICanaryMiddleware:
                 environ,
             )
         environ["canarymw.decision"] = decision
-        response = _Response(self, decision, environ, start_response)
+        # Attributes set here rather than in an __init__: one Python frame less per request.
+        response = _new_response(_Response)
+        response.mw = self
+        response.decision = decision
+        response.environ = environ
+        response.server_start_response = start_response
+        response.wall = wall
+        response.started = _perf()
         try:
             response.inner = (self.new_app if decision.variant == "new" else self.old_app)(
                 environ, response.start_response
@@ -138,25 +147,18 @@ class WSGICanaryMiddleware:
 class _Response:
     """Our response iterable for one request; also carries its start_response."""
 
-    # No __slots__: class-level defaults spare __init__ half of its stores.
+    # No __slots__: class-level defaults spare the per-request stores of fields that
+    # keep their default. The middleware fills in the rest.
     status: int | None = None
     error: str | None = None
     done = False
     inner: Iterable[bytes] | None = None
-
-    def __init__(
-        self,
-        mw: WSGICanaryMiddleware,
-        decision: Decision,
-        environ: WSGIEnvironment,
-        start_response: StartResponse,
-    ) -> None:
-        self.mw = mw
-        self.decision = decision
-        self.environ = environ
-        self.server_start_response = start_response
-        self.wall = _wall()
-        self.started = _perf()
+    mw: WSGICanaryMiddleware
+    decision: Decision
+    environ: WSGIEnvironment
+    server_start_response: StartResponse
+    wall: float
+    started: float
 
     def start_response(
         self, status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None
@@ -199,16 +201,16 @@ class _Response:
         if inner is None:
             return
         self.inner = None
-        try:
-            close = getattr(inner, "close", None)
-            if close is not None:
+        close = getattr(inner, "close", None)
+        if close is not None:
+            try:
                 close()
-        except BaseException as exc:
-            if self.error is None:
-                self.error = type(exc).__name__
-            raise
-        finally:
-            self.finish()
+            except BaseException as exc:
+                if self.error is None:
+                    self.error = type(exc).__name__
+                self.finish()
+                raise
+        self.finish()
 
     def finish(self) -> None:
         mw = self.mw
@@ -220,24 +222,25 @@ class _Response:
             return
         # An integration (a split view, an upstream) may name the failure it handled.
         error = self.error or env.get("canarymw.error")
-        method = env.get("REQUEST_METHOD", "GET")
         decision = self.decision
-        outcome = _tuple_new(
-            Outcome,
-            (
-                decision.rollout,
-                decision.variant,
-                self.status,
-                _perf() - self.started,
-                error,
-                not self.done and error is None and method != "HEAD",
-                method,
-                env.get("canarymw.route"),
-                self.wall,
-                None,
-            ),
-        )
+        method = env.get("REQUEST_METHOD", "GET")
         try:
-            record(outcome)
+            record(
+                _tuple_new(
+                    Outcome,
+                    (
+                        decision.rollout,
+                        decision.variant,
+                        self.status,
+                        _perf() - self.started,
+                        error,
+                        not self.done and error is None and method != "HEAD",
+                        method,
+                        env.get("canarymw.route"),
+                        self.wall,
+                        None,
+                    ),
+                )
+            )
         except Exception:
             mw.sink.failed()  # type: ignore[union-attr]
