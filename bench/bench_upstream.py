@@ -155,9 +155,11 @@ def _server(
 
 
 def _gunicorn(
-    app: str, port: int, upstream: str, cafile: str | None
+    app: str, port: int, upstream: str, cafile: str | None, threads: int
 ) -> contextlib.AbstractContextManager[str]:
     argv = [sys.executable, "-m", "gunicorn", "-w", "2", "-b", f"127.0.0.1:{port}"]
+    if threads:
+        argv += ["-k", "gthread", "--threads", str(threads)]
     argv += ["--log-level", "warning", "--chdir", str(HERE), f"bench_upstream:{app}"]
     env = {"BENCH_UPSTREAM": upstream, **({"BENCH_CAFILE": cafile} if cafile else {})}
     return _server(argv, port, f"gunicorn ({app})", env)
@@ -251,6 +253,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5, help="seconds per wrk run")
     parser.add_argument("--no-nginx", action="store_true", help="skip the nginx row")
     parser.add_argument("--tls", action="store_true", help="the upstream serves https (needs openssl)")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="run gunicorn's gthread workers with N threads (default: sync)"
+    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed (Debian: apt-get install -y wrk); it generates the load.")
@@ -284,8 +289,12 @@ def main() -> None:
         stack.enter_context(certs)
         upstream = stack.enter_context(_server(argv, upstream_port, "uvicorn upstream", tls=tls))
         bases = {"direct": upstream}
-        bases["canarymw"] = stack.enter_context(_gunicorn("canarymw_app", _free_port(), upstream, cafile))
-        bases["werkzeug"] = stack.enter_context(_gunicorn("werkzeug_app", _free_port(), upstream, cafile))
+        bases["canarymw"] = stack.enter_context(
+            _gunicorn("canarymw_app", _free_port(), upstream, cafile, args.threads)
+        )
+        bases["werkzeug"] = stack.enter_context(
+            _gunicorn("werkzeug_app", _free_port(), upstream, cafile, args.threads)
+        )
         if nginx:
             bases["nginx"] = stack.enter_context(_nginx(nginx, _free_port(), upstream_port, cafile))
         for name in names:  # warm-up: connections, pools, caches
@@ -299,9 +308,10 @@ def main() -> None:
     med_rps = {n: statistics.median(v) for n, v in rps.items()}
     med_p50 = {n: statistics.median(v) for n, v in p50.items()}
     direct = med_p50["direct"]
+    workers = f"gthread, {args.threads} threads each" if args.threads else "sync"
     print(
-        f"proxy to one uvicorn upstream ({'https' if args.tls else 'http'}); gunicorn -w 2 (sync) for the "
-        f"Python proxies; {args.rounds} interleaved rounds x {args.seconds:g} s, medians"
+        f"proxy to one uvicorn upstream ({'https' if args.tls else 'http'}); gunicorn -w 2 ({workers}) for "
+        f"the Python proxies; {args.rounds} interleaved rounds x {args.seconds:g} s, medians"
     )
     print(f"{'contender':10} {'req/s -c32':>11} {'p50 -c1':>9} {'added p50':>10}")
     for name in names:

@@ -120,6 +120,8 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import quote_from_bytes, urlsplit
 
+from . import _h1
+
 if TYPE_CHECKING:
     import ssl
 
@@ -190,6 +192,15 @@ class UpstreamAborted(UpstreamError):
 
 class _IncompleteBody(Exception):
     """The client sent fewer body bytes than announced (it went away)."""
+
+
+_H1_ERRORS: Final[dict[type[_h1.H1Error], type[UpstreamError]]] = {
+    _h1.ConnectFailed: UpstreamConnectError,
+    _h1.ConnectTimedOut: UpstreamConnectTimeout,
+    _h1.PoolTimedOut: UpstreamPoolTimeout,
+    _h1.TimedOut: UpstreamTimeout,
+    _h1.ProtocolFailed: UpstreamProtocolError,
+}
 
 
 # -- protocol tables -------------------------------------------------------------
@@ -300,10 +311,14 @@ def _error_body(cls: type[UpstreamError]) -> bytes:
 
 
 def _classify(exc: BaseException) -> type[UpstreamError] | None:
-    """Our exception class for an httpcore failure, or None when it is not one."""
-    import httpcore
-
+    """Our exception class for a client failure (ours or httpcore's), or None when it is not one."""
     if not isinstance(exc, Exception):
+        return None
+    if isinstance(exc, _h1.H1Error):
+        return _H1_ERRORS[type(exc)]
+    try:
+        import httpcore
+    except ImportError:
         return None
     if isinstance(exc, httpcore.ConnectTimeout):
         return UpstreamConnectTimeout
@@ -318,13 +333,14 @@ def _classify(exc: BaseException) -> type[UpstreamError] | None:
     return None
 
 
-def _check_timeout(name: str, value: float | None, allow_none: bool) -> float | None:
-    if value is None and allow_none:
-        return None
+def _check_seconds(name: str, value: object, also: str = "") -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        also = " or None (no limit)" if allow_none else ""
         raise ValueError(f"Upstream got {name}={value!r}; use a number of seconds above 0{also}.")
     return float(value)
+
+
+def _check_timeout(name: str, value: object) -> float | None:
+    return None if value is None else _check_seconds(name, value, " or None (no limit)")
 
 
 # -- the public configuration object ---------------------------------------------------
@@ -420,10 +436,10 @@ class Upstream:
                 f"Upstream got url={url!r}; use an ASCII URL without spaces (punycode for IDNs)."
             )
         self.url = url
-        self.connect_timeout = _check_timeout("connect_timeout", connect_timeout, False)
-        self.read_timeout = _check_timeout("read_timeout", read_timeout, True)
-        self.write_timeout = _check_timeout("write_timeout", write_timeout, True)
-        self.pool_timeout = _check_timeout("pool_timeout", pool_timeout, False)
+        self.connect_timeout = _check_seconds("connect_timeout", connect_timeout)
+        self.read_timeout = _check_timeout("read_timeout", read_timeout)
+        self.write_timeout = _check_timeout("write_timeout", write_timeout)
+        self.pool_timeout = _check_seconds("pool_timeout", pool_timeout)
         if not isinstance(fallback, bool):
             raise ValueError(f"Upstream got fallback={fallback!r}; use True or False.")
         if not isinstance(preserve_host, bool):
@@ -436,7 +452,7 @@ class Upstream:
             raise ValueError(
                 f"Upstream got max_connections={max_connections!r}; use a whole number, 1 or more."
             )
-        self.keepalive_expiry = _check_timeout("keepalive_expiry", keepalive_expiry, False)
+        self.keepalive_expiry = _check_seconds("keepalive_expiry", keepalive_expiry)
         self.fallback = fallback
         self.preserve_host = preserve_host
         self.max_replay_body = max_replay_body
@@ -461,7 +477,7 @@ class Upstream:
             }
         }
         self._lock = threading.Lock()
-        self._pool: httpcore.ConnectionPool | None = None
+        self._pool: _h1.Pool | None = None
         self._async_pools: weakref.WeakKeyDictionary[
             asyncio.AbstractEventLoop, httpcore.AsyncConnectionPool
         ] = weakref.WeakKeyDictionary()
@@ -483,8 +499,8 @@ class Upstream:
         """A WSGI app that proxies every request here; ``fallback`` serves when that is safe.
 
         The middleware calls this with its old app; call it yourself for a plain proxy.
+        Needs no optional dependency: the WSGI proxy's client is canarymw's own.
         """
-        _require_httpcore()
         return _WSGIProxy(self, fallback if self.fallback else None)
 
     def asgi_app(self, fallback: ASGIApp | None = None) -> ASGIApp:
@@ -507,15 +523,28 @@ class Upstream:
             "keepalive_expiry": self.keepalive_expiry,
         }
 
-    def _sync_pool(self) -> httpcore.ConnectionPool:
+    def _sync_pool(self) -> _h1.Pool:
         pool = self._pool
         if pool is None:
             with self._lock:
                 pool = self._pool
                 if pool is None:
-                    import httpcore
+                    ssl_context = self.ssl_context
+                    if ssl_context is None and self._scheme == b"https":
+                        import ssl
 
-                    pool = self._pool = httpcore.ConnectionPool(**self._pool_options())
+                        ssl_context = ssl.create_default_context()
+                    pool = self._pool = _h1.Pool(
+                        self._host.decode("ascii"),
+                        self._port,
+                        ssl_context=ssl_context,
+                        max_connections=self.max_connections,
+                        keepalive_expiry=self.keepalive_expiry,
+                        connect_timeout=self.connect_timeout,
+                        read_timeout=self.read_timeout,
+                        write_timeout=self.write_timeout,
+                        pool_timeout=self.pool_timeout,
+                    )
         return pool
 
     def _async_pool(self) -> httpcore.AsyncConnectionPool:
@@ -677,8 +706,8 @@ class _WSGIBody:
 
     __slots__ = ("open", "response")
 
-    def __init__(self, response: httpcore.Response, open_: set[object]) -> None:
-        self.response: httpcore.Response | None = response
+    def __init__(self, response: _h1.Response, open_: set[object]) -> None:
+        self.response: _h1.Response | None = response
         self.open = open_
 
     def __iter__(self) -> Iterator[bytes]:
@@ -686,7 +715,7 @@ class _WSGIBody:
         if response is None:
             return
         try:
-            for chunk in response.stream:  # type: ignore[union-attr]
+            for chunk in response:
                 if chunk:
                     yield chunk
         except Exception as exc:
@@ -714,10 +743,6 @@ class _Proxy:
         self._preserve_host = upstream.preserve_host
         self._extensions = upstream._extensions
         self._scheme, self._host, self._port = upstream._scheme, upstream._host, upstream._port
-        import httpcore
-
-        self._Request = httpcore.Request
-        self._URL = httpcore.URL
 
 
 class _WSGIProxy(_Proxy):
@@ -771,15 +796,8 @@ class _WSGIProxy(_Proxy):
             else:
                 body = _WSGIInput(stream, head, None)
                 headers.append((b"transfer-encoding", b"chunked"))
-        request = self._Request(
-            method,
-            self._URL(scheme=self._scheme, host=self._host, port=self._port, target=target),
-            headers=headers,
-            content=body,
-            extensions=self._extensions,
-        )
         try:
-            response = self._pool().handle_request(request)
+            response = self._pool().request(method.encode("latin-1"), target, headers, body)
         except Exception as exc:
             if isinstance(exc, _IncompleteBody):
                 return _plain(start_response, "400 Bad Request", b"Incomplete request body.\n", method)
@@ -789,7 +807,7 @@ class _WSGIProxy(_Proxy):
             return self._failed(cls, exc, environ, start_response, method, body)
         headers_out: list[tuple[str, str]] = []
         named: frozenset[bytes] | None = None
-        for name, value in response.headers:
+        for name, value in response.headers:  # names as the upstream spelled them
             lower = name.lower()
             if lower in _RESPONSE_DROP:
                 if lower == b"connection":
@@ -800,9 +818,7 @@ class _WSGIProxy(_Proxy):
             headers_out = [h for h in headers_out if h[0].lower().encode("latin-1") not in named]
         self.upstream._open.add(response)
         try:
-            start_response(
-                _status_line(response.status, response.extensions.get("reason_phrase", b"")), headers_out
-            )
+            start_response(_status_line(response.status, response.reason), headers_out)
         except BaseException:
             self.upstream._open.discard(response)
             response.close()
@@ -1059,6 +1075,10 @@ class _ASGIProxy(_Proxy):
         super().__init__(upstream)
         self.fallback = fallback
         self._authority = upstream._authority.encode("latin-1")
+        import httpcore
+
+        self._Request = httpcore.Request
+        self._URL = httpcore.URL
 
     def __repr__(self) -> str:
         return f"<ASGI proxy to {self.upstream.url}>"

@@ -1,0 +1,299 @@
+"""The WSGI proxy's HTTP/1.1 client against a scripted upstream on a raw socket."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from canarymw import _h1
+
+Script = Callable[[socket.socket, int], None]
+"""Serves one accepted connection; gets the connection's index."""
+
+
+class Scripted:
+    """A loopback server that runs ``script`` for every connection it accepts."""
+
+    def __init__(self, script: Script) -> None:
+        self.script = script
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.requests: list[bytes] = []
+        self.connections = 0
+        self.pools: list[_h1.Pool] = []
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            index = self.connections
+            self.connections += 1
+            threading.Thread(target=self._run, args=(conn, index), daemon=True).start()
+
+    def _run(self, conn: socket.socket, index: int) -> None:
+        with conn:
+            try:
+                self.script(conn, index)
+            except OSError:
+                pass
+
+    def read_request(self, conn: socket.socket) -> bytes:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = conn.recv(65536)
+            if not chunk:
+                return b""
+            data += chunk
+        self.requests.append(data)
+        return data
+
+    def pool(self, **kw: float) -> _h1.Pool:
+        options: dict[str, float] = {
+            "max_connections": 4,
+            "keepalive_expiry": 5.0,
+            "connect_timeout": 2.0,
+            "read_timeout": 2.0,
+            "write_timeout": 2.0,
+            "pool_timeout": 2.0,
+        }
+        options.update(kw)
+        pool = _h1.Pool(
+            "127.0.0.1",
+            self.port,
+            ssl_context=None,
+            max_connections=int(options.pop("max_connections")),
+            **options,
+        )
+        self.pools.append(pool)
+        return pool
+
+    def close(self) -> None:
+        for pool in self.pools:
+            pool.close()
+        self.listener.close()
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[[Script], Scripted]]:
+    servers: list[Scripted] = []
+
+    def make(script: Script) -> Scripted:
+        servers.append(Scripted(script))
+        return servers[-1]
+
+    yield make
+    for server in servers:
+        server.close()
+
+
+def get(pool: _h1.Pool, method: bytes = b"GET", body: bytes = b"") -> tuple[int, bytes, _h1.Response]:
+    response = pool.request(method, b"/x", [(b"host", b"up")], body)
+    data = b"".join(response)
+    response.close()
+    return response.status, data, response
+
+
+def test_chunked_body_with_extensions_and_trailers_keeps_the_connection(
+    serve: Callable[..., Scripted],
+) -> None:
+    def script(conn: socket.socket, index: int) -> None:
+        while server.read_request(conn):
+            conn.sendall(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"5;ext=1\r\nhello\r\n1\r\n!\r\n0\r\nX-Trailer: t\r\n\r\n"
+            )
+
+    server = serve(script)
+    pool = server.pool()
+    assert get(pool)[:2] == (200, b"hello!")
+    assert get(pool)[:2] == (200, b"hello!")
+    assert server.connections == 1
+
+
+def test_transfer_encoding_wins_over_content_length_and_closes(serve: Callable[..., Scripted]) -> None:
+    def script(conn: socket.socket, index: int) -> None:
+        server.read_request(conn)
+        head = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nTransfer-Encoding: chunked\r\n\r\n"
+        conn.sendall(head + b"2\r\nok\r\n0\r\n\r\n")
+
+    server = serve(script)
+    pool = server.pool()
+    assert get(pool)[:2] == (200, b"ok")
+    assert get(pool)[:2] == (200, b"ok")
+    assert server.connections == 2  # never reused after a doubly framed answer
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nBad Name: x\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nA: b\r\n folded\r\n\r\n",
+        b"HTTP/2 200 OK\r\n\r\n",
+        b"HTTP/1.1 2000 OK\r\n\r\n",
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nX: " + b"a" * 70_000 + b"\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 300 + b"\r\n",
+    ],
+    ids=["2-lengths", "negative", "space-in-name", "folding", "http2", "status", "101", "huge", "300"],
+)
+def test_malformed_answers_are_protocol_errors(serve: Callable[..., Scripted], answer: bytes) -> None:
+    def script(conn: socket.socket, index: int) -> None:
+        server.read_request(conn)
+        conn.sendall(answer)
+
+    server = serve(script)
+    with pytest.raises(_h1.ProtocolFailed):
+        get(server.pool())
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"zz\r\nhello\r\n0\r\n\r\n", b"5\r\nhelloXX0\r\n\r\n", b"5\r\nhel"],
+    ids=["size", "crlf", "short"],
+)
+def test_broken_chunked_bodies_fail_while_streaming(serve: Callable[..., Scripted], body: bytes) -> None:
+    def script(conn: socket.socket, index: int) -> None:
+        server.read_request(conn)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + body)
+
+    server = serve(script)
+    pool = server.pool()
+    response = pool.request(b"GET", b"/x", [(b"host", b"up")], b"")
+    with pytest.raises(_h1.ProtocolFailed):
+        b"".join(response)
+    response.close()
+    assert pool.connections == []
+
+
+def test_interim_answers_are_skipped_and_head_has_no_body(serve: Callable[..., Scripted]) -> None:
+    def script(conn: socket.socket, index: int) -> None:
+        while request := server.read_request(conn):
+            conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n")
+            head = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"
+            conn.sendall(head if request.startswith(b"HEAD") else head + b"hello")
+
+    server = serve(script)
+    pool = server.pool()
+    assert get(pool, b"HEAD")[:2] == (200, b"")
+    assert get(pool)[:2] == (200, b"hello")
+    assert server.connections == 1
+
+
+def test_an_http10_answer_is_read_to_the_close(serve: Callable[..., Scripted]) -> None:
+    def script(conn: socket.socket, index: int) -> None:
+        server.read_request(conn)
+        conn.sendall(b"HTTP/1.0 200 OK\r\n\r\nall of it")
+
+    server = serve(script)
+    pool = server.pool()
+    assert get(pool)[:2] == (200, b"all of it")
+    assert pool.connections == []
+
+
+def test_a_kept_connection_closed_by_the_server_is_not_reused(serve: Callable[..., Scripted]) -> None:
+    def script(conn: socket.socket, index: int) -> None:
+        server.read_request(conn)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        # then closes: the pooled connection is dead before it is used again
+
+    server = serve(script)
+    pool = server.pool()
+    assert get(pool)[:2] == (200, b"ok")
+    threading.Event().wait(0.1)
+    assert get(pool, b"POST", b"data")[:2] == (200, b"ok")
+    assert server.connections == 2 and len(server.requests) == 2
+
+
+@pytest.mark.parametrize("method", [b"GET", b"POST"])
+def test_a_silent_close_is_retried_for_idempotent_requests_only(
+    serve: Callable[..., Scripted], method: bytes
+) -> None:
+    def script(conn: socket.socket, index: int) -> None:
+        server.read_request(conn)
+        if index == 0:
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            server.read_request(conn)  # took the second request, then closed without a byte
+            return
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nretry")
+
+    server = serve(script)
+    pool = server.pool()
+    assert get(pool)[:2] == (200, b"ok")
+    if method == b"GET":
+        assert get(pool, method)[:2] == (200, b"retry")
+        assert server.connections == 2
+    else:
+        with pytest.raises(_h1.ProtocolFailed):
+            get(pool, method, b"order")
+        assert server.connections == 1  # sent once, never twice
+
+
+def test_read_timeout(serve: Callable[..., Scripted]) -> None:
+    def script(conn: socket.socket, index: int) -> None:
+        server.read_request(conn)
+        threading.Event().wait(2)
+
+    server = serve(script)
+    with pytest.raises(_h1.TimedOut):
+        get(server.pool(read_timeout=0.2))
+
+
+def test_fields_that_would_smuggle_a_request_are_refused_before_connecting(
+    serve: Callable[..., Scripted],
+) -> None:
+    server = serve(lambda conn, index: None)
+    pool = server.pool()
+    for headers, method in (
+        ([(b"x", b"a\r\nGET /admin HTTP/1.1")], b"GET"),
+        ([(b"x", b"a\nb")], b"GET"),
+        ([(b"x", b"a\x00")], b"GET"),
+        ([(b"host", b"up")], b"GET /y"),
+    ):
+        with pytest.raises(_h1.ProtocolFailed):
+            pool.request(method, b"/x", headers, b"")
+    assert server.connections == 0
+
+
+def test_connect_errors_and_pool_timeout() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    pool = _h1.Pool(
+        "127.0.0.1",
+        port,
+        ssl_context=None,
+        max_connections=1,
+        keepalive_expiry=1.0,
+        connect_timeout=1.0,
+        read_timeout=1.0,
+        write_timeout=1.0,
+        pool_timeout=0.1,
+    )
+    with pytest.raises(_h1.ConnectFailed):
+        get(pool)
+    with pytest.raises(_h1.ConnectFailed):  # the failed attempt gave its slot back
+        get(pool)
+
+
+def test_the_pool_waits_for_a_slot_then_times_out(serve: Callable[..., Scripted]) -> None:
+    def script(conn: socket.socket, index: int) -> None:
+        while server.read_request(conn):
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    server = serve(script)
+    pool = server.pool(max_connections=1, pool_timeout=0.2)
+    held = pool.request(b"GET", b"/x", [(b"host", b"up")], b"")
+    with pytest.raises(_h1.PoolTimedOut):
+        get(pool)
+    threading.Timer(0.05, held.close).start()
+    pool.pool_timeout = 2.0
+    assert get(pool)[:2] == (200, b"ok")  # woken when the held one came back
