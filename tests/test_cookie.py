@@ -130,3 +130,11 @@ def test_issue_is_byte_identical_to_itsdangerous_signer() -> None:
     )
     cid = new_id()
     assert codec("k-old", "k-new").issue(cid, 123456) == signer.sign(f"1.{cid}.1e240").decode()
+
+
+def test_issue_many_gives_the_values_issue_gives() -> None:
+    c = CookieCodec([b"older-key-0123456789", b"newest-key-0123456789"])
+    ids = [new_id() for _ in range(50)]
+    assert c.issue_many(ids, 1_700_000_123) == [c.issue(cid, 1_700_000_123) for cid in ids]
+    values = c.issue_many(ids, 1_700_000_123)
+    assert all(c.verify(v) == (cid, 1_700_000_123, True) for cid, v in zip(ids, values, strict=True))

@@ -14,6 +14,7 @@ import hashlib
 import os
 import secrets
 from base64 import urlsafe_b64encode
+from binascii import b2a_base64
 from collections.abc import Sequence
 
 from itsdangerous import BadData, Signer
@@ -24,6 +25,7 @@ MAX_VALUE_LENGTH = 200
 """Longer values are never ours and are rejected before any HMAC is computed."""
 
 _SAMESITE = ("Lax", "Strict", "None")
+_URLSAFE = bytes.maketrans(b"+/", b"-_")
 
 
 def normalise_keys(secret_key: object, owner: str) -> list[bytes]:
@@ -109,6 +111,21 @@ class CookieCodec:
         outer.update(inner.digest())
         sig = urlsafe_b64encode(outer.digest()).rstrip(b"=")
         return (payload + b"." + sig).decode("ascii")
+
+    def issue_many(self, cohort_ids: list[str], issued: int) -> list[str]:
+        """:meth:`issue` for many ids at once (same values, less overhead per id)."""
+        prefix, suffix = f"{VERSION}.".encode("ascii"), f".{issued:x}".encode("ascii")
+        inner_state, outer_state = self._inner, self._outer
+        out = []
+        for cid in cohort_ids:
+            payload = prefix + cid.encode("ascii") + suffix
+            inner = inner_state.copy()
+            inner.update(payload)
+            outer = outer_state.copy()
+            outer.update(inner.digest())
+            sig = b2a_base64(outer.digest(), newline=False).rstrip(b"=").translate(_URLSAFE)
+            out.append((payload + b"." + sig).decode("ascii"))
+        return out
 
     def verify(self, value: str) -> tuple[str, int, bool] | None:
         """Return ``(id, issued, signed_with_newest_key)`` or None for any bad value."""

@@ -11,7 +11,7 @@ from bisect import bisect_right
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from itertools import groupby
+from itertools import compress, islice
 from operator import itemgetter
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
@@ -78,11 +78,9 @@ _LOW = 1e-5
 _GROWTH = 1.04
 _SIZE = 512
 _BOUNDS = [_LOW * _GROWTH**i for i in range(_SIZE - 1)]  # upper bound of buckets 0 .. SIZE-2
-_BATCH = 64
+_BATCH = 256
 _COMPACT = 1 << 16
-_KEY = itemgetter(0, 1, 2, 4, 5)  # rollout, variant, status, error, disconnected
 _RV = itemgetter(0, 1)
-_DURATION = itemgetter(3)
 
 
 def _bucket_bounds(i: int) -> tuple[float, float]:
@@ -141,11 +139,12 @@ class VariantStats:
 class MemorySink:
     """Aggregates outcomes in this process: counts, error rate and latency quantiles.
 
-    Thread-safe and lock-free for the request: ``record`` appends to a deque; every 64
-    outcomes are folded in one batch whose per-outcome work runs in C (``Counter``,
-    ``sorted``, ``array``). Durations are kept exactly until 65,536 of a variant have
-    gathered, then compacted into a 512-bucket log histogram (4% resolution); mean, min
-    and max stay exact. Memory is bounded.
+    Thread-safe and lock-free for the request: ``record`` appends to a deque; every 256
+    outcomes are folded in one batch whose per-outcome work runs in C (transposed with
+    ``zip``, counted with ``Counter``, durations appended to an ``array``). Durations
+    are kept exactly until 65,536 of a variant have gathered, then compacted into a
+    512-bucket log histogram (4% resolution); mean, min and max stay exact. Memory is
+    bounded.
 
     The numbers are per process: under gunicorn or uvicorn with several workers each
     worker has its own ``MemorySink`` (see docs/outcomes.md for whole-service numbers).
@@ -178,21 +177,24 @@ class MemorySink:
             return  # another thread is folding and will take ours too
         try:
             pending = self._pending
-            pop = pending.popleft
             # Only the lock holder pops, so the first len() items are ours to take.
-            batch = [pop() for _ in range(len(pending))]
+            batch = list(islice(iter(pending.popleft, None), len(pending)))
             if not batch:
                 return
-            self._counts.update(map(_KEY, batch))
+            # Columns (rollout, variant, status, duration, error, disconnected, ...): the
+            # per-outcome work below all runs in C.
+            names, variants, statuses, durations, errors, disconnected = list(zip(*batch, strict=True))[:6]
+            self._counts.update(zip(names, variants, statuses, errors, disconnected, strict=True))
             if self._classify is not default_classifier:
                 classify = self._classify
                 self._failed.update(_RV(o) for o in batch if not classify(o))
-            durations = self._durations
-            for rv, group in groupby(sorted(batch, key=_RV), _RV):
-                arr = durations.get(rv)
+            pairs = list(zip(names, variants, strict=True))
+            kinds = set(pairs)
+            for rv in kinds:
+                arr = self._durations.get(rv)
                 if arr is None:
-                    arr = durations[rv] = array("d")
-                arr.extend(map(_DURATION, group))
+                    arr = self._durations[rv] = array("d")
+                arr.extend(durations if len(kinds) == 1 else compress(durations, map(rv.__eq__, pairs)))
                 if len(arr) >= _COMPACT:
                     self._compact(rv, arr)
         finally:

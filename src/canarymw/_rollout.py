@@ -431,10 +431,9 @@ class Rollout:
                 return self._fresh.pop()
             except IndexError:
                 pass
-        now = _time()
-        issued = int(now)
-        issue, bucket_of = self._codec.issue, self._bucket
-        batch = [(cid, bucket_of(cid), issue(cid, issued)) for cid in new_ids(_FRESH_BATCH)]
+        issued = int(_time())
+        ids = new_ids(_FRESH_BATCH)
+        batch = list(zip(ids, map(self._bucket, ids), self._codec.issue_many(ids, issued), strict=True))
         mine = batch.pop()
         # A thread refilling at the same time replaces this list; the ids it drops are
         # never used, so none is handed out twice.

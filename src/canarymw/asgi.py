@@ -110,6 +110,7 @@ _wall = time.time
 _NAMES = (b"vary", b"cache-control", b"set-cookie")
 _SECURE = ("https", "wss")
 _new_tuple = tuple.__new__
+_new_exchange = object.__new__
 
 
 def _dec(value: bytes) -> str:
@@ -346,110 +347,38 @@ class ASGICanaryMiddleware:
         else:
             app = self.old_app
         scope["canarymw.decision"] = decision
+        # One object per request carries its state; its bound methods wrap send/receive
+        # (cheaper than closures over a dozen cells).
+        x = _new_exchange(_Exchange)
+        x.mw = self
+        x.decision = decision
+        x.scope = scope
+        x.server_send = send
+        x.server_receive = receive
         set_cookie = decision.set_cookie
-        cookie = None if set_cookie is None else set_cookie.encode("latin-1")
-        extra = self._extra if cookie is None else [*self._extra, (b"set-cookie", cookie)]
-        status: int | None = None
-        trailers = False
-        ended = 0.0  # perf_counter() when the last response message went out
-        done = False  # the outcome has been recorded
-        wall = _wall()
-        started = _perf()
-
-        async def send_(message: Message) -> None:
-            nonlocal status, trailers, ended, done
-            kind = message["type"]
-            last = False
-            if kind == "http.response.body":
-                last = not (ended or trailers or message.get("more_body", False))
-            elif kind == "http.response.start":
-                status = message.get("status")
-                trailers = bool(message.get("trailers", False))
-                headers = message.get("headers")
-                if type(headers) is list:
-                    for name, _ in headers:
-                        if name == b"vary" or name == b"cache-control":
-                            message = self._start(message, cookie, extra)
-                            break
-                    else:
-                        # Common case: the app set neither header, so ours are appended.
-                        message = {**message, "headers": [*headers, *extra]}
-                else:
-                    message = self._start(message, cookie, extra)
-            elif kind == "http.response.trailers":
-                # See: https://asgi.readthedocs.io/en/latest/extensions.html#http-trailers
-                last = not (ended or message.get("more_trailers", False))
-            elif kind == "http.response.pathsend":
-                last = not ended
-            try:
-                await send(message)
-            except OSError:
-                # The server could not write: the client is gone (uvicorn raises
-                # ClientDisconnected, an OSError, for ASGI spec >= 2.4).
-                if not done:
-                    done = True
-                    self._outcome(
-                        decision,
-                        scope,
-                        status,
-                        _perf() - started,
-                        None,
-                        True,
-                        scope.get("method", "GET"),
-                        wall,
-                    )
-                raise
-            if last:
-                ended = _perf()
-
-        async def receive_() -> Message:
-            nonlocal done
-            message = await receive()
-            if not (done or ended) and message["type"] == "http.disconnect":
-                done = True
-                self._outcome(
-                    decision, scope, status, _perf() - started, None, True, scope.get("method", "GET"), wall
-                )
-            return message
-
+        if set_cookie is not None:
+            x.cookie = cookie = set_cookie.encode("latin-1")
+            x.extra = [*self._extra, (b"set-cookie", cookie)]
+        else:
+            x.extra = self._extra
+        x.wall = _wall()
+        x.started = _perf()
         # The outcome waits for the app to return (like WSGI's close()), so an exception
         # raised after the last byte still counts: Starlette's ServerErrorMiddleware sends
         # its 500 first and raises afterwards; a background task may fail.
         try:
-            await app(scope, receive_, send_)
+            await app(scope, x.receive, x.send)
         except Exception as exc:
-            if not done:
-                duration = (ended or _perf()) - started
-                self._outcome(
-                    decision,
-                    scope,
-                    status,
-                    duration,
-                    type(exc).__name__,
-                    False,
-                    scope.get("method", "GET"),
-                    wall,
-                )
+            if not x.done:
+                x.finish(type(exc).__name__, False, x.ended or _perf())
             raise
         except BaseException:
             # Cancelled or interrupted from outside: the server tore the request down.
-            if not done:
-                duration = (ended or _perf()) - started
-                self._outcome(
-                    decision, scope, status, duration, None, not ended, scope.get("method", "GET"), wall
-                )
+            if not x.done:
+                x.finish(None, not x.ended, x.ended or _perf())
             raise
-        if not done and self._record is not None:
-            self._outcome(
-                decision,
-                scope,
-                status,
-                (ended or _perf()) - started,
-                None,
-                False,
-                scope.get("method", "GET"),
-                wall,
-            )
+        if not x.done and self._record is not None:
+            x.finish(None, False, x.ended or _perf())
 
     # -- WebSocket -----------------------------------------------------------------
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -617,6 +546,104 @@ class ASGICanaryMiddleware:
             self.rollout.name,
             reason,
         )
+
+
+class _Exchange:
+    """One HTTP request's state; ``send``/``receive`` wrap the server's callables."""
+
+    # No __slots__: class-level defaults spare the per-request stores of fields that
+    # keep their default. The middleware fills in the rest.
+    cookie: bytes | None = None
+    status: int | None = None
+    trailers = False
+    ended = 0.0  # perf_counter() when the last response message went out
+    done = False  # the outcome has been recorded
+    mw: ASGICanaryMiddleware
+    decision: Decision
+    scope: Scope
+    server_send: Send
+    server_receive: Receive
+    extra: list[tuple[bytes, bytes]]
+    wall: float
+    started: float
+
+    async def send(self, message: Message) -> None:
+        kind = message["type"]
+        last = False
+        if kind == "http.response.body":
+            last = not (self.ended or self.trailers or message.get("more_body", False))
+        elif kind == "http.response.start":
+            self.status = message.get("status")
+            self.trailers = bool(message.get("trailers", False))
+            headers = message.get("headers")
+            if type(headers) is list:
+                for name, _ in headers:
+                    if name == b"vary" or name == b"cache-control":
+                        message = self.mw._start(message, self.cookie, self.extra)
+                        break
+                else:
+                    # Common case: the app set neither header, so ours are appended.
+                    message = {**message, "headers": [*headers, *self.extra]}
+            else:
+                message = self.mw._start(message, self.cookie, self.extra)
+        elif kind == "http.response.trailers":
+            # See: https://asgi.readthedocs.io/en/latest/extensions.html#http-trailers
+            last = not (self.ended or message.get("more_trailers", False))
+        elif kind == "http.response.pathsend":
+            last = not self.ended
+        try:
+            await self.server_send(message)
+        except OSError:
+            # The server could not write: the client is gone (uvicorn raises
+            # ClientDisconnected, an OSError, for ASGI spec >= 2.4).
+            if not self.done:
+                self.finish(None, True, _perf())
+            raise
+        if last:
+            self.ended = _perf()
+
+    async def receive(self) -> Message:
+        message = await self.server_receive()
+        if not (self.done or self.ended) and message["type"] == "http.disconnect":
+            self.finish(None, True, _perf())
+        return message
+
+    def finish(self, error: str | None, disconnected: bool, at: float) -> None:
+        """Record the outcome once; a failing sink is counted, never raised."""
+        self.done = True
+        mw = self.mw
+        record = mw._record
+        if record is None:
+            return
+        scope = self.scope
+        route = scope.get("canarymw.route")
+        if route is None:
+            # Starlette's Router (and FastAPI's) store the matched route object here.
+            route = getattr(scope.get("route"), "path", None)
+            if not isinstance(route, str):
+                route = None
+        decision = self.decision
+        try:
+            # tuple.__new__ skips _make's length check: the field count is fixed here.
+            record(
+                _new_tuple(
+                    Outcome,
+                    (
+                        decision.rollout,
+                        decision.variant,
+                        self.status,
+                        at - self.started,
+                        error or scope.get("canarymw.error"),
+                        disconnected,
+                        scope.get("method", "GET"),
+                        route,
+                        self.wall,
+                        None,
+                    ),
+                )
+            )
+        except Exception:
+            mw.sink.failed()  # type: ignore[union-attr]
 
 
 class _Event(Protocol):

@@ -17,10 +17,11 @@ accepted wherever the middlewares take an app, as ``old`` or ``new``::
 Each middleware turns an upstream into a WSGI app (:meth:`Upstream.wsgi_app`) or an
 ASGI app (:meth:`Upstream.asgi_app`) when it is constructed, and hands it the old
 app to fall back on. Both can also be used on their own as a plain proxy app.
-Needs the ``upstream`` extra (``pip install 'canarymw[upstream]'``): the HTTP/1.1
-client is httpx's connection engine, httpcore, driven directly: per request it skips
-the httpx ``Request``/``Response`` objects, the cookie jar, redirect handling and
-proxy settings from the environment, none of which a gateway wants.
+The WSGI proxy's HTTP/1.1 client is canarymw's own (standard library only, see
+``canarymw._h1``); the ASGI proxy needs the ``upstream`` extra
+(``pip install 'canarymw[upstream]'``) and drives httpx's connection engine, httpcore,
+directly. Neither has a cookie jar, follows redirects or reads proxy settings from the
+environment, none of which a gateway wants.
 
 Connections
     One connection pool per process for WSGI (created on the first request, so

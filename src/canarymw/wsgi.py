@@ -45,6 +45,7 @@ _perf = time.perf_counter
 _tuple_new = tuple.__new__  # skips NamedTuple's Python-level __new__ on the hot path
 _wall = time.time
 _new_response = object.__new__
+_codes: dict[str, int] = {}  # status line -> code: most apps send a handful of them
 
 
 def _same(value: str) -> str:
@@ -163,10 +164,16 @@ class _Response:
     def start_response(
         self, status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None
     ) -> Callable[[bytes], object]:
-        try:
-            self.status = int(status[:3])
-        except ValueError:
-            self.status = None
+        code = _codes.get(status)
+        if code is None:
+            try:
+                code = int(status[:3])
+            except ValueError:
+                code = None
+            else:
+                if len(_codes) < 512:
+                    _codes[status] = code
+        self.status = code
         cookie = self.decision.set_cookie
         mw = self.mw
         for name, _ in headers:
