@@ -32,8 +32,12 @@ def serve(
     env: dict[str, str] | None = None,
     ready_path: str = "/",
     timeout: float = 20,
+    tls: bool = False,
 ) -> Iterator[str]:
-    """Run ``argv`` (a server bound to 127.0.0.1:``port``) until the block ends."""
+    """Run ``argv`` (a server bound to 127.0.0.1:``port``) until the block ends.
+
+    ``tls``: the server answers https (readiness is checked without verifying it).
+    """
     full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     full_env.update(env or {})
     # stderr goes to a file, not a pipe: a chatty server must never block on a full pipe.
@@ -46,7 +50,7 @@ def serve(
         stderr=log,
         start_new_session=True,
     )
-    base = f"http://127.0.0.1:{port}"
+    base = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout
         while True:
@@ -55,7 +59,7 @@ def serve(
                 err = log.read().decode(errors="replace")
                 raise RuntimeError(f"server exited early ({proc.returncode}):\n{err[-3000:]}")
             try:
-                httpx.get(base + ready_path, timeout=1.0)
+                httpx.get(base + ready_path, timeout=1.0, verify=not tls)
                 break
             except httpx.TransportError:
                 if time.monotonic() > deadline:

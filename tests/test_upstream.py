@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -829,3 +830,68 @@ def test_served_proxy_closes_the_upstream_event_stream_when_the_client_leaves(
             assert time.monotonic() < deadline, "the upstream event stream was never closed"
             time.sleep(0.05)
     assert events == ["data: 0", "data: 1", "data: 2"]
+
+
+@pytest.mark.server
+def test_the_wsgi_proxy_needs_no_optional_client(
+    uvicorn_upstream: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "httpcore", None)  # `import httpcore` now fails
+    monkeypatch.setitem(sys.modules, "httpx", None)
+    driver = WSGIDriver()
+    try:
+        app = driver.wrap(driver.old(), driver.upstream(uvicorn_upstream))
+        got = driver.request(app, "POST", "/echo", body=b"payload")
+        assert got.status == 200 and got.json()["sha256"] == hashlib.sha256(b"payload").hexdigest()
+        broken = driver.wrap(driver.old(), driver.upstream(refused_url()))
+        assert driver.request(broken, "GET", "/x").body == b"old GET "
+        assert [o.error for o in driver.sink.outcomes] == [None, "UpstreamConnectError"]
+    finally:
+        driver.close()
+
+
+# -- https upstreams ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tls_upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, ssl.SSLContext]]:
+    """A uvicorn upstream serving https with a certificate from a throwaway CA."""
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    folder = tmp_path_factory.mktemp("tls")
+    key, chain = folder / "key.pem", folder / "cert.pem"
+    cert.private_key_pem.write_to_path(str(key))
+    cert.cert_chain_pems[0].write_to_path(str(chain))
+    port = free_port()
+    argv = ["uvicorn", "tests.apps.upstream_asgi:app", "--host", "127.0.0.1", "--port", str(port)]
+    argv += ["--log-level", "warning", "--no-access-log"]
+    argv += ["--ssl-keyfile", str(key), "--ssl-certfile", str(chain)]
+    with serve(argv, port, ready_path="/healthz", tls=True) as base:
+        context = ssl.create_default_context()
+        ca.configure_trust(context)
+        yield base, context
+
+
+@pytest.mark.server
+def test_an_https_upstream_is_verified_pooled_and_streamed(
+    driver: Driver, tls_upstream: tuple[str, ssl.SSLContext]
+) -> None:
+    base, context = tls_upstream
+    up = driver.upstream(base, ssl_context=context)
+    app = driver.wrap(driver.old(), up)
+    for _ in range(3):
+        got = driver.request(app, "POST", "/echo", body=b"secret")
+        assert got.json()["sha256"] == hashlib.sha256(b"secret").hexdigest()
+    started = time.monotonic()
+    streamed = driver.request(app, "GET", "/stream", query="n=3&delay=0.15")
+    assert streamed.body == b"chunk 0\nchunk 1\nchunk 2\n"
+    assert streamed.chunk_times[0] - started < 0.3 <= streamed.chunk_times[-1] - started
+    # A read timeout mid-body over TLS aborts the client connection.
+    slow = driver.wrap(driver.old(), driver.upstream(base, ssl_context=context, read_timeout=0.3))
+    broken = driver.request(slow, "GET", "/stream", query="n=2&delay=1")
+    assert broken.body == b"chunk 0\n" and isinstance(broken.error, UpstreamAborted)
+    assert len(_pool_connections(up)) == 1  # one TLS handshake, then reuse
+    # An upstream whose certificate does not verify is never talked to: old serves.
+    untrusted = driver.wrap(driver.old(), driver.upstream(base))
+    assert driver.request(untrusted, "GET", "/echo").body == b"old GET "
+    assert summary(driver)[-1] == ("new", 200, "UpstreamConnectError")

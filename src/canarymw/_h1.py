@@ -414,14 +414,14 @@ class Pool:
             raise ConnectFailed(f"the TLS handshake with {self.host}:{self.port} failed: {exc}") from None
         return Connection(sock, kernel)
 
-    def _take(self) -> Connection:
-        """A slot and a connection for it: a live idle one, else a new one."""
+    def _take(self, fresh: bool = False) -> Connection:
+        """A slot and a connection for it: a live idle one (unless ``fresh``), else a new one."""
         conn: Connection | None = None
         with self._lock:
             if self._active >= self.max_connections:
                 self._wait_for_slot()
             self._active += 1
-            if self._idle:
+            if self._idle and not fresh:
                 conn = self._idle.pop()
         try:
             now = time.monotonic()
@@ -503,7 +503,7 @@ class Pool:
         ):
             raise ProtocolFailed("the request has an invalid method, target or header field")
         for attempt in (0, 1):
-            conn = self._take()
+            conn = self._take(fresh=bool(attempt))
             try:
                 return self._exchange(conn, method, head, body, chunked)
             except _Stale:
