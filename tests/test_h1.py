@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import struct
 import threading
 from collections.abc import Callable, Iterator
 
@@ -213,15 +214,18 @@ def test_a_kept_connection_closed_by_the_server_is_not_reused(serve: Callable[..
     assert server.connections == 2 and len(server.requests) == 2
 
 
+@pytest.mark.parametrize("close", ["fin", "reset"])
 @pytest.mark.parametrize("method", [b"GET", b"POST"])
 def test_a_silent_close_is_retried_for_idempotent_requests_only(
-    serve: Callable[..., Scripted], method: bytes
+    serve: Callable[..., Scripted], method: bytes, close: str
 ) -> None:
     def script(conn: socket.socket, index: int) -> None:
         server.read_request(conn)
         if index == 0:
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
             server.read_request(conn)  # took the second request, then closed without a byte
+            if close == "reset":
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             return
         conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nretry")
 

@@ -158,7 +158,12 @@ class Connection:
             if len(buf) > limit:
                 raise ProtocolFailed("the upstream's response head is too large")
             start = len(buf)
-            data = self._fill()
+            try:
+                data = self._fill()
+            except ProtocolFailed:
+                if buf:
+                    raise
+                raise _Stale() from None  # reset before a byte of the answer: same as a close
             if not data:
                 self._buf = buf
                 raise _Stale() if not buf else ProtocolFailed("the upstream closed the connection mid-head")
