@@ -322,6 +322,12 @@ class Rollout:
             cached = self.cached(cookie_header)
             if cached is not None:
                 return cached
+        return self._decide_uncached(cookie_header, https, force, query, request)
+
+    def _decide_uncached(
+        self, cookie_header: str | None, https: bool, force: str | None, query: str, request: Any
+    ) -> Decision:
+        # decide() without its cache lookup, for adapters that have just looked themselves.
         decision = None
         if self.key is not None:
             decision = self._decide_by_key(request)
@@ -442,7 +448,14 @@ class Rollout:
         return mine
 
     def _assign(self, https: bool) -> Decision:
-        cid, bkt, value = self._take_fresh()
+        fresh = self._fresh
+        if fresh and self._fresh_until > _time():
+            try:
+                cid, bkt, value = fresh.pop()  # atomic: no two threads get the same id
+            except IndexError:
+                cid, bkt, value = self._take_fresh()
+        else:
+            cid, bkt, value = self._take_fresh()
         variant, reason = self._choose(cid, bkt)
         self._count("assigned")
         template = self._cookie_templates.get(https if self.cookie_secure is None else self.cookie_secure)

@@ -225,7 +225,8 @@ class ASGICanaryMiddleware:
                 elif name == b"x-canarymw-force":
                     force = value.decode("latin-1")
             query = scope.get("query_string", b"").decode("latin-1")
-        return rollout.decide(
+        # On the fast path __call__ just consulted the cache (or there is no cookie).
+        return (rollout._decide_uncached if self._fast else rollout.decide)(
             None if cookie is None else cookie.decode("latin-1"),
             scope.get("scheme") in _SECURE,
             force,

@@ -118,7 +118,8 @@ class WSGICanaryMiddleware:
             if entry is not None and entry.gen == rollout._gen and entry.refresh_at > wall:
                 decision = entry.decision
         if decision is None:
-            decision = rollout.decide(
+            # On the fast path the cache was just consulted (or there is no cookie).
+            decision = (rollout._decide_uncached if self._fast else rollout.decide)(
                 cookie,
                 environ.get("wsgi.url_scheme") == "https",
                 environ.get("HTTP_X_CANARYMW_FORCE"),
