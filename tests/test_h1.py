@@ -25,6 +25,7 @@ class Scripted:
         self.requests: list[bytes] = []
         self.connections = 0
         self.pools: list[_h1.Pool] = []
+        self.closed = threading.Semaphore(0)  # released each time a connection is closed
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
 
@@ -44,6 +45,7 @@ class Scripted:
                 self.script(conn, index)
             except OSError:
                 pass
+        self.closed.release()
 
     def read_request(self, conn: socket.socket) -> bytes:
         data = b""
@@ -209,7 +211,7 @@ def test_a_kept_connection_closed_by_the_server_is_not_reused(serve: Callable[..
     server = serve(script)
     pool = server.pool()
     assert get(pool)[:2] == (200, b"ok")
-    threading.Event().wait(0.1)
+    assert server.closed.acquire(timeout=5)  # the server has closed the kept connection
     assert get(pool, b"POST", b"data")[:2] == (200, b"ok")
     assert server.connections == 2 and len(server.requests) == 2
 
