@@ -291,9 +291,14 @@ def test_connect_errors_and_pool_timeout() -> None:
 
 
 def test_the_pool_waits_for_a_slot_then_times_out(serve: Callable[..., Scripted]) -> None:
+    more = threading.Event()
+
     def script(conn: socket.socket, index: int) -> None:
         while server.read_request(conn):
-            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            # A streamed answer: the connection stays busy until its last chunk is read.
+            conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n")
+            more.wait(5)
+            conn.sendall(b"0\r\n\r\n")
 
     server = serve(script)
     pool = server.pool(max_connections=1, pool_timeout=0.2)
@@ -302,4 +307,20 @@ def test_the_pool_waits_for_a_slot_then_times_out(serve: Callable[..., Scripted]
         get(pool)
     threading.Timer(0.05, held.close).start()
     pool.pool_timeout = 2.0
+    more.set()
     assert get(pool)[:2] == (200, b"ok")  # woken when the held one came back
+    assert server.connections == 2  # the held one was closed unread, never reused
+
+
+def test_a_body_that_came_with_the_head_frees_the_connection_at_once(serve: Callable[..., Scripted]) -> None:
+    def script(conn: socket.socket, index: int) -> None:
+        while server.read_request(conn):
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+
+    server = serve(script)
+    pool = server.pool(max_connections=1, pool_timeout=0.2)
+    first = pool.request(b"GET", b"/x", [(b"host", b"up")], b"")
+    threading.Event().wait(0.05)
+    second = pool.request(b"GET", b"/x", [(b"host", b"up")], b"")  # no wait for the first
+    assert [first.body, second.body] == [b"hello", b"hello"]
+    assert b"".join(first) == b"hello" and server.connections == 1

@@ -58,24 +58,13 @@ class _Stale(Exception):
     """A reused connection closed before any byte of the answer: safe to retry once."""
 
 
-if hasattr(select, "poll"):
-
-    def _readable(sock: socket.socket) -> bool:
-        poller = select.poll()
-        poller.register(sock, select.POLLIN)
-        return bool(poller.poll(0))
-
-else:  # pragma: no cover - platforms without poll()
-
-    def _readable(sock: socket.socket) -> bool:
-        return bool(select.select([sock], [], [], 0)[0])
+_POLL: Final = hasattr(select, "poll")
 
 
 # On Linux a plain socket stays blocking and the kernel enforces the timeouts
 # (SO_RCVTIMEO/SO_SNDTIMEO): Python's own timeouts add a poll() before every recv and
 # send and an ioctl() per change, which is most of the system time of a short exchange.
 _KERNEL_TIMEOUTS: Final = sys.platform.startswith("linux")
-_PEEK: Final = getattr(socket, "MSG_PEEK", 0) | getattr(socket, "MSG_DONTWAIT", 0)
 
 
 def _timeval(seconds: float | None) -> bytes:
@@ -88,7 +77,7 @@ def _timeval(seconds: float | None) -> bytes:
 class Connection:
     """One socket and its read buffer."""
 
-    __slots__ = ("_buf", "_closed", "expires", "in_use", "kernel", "reused", "sock", "timeout")
+    __slots__ = ("_buf", "_closed", "_poller", "expires", "in_use", "kernel", "reused", "sock", "timeout")
 
     def __init__(self, sock: socket.socket, kernel: bool) -> None:
         self.sock = sock
@@ -96,6 +85,7 @@ class Connection:
         self.timeout: float | None = sock.gettimeout()
         self._buf = b""
         self._closed = False
+        self._poller: select.poll | None = None
         self.in_use = False
         self.reused = False
         self.expires = 0.0
@@ -124,16 +114,18 @@ class Connection:
         # bytes nobody asked for): either way it must not carry a request.
         if self._buf:
             return True
-        if self.kernel:
-            try:
-                self.sock.recv(1, _PEEK)
-            except BlockingIOError:
-                return False
-            except OSError:
-                pass
-            return True
         pending = getattr(self.sock, "pending", None)  # a TLS socket may hold decrypted bytes
-        return bool(pending and pending()) or _readable(self.sock)
+        if pending is not None and pending():
+            return True
+        if not _POLL:  # pragma: no cover - platforms without poll()
+            return bool(select.select([self.sock], [], [], 0)[0])
+        poller = self._poller
+        if poller is None:
+            # One poll object per connection: a check is then one system call and,
+            # unlike a non-blocking peek, raises nothing when all is well.
+            poller = self._poller = select.poll()
+            poller.register(self.sock, select.POLLIN)
+        return bool(poller.poll(0))
 
     # -- reading -----------------------------------------------------------------
     def _fill(self) -> bytes:
@@ -231,7 +223,7 @@ def _parse_head(head: bytes) -> tuple[int, bytes, list[tuple[bytes, bytes]], boo
 class Response:
     """One upstream response; iterate for the body (streamed), then close()."""
 
-    __slots__ = ("_chunked", "_conn", "_keep", "_pool", "_remaining", "headers", "reason", "status")
+    __slots__ = ("_chunked", "_conn", "_keep", "_pool", "_remaining", "body", "headers", "reason", "status")
 
     def __init__(
         self,
@@ -288,10 +280,22 @@ class Response:
             self._remaining = None
             keep = False
         self._keep = keep
-        if not self._chunked and self._remaining == 0:
-            self._release(True)
+        self.body: bytes | None = None
+        """The whole body when it had already arrived with the head (the connection is
+        then back in the pool); None when it is to be streamed by iterating."""
+        remaining = self._remaining
+        if remaining is not None and not self._chunked:
+            buf = conn._buf
+            if len(buf) >= remaining:
+                self.body, conn._buf = buf[:remaining], buf[remaining:]
+                self._remaining = 0
+                self._release(True)
 
     def __iter__(self) -> Iterator[bytes]:
+        if self.body is not None:
+            if self.body:
+                yield self.body
+            return
         conn = self._conn
         if conn is None:
             return

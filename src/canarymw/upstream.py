@@ -817,6 +817,12 @@ class _WSGIProxy(_Proxy):
             headers_out.append((name.decode("latin-1"), value.decode("latin-1")))
         if named:
             headers_out = [h for h in headers_out if h[0].lower().encode("latin-1") not in named]
+        whole = response.body
+        if whole is not None:
+            # The whole body came with the head and the connection is already back in
+            # the pool: nothing is left to stream or to close.
+            start_response(_status_line(response.status, response.reason), headers_out)
+            return [whole] if whole and method != "HEAD" else []
         self.upstream._open.add(response)
         try:
             start_response(_status_line(response.status, response.reason), headers_out)
