@@ -3,8 +3,8 @@
 It does what a gateway needs and nothing else: one request per connection at a time,
 bodies streamed both ways, framing by ``Content-Length``, chunked or connection close
 (See: RFC 9112 §6.3), strict parsing with bounded heads, and failures sorted by whether
-the request could have reached the server. Stdlib only; about ten times less CPU per
-request than a general-purpose client, which is what a proxy on a busy worker spends.
+the request could have reached the server. Standard library only, and about a quarter
+of the CPU per request of a general-purpose client: what a proxy on a busy worker spends.
 """
 
 from __future__ import annotations
