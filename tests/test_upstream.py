@@ -15,6 +15,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -783,6 +784,31 @@ def test_served_proxy_forwards_methods_bodies_and_streams(served_proxy: str) -> 
             waited = time.monotonic() - started
             rest = b"".join(chunks)
         assert first.startswith(b"chunk 0") and waited < 0.5 and (first + rest).endswith(b"chunk 2\n")
+
+
+@pytest.mark.server
+def test_served_proxy_keeps_concurrent_requests_apart(served_proxy: str) -> None:
+    # 16 clients at once through pooled upstream connections: every answer must be the
+    # one to its own request (a pool that mixed them up would leak one user's data).
+    wrong: list[str] = []
+
+    def client(i: int) -> None:
+        with httpx.Client(base_url=served_proxy, timeout=20) as c:
+            for j in range(25):
+                body = f"client {i} request {j}|".encode() * (1 + (i * 7 + j) % 300)
+                got = c.post("/echo", content=body, headers={"x-client": f"{i}-{j}"}).json()
+                if (
+                    got["sha256"] != hashlib.sha256(body).hexdigest()
+                    or got["headers"]["x-client"] != f"{i}-{j}"
+                ):
+                    wrong.append(f"{i}-{j}")
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == []
 
 
 @pytest.mark.server
