@@ -8,6 +8,8 @@ import threading
 from collections.abc import Callable, Iterator
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from canarymw import _h1
 
@@ -324,3 +326,59 @@ def test_a_body_that_came_with_the_head_frees_the_connection_at_once(serve: Call
     second = pool.request(b"GET", b"/x", [(b"host", b"up")], b"")  # no wait for the first
     assert [first.body, second.body] == [b"hello", b"hello"]
     assert b"".join(first) == b"hello" and server.connections == 1
+
+
+# -- hostile bytes: only this client's own errors, never a crash ----------------------------
+_CHUNK_PIECES = [b"5\r\nhello\r\n", b"0\r\n\r\n", b"ffffffffff\r\n", b"\r\n", b"3;x=y\r\nabc\r\n"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=400))
+def test_any_response_head_parses_or_is_a_protocol_error(raw: bytes) -> None:
+    try:
+        status, _, headers, _ = _h1._parse_head(b"HTTP/1.1 200 OK\r\n" + raw)
+    except _h1.ProtocolFailed:
+        return
+    assert status == 200
+    assert all(b"\r" not in v and b"\n" not in v for _, v in headers)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.sampled_from([b"Transfer-Encoding: chunked", b"Content-Length: 10", b"Connection: close"]),
+    st.lists(
+        st.one_of(
+            st.binary(max_size=40),
+            st.sampled_from(_CHUNK_PIECES),
+        ),
+        max_size=6,
+    ),
+)
+def test_any_body_streams_or_fails_with_a_client_error(framing: bytes, parts: list[bytes]) -> None:
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        theirs.sendall(b"HTTP/1.1 200 OK\r\n" + framing + b"\r\n\r\n" + b"".join(parts))
+        theirs.shutdown(socket.SHUT_WR)
+        ours.settimeout(1.0)
+        pool = _h1.Pool(
+            "127.0.0.1",
+            9,
+            ssl_context=None,
+            max_connections=1,
+            keepalive_expiry=1.0,
+            connect_timeout=1.0,
+            read_timeout=1.0,
+            write_timeout=1.0,
+            pool_timeout=1.0,
+        )
+        conn = _h1.Connection(ours, kernel=False)
+        pool._active = 1  # the slot this exchange holds, as _take() would have taken it
+        try:
+            status, reason, headers, http10 = _h1._parse_head(conn.read_head())
+            response = _h1.Response(pool, conn, status, reason, headers, False, http10)
+            body = b"".join(response)
+        except _h1.H1Error:
+            return
+        finally:
+            pool.close()
+        assert isinstance(body, bytes)
