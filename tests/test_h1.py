@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import struct
 import threading
@@ -340,7 +341,9 @@ def test_any_response_head_parses_or_is_a_protocol_error(raw: bytes) -> None:
     except _h1.ProtocolFailed:
         return
     assert status == 200
-    assert all(b"\r" not in v and b"\n" not in v for _, v in headers)
+    for name, value in headers:
+        assert re.fullmatch(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+", name), name
+        assert not re.search(rb"[\r\n\x00]", value) and value == value.strip(b" \t"), value
 
 
 @settings(max_examples=200, deadline=None)
