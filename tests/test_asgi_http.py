@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import copy
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -741,3 +742,82 @@ def test_sink_errors_counted_and_no_sink_works(make_rollout: MakeRollout) -> Non
             run(mw(http_scope(), server.receive, server.send))
             assert server.sent[0]["status"] == 200
         assert mw.sink_errors == errors
+
+
+class _CallableSend:
+    """A server's send that is an object, not a function: no code to find in a traceback."""
+
+    def __init__(self, server: FakeServer) -> None:
+        self.server = server
+
+    async def __call__(self, message: Message) -> None:
+        await self.server.send(message)
+
+
+@pytest.mark.parametrize("kind", ["method", "function", "object", "partial"])
+def test_send_raising_oserror_is_a_disconnect_whatever_kind_of_callable_send_is(
+    make_rollout: MakeRollout, kind: str
+) -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"a", "more_body": True})
+        await send({"type": "http.response.body", "body": b"b", "more_body": True})
+
+    def on_send(message: Message) -> None:
+        if message.get("body") == b"b":
+            raise BrokenPipeError("gone")
+
+    server = FakeServer(on_send=on_send)
+
+    async def function_send(message: Message) -> None:
+        await server.send(message)
+
+    send = {
+        "method": server.send,
+        "function": function_send,
+        "object": _CallableSend(server),
+        "partial": functools.partial(server.send),
+    }[kind]
+    sink = RecordingSink()
+    with pytest.raises(BrokenPipeError):
+        run(middleware(app, app, make_rollout(50), sink=sink)(http_scope(), server.receive, send))
+    [outcome] = sink.outcomes
+    assert outcome.disconnected and outcome.error is None and outcome.status == 200
+
+
+def test_an_app_that_turns_the_send_failure_into_its_own_error_still_counts_a_disconnect(
+    make_rollout: MakeRollout,
+) -> None:
+    class ClientGone(Exception):
+        pass
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        try:
+            await send({"type": "http.response.body", "body": b"b", "more_body": True})
+        except OSError:
+            raise ClientGone from None  # like Starlette's ClientDisconnect; context kept
+
+    def on_send(message: Message) -> None:
+        if message.get("body") == b"b":
+            raise ConnectionResetError("gone")
+
+    sink = RecordingSink()
+    server = FakeServer(on_send=on_send)
+    with pytest.raises(ClientGone):
+        run(middleware(app, app, make_rollout(50), sink=sink)(http_scope(), server.receive, server.send))
+    [outcome] = sink.outcomes
+    assert outcome.disconnected and outcome.error is None
+
+
+def test_an_oserror_of_the_app_itself_is_an_error_not_a_disconnect(make_rollout: MakeRollout) -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        raise FileNotFoundError("/data/report.csv")
+
+    sink = RecordingSink()
+    server = FakeServer()
+    with pytest.raises(FileNotFoundError):
+        run(middleware(app, app, make_rollout(50), sink=sink)(http_scope(), server.receive, server.send))
+    [outcome] = sink.outcomes
+    assert outcome.error == "FileNotFoundError" and not outcome.disconnected
