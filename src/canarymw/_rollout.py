@@ -31,6 +31,8 @@ KeyFunc = Callable[[Any], "str | int | None"]
 log = logging.getLogger("canarymw")
 
 _CACHE_SIZE = 20_000
+# A cohort value is verified once, then served from this cache; the cap bounds memory
+# under a flood of distinct forged values (each costs one HMAC, then is forgotten).
 _FRESH_BATCH = 64
 # First visits take ids made, hashed and signed ahead in batches: in one tight loop each
 # costs a fraction of what it costs cold between two requests of a web app.
@@ -47,8 +49,6 @@ def _after_fork() -> None:
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork)
 _tuple_new = tuple.__new__
-# A cohort value is verified once, then served from this cache; the cap bounds memory
-# under a flood of distinct forged values (each costs one HMAC, then is forgotten).
 
 
 class Decision(NamedTuple):
@@ -448,14 +448,7 @@ class Rollout:
         return mine
 
     def _assign(self, https: bool) -> Decision:
-        fresh = self._fresh
-        if fresh and self._fresh_until > _time():
-            try:
-                cid, bkt, value = fresh.pop()  # atomic: no two threads get the same id
-            except IndexError:
-                cid, bkt, value = self._take_fresh()
-        else:
-            cid, bkt, value = self._take_fresh()
+        cid, bkt, value = self._take_fresh()
         variant, reason = self._choose(cid, bkt)
         self._count("assigned")
         template = self._cookie_templates.get(https if self.cookie_secure is None else self.cookie_secure)

@@ -209,15 +209,15 @@ class _Response:
         if inner is None:
             return
         self.inner = None
-        close = getattr(inner, "close", None)
-        if close is not None:
-            try:
+        try:
+            close = getattr(inner, "close", None)
+            if close is not None:
                 close()
-            except BaseException as exc:
-                if self.error is None:
-                    self.error = type(exc).__name__
-                self.finish()
-                raise
+        except BaseException as exc:
+            if self.error is None:
+                self.error = type(exc).__name__
+            self.finish()
+            raise
         self.finish()
 
     def finish(self) -> None:
