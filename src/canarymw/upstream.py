@@ -316,7 +316,7 @@ def _classify(exc: BaseException) -> type[UpstreamError] | None:
     if not isinstance(exc, Exception):
         return None
     if isinstance(exc, _h1.H1Error):
-        return _H1_ERRORS[type(exc)]
+        return _H1_ERRORS.get(type(exc), UpstreamProtocolError)
     try:
         import httpcore
     except ImportError:
