@@ -610,41 +610,19 @@ class _Exchange:
         return message
 
     def finish(self, error: str | None, disconnected: bool, at: float) -> None:
-        """Record the outcome once; a failing sink is counted, never raised."""
+        """Record the outcome once (see ASGICanaryMiddleware._outcome)."""
         self.done = True
-        mw = self.mw
-        record = mw._record
-        if record is None:
-            return
         scope = self.scope
-        route = scope.get("canarymw.route")
-        if route is None:
-            # Starlette's Router (and FastAPI's) store the matched route object here.
-            route = getattr(scope.get("route"), "path", None)
-            if not isinstance(route, str):
-                route = None
-        decision = self.decision
-        try:
-            # tuple.__new__ skips _make's length check: the field count is fixed here.
-            record(
-                _new_tuple(
-                    Outcome,
-                    (
-                        decision.rollout,
-                        decision.variant,
-                        self.status,
-                        at - self.started,
-                        error or scope.get("canarymw.error"),
-                        disconnected,
-                        scope.get("method", "GET"),
-                        route,
-                        self.wall,
-                        None,
-                    ),
-                )
-            )
-        except Exception:
-            mw.sink.failed()  # type: ignore[union-attr]
+        self.mw._outcome(
+            self.decision,
+            scope,
+            self.status,
+            at - self.started,
+            error,
+            disconnected,
+            scope.get("method", "GET"),
+            self.wall,
+        )
 
 
 class _Event(Protocol):
