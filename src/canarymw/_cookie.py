@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import secrets
 from base64 import urlsafe_b64encode
 from binascii import b2a_base64
 from collections.abc import Sequence
@@ -104,16 +103,10 @@ class CookieCodec:
 
     def issue(self, cohort_id: str, issued: int) -> str:
         """Sign a new value for ``cohort_id`` with the newest key."""
-        payload = f"{VERSION}.{cohort_id}.{issued:x}".encode("ascii")
-        inner = self._inner.copy()
-        inner.update(payload)
-        outer = self._outer.copy()
-        outer.update(inner.digest())
-        sig = urlsafe_b64encode(outer.digest()).rstrip(b"=")
-        return (payload + b"." + sig).decode("ascii")
+        return self.issue_many([cohort_id], issued)[0]
 
     def issue_many(self, cohort_ids: list[str], issued: int) -> list[str]:
-        """:meth:`issue` for many ids at once (same values, less overhead per id)."""
+        """Sign new values for many ids at once with the newest key (Signer.sign()'s bytes)."""
         prefix, suffix = f"{VERSION}.".encode("ascii"), f".{issued:x}".encode("ascii")
         inner_state, outer_state = self._inner, self._outer
         out = []
@@ -145,11 +138,6 @@ class CookieCodec:
                 return None
             return parts[1], issued, index == 0
         return None
-
-
-def new_id() -> str:
-    """A fresh random cohort id: 128 bits from :mod:`secrets`, base64url, 22 characters."""
-    return secrets.token_urlsafe(16)
 
 
 def new_ids(count: int) -> list[str]:
