@@ -26,8 +26,10 @@ _MAX_HEAD: Final = 64 * 1024
 _MAX_HEADERS: Final = 200
 _MAX_CHUNK_LINE: Final = 4096
 _READ: Final = 64 * 1024
-_IDEMPOTENT: Final = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
-_TOKEN: Final = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+IDEMPOTENT: Final = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
+"""Methods that may be sent again (See: RFC 9110 §9.2.2)."""
+_TCHAR = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
+_is_token = re.compile(_TCHAR + rb"+").fullmatch
 
 
 class H1Error(Exception):
@@ -191,7 +193,6 @@ class Connection:
             buf += data
 
 
-_TCHAR = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
 # Field lines after the status line: a token, a colon, a value without CR, LF or NUL.
 # No whitespace before the colon and no obsolete line folding (RFC 9112 §5.1, §5.2).
 _VALID_FIELDS = re.compile(rb"(?:\r\n" + _TCHAR + rb"+:[^\r\n\x00]*)*")
@@ -507,7 +508,7 @@ class Pool:
             head.count(b"\n") != breaks
             or head.count(b"\r") != breaks
             or b"\0" in head
-            or not _TOKEN.issuperset(method)
+            or not _is_token(method)
             or b" " in target
         ):
             raise ProtocolFailed("the request has an invalid method, target or header field")
@@ -520,7 +521,7 @@ class Pool:
                 # The server closed a kept-alive connection as we reused it and sent no
                 # byte back. Once more on a new connection, when the request can be sent
                 # again and may be (RFC 9112 §9.3.1: idempotent methods only).
-                if attempt or not isinstance(body, bytes) or method not in _IDEMPOTENT:
+                if attempt or not isinstance(body, bytes) or method not in IDEMPOTENT:
                     raise ProtocolFailed("the upstream closed the connection without answering") from None
             except BaseException:
                 self._give_back(conn)
@@ -535,8 +536,10 @@ class Pool:
         try:
             conn.set_timeout(self.write_timeout)
             if isinstance(body, bytes):
-                sock.sendall(head + body if len(body) < 16384 else head)
-                if len(body) >= 16384:
+                if len(body) < 16384:
+                    sock.sendall(head + body)  # one segment for the common small request
+                else:
+                    sock.sendall(head)
                     sock.sendall(body)
             else:
                 sock.sendall(head)

@@ -236,8 +236,7 @@ _REQUEST_DROP: Final = frozenset(
         "via",
     )
 )
-# See: RFC 9110 §9.2.2 (idempotent methods may be sent again).
-_IDEMPOTENT: Final = frozenset(("GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"))
+_IDEMPOTENT: Final = frozenset(m.decode("ascii") for m in _h1.IDEMPOTENT)
 _NO_BODY_STATUS: Final = frozenset((204, 304))
 
 # RFC 3986 pchar plus "/", and query characters plus "%" (escapes already present stay).
