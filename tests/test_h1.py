@@ -18,6 +18,14 @@ Script = Callable[[socket.socket, int], None]
 """Serves one accepted connection; gets the connection's index."""
 
 
+def make_pool(port: int, *, max_connections: int = 4, **kw: float) -> _h1.Pool:
+    """A pool to 127.0.0.1:``port`` with short, test-sized limits unless told otherwise."""
+    limits = {"keepalive_expiry": 5.0, "connect_timeout": 2.0, "read_timeout": 2.0, "write_timeout": 2.0}
+    limits["pool_timeout"] = 2.0
+    limits.update(kw)
+    return _h1.Pool("127.0.0.1", port, ssl_context=None, max_connections=max_connections, **limits)
+
+
 class Scripted:
     """A loopback server that runs ``script`` for every connection it accepts."""
 
@@ -60,23 +68,8 @@ class Scripted:
         self.requests.append(data)
         return data
 
-    def pool(self, **kw: float) -> _h1.Pool:
-        options: dict[str, float] = {
-            "max_connections": 4,
-            "keepalive_expiry": 5.0,
-            "connect_timeout": 2.0,
-            "read_timeout": 2.0,
-            "write_timeout": 2.0,
-            "pool_timeout": 2.0,
-        }
-        options.update(kw)
-        pool = _h1.Pool(
-            "127.0.0.1",
-            self.port,
-            ssl_context=None,
-            max_connections=int(options.pop("max_connections")),
-            **options,
-        )
+    def pool(self, *, max_connections: int = 4, **kw: float) -> _h1.Pool:
+        pool = make_pool(self.port, max_connections=max_connections, **kw)
         self.pools.append(pool)
         return pool
 
@@ -276,17 +269,7 @@ def test_connect_errors_and_pool_timeout() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    pool = _h1.Pool(
-        "127.0.0.1",
-        port,
-        ssl_context=None,
-        max_connections=1,
-        keepalive_expiry=1.0,
-        connect_timeout=1.0,
-        read_timeout=1.0,
-        write_timeout=1.0,
-        pool_timeout=0.1,
-    )
+    pool = make_pool(port, max_connections=1, pool_timeout=0.1)
     with pytest.raises(_h1.ConnectFailed):
         get(pool)
     with pytest.raises(_h1.ConnectFailed):  # the failed attempt gave its slot back
@@ -363,17 +346,7 @@ def test_any_body_streams_or_fails_with_a_client_error(framing: bytes, parts: li
         theirs.sendall(b"HTTP/1.1 200 OK\r\n" + framing + b"\r\n\r\n" + b"".join(parts))
         theirs.shutdown(socket.SHUT_WR)
         ours.settimeout(1.0)
-        pool = _h1.Pool(
-            "127.0.0.1",
-            9,
-            ssl_context=None,
-            max_connections=1,
-            keepalive_expiry=1.0,
-            connect_timeout=1.0,
-            read_timeout=1.0,
-            write_timeout=1.0,
-            pool_timeout=1.0,
-        )
+        pool = make_pool(9, max_connections=1)
         conn = _h1.Connection(ours, kernel=False)
         pool._active = 1  # the slot this exchange holds, as _take() would have taken it
         try:
