@@ -11,20 +11,23 @@ import pytest
 from canarymw import MemorySink, Outcome
 
 
-def _outcomes(n: int, seed: int) -> list[Outcome]:
+def _outcomes(n: int, seed: int, mix: str = "mixed") -> list[Outcome]:
+    """``mixed``: two rollouts, both variants, some exceptions and disconnects;
+    ``one variant``: one rollout and variant; ``clean``: that, and no exception or
+    disconnect (the batches MemorySink counts by status alone)."""
     rng = random.Random(seed)
     out = []
     for _ in range(n):
-        error = rng.choice([None] * 20 + ["ValueError"])
+        error = None if mix == "clean" else rng.choice([None] * 20 + ["ValueError"])
         status = None if error and rng.random() < 0.5 else rng.choice([200] * 30 + [201, 302, 404, 500, 503])
         out.append(
             Outcome(
-                rng.choice(["checkout-v2", "search-v3"]),
-                rng.choice(["old"] * 4 + ["new"]),
+                "checkout-v2" if mix != "mixed" else rng.choice(["checkout-v2", "search-v3"]),
+                "old" if mix != "mixed" else rng.choice(["old"] * 4 + ["new"]),
                 status,
                 rng.lognormvariate(-5, 1),
                 error,
-                rng.random() < 0.03,
+                mix != "clean" and rng.random() < 0.03,
                 "GET",
                 None,
                 1_700_000_000.0,
@@ -57,9 +60,10 @@ def _reference(outcomes: list[Outcome], rollout: str | None) -> dict[str, dict[s
     return ref
 
 
+@pytest.mark.parametrize("mix", ["mixed", "one variant", "clean"])
 @pytest.mark.parametrize("n", [1, 255, 256, 257, 5_000])
-def test_snapshot_matches_a_reference_from_many_threads(n: int) -> None:
-    outcomes = _outcomes(n, seed=n)
+def test_snapshot_matches_a_reference_from_many_threads(n: int, mix: str) -> None:
+    outcomes = _outcomes(n, seed=n, mix=mix)
     sink = MemorySink()
     chunks = [outcomes[i::4] for i in range(4)]
     threads = [threading.Thread(target=lambda c=c: [sink.record(o) for o in c]) for c in chunks]

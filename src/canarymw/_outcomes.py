@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import compress, islice
 from operator import itemgetter
+from struct import pack
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 log = logging.getLogger("canarymw")
@@ -157,7 +158,7 @@ class MemorySink:
     def __init__(self, classify: Classifier = default_classifier) -> None:
         self._classify = classify
         self._lock = threading.Lock()
-        self._pending: deque[Outcome] = deque()
+        self._pending: deque[Outcome | tuple[Any, ...]] = deque()  # plain tuples from the WSGI adapter
         # (rollout, variant, status, error, disconnected) -> count
         self._counts: Counter[tuple[str, str, int | None, str | None, bool]] = Counter()
         self._failed: Counter[tuple[str, str]] = Counter()  # with a custom classifier only
@@ -184,17 +185,33 @@ class MemorySink:
             # Columns (rollout, variant, status, duration, error, disconnected, ...): the
             # per-outcome work below all runs in C.
             names, variants, statuses, durations, errors, disconnected = list(zip(*batch, strict=True))[:6]
-            self._counts.update(zip(names, variants, statuses, errors, disconnected, strict=True))
+            n = len(batch)
+            counts = self._counts
             if self._classify is not default_classifier:
                 classify = self._classify
-                self._failed.update(_RV(o) for o in batch if not classify(o))
-            pairs = list(zip(names, variants, strict=True))
-            kinds = set(pairs)
-            for rv in kinds:
+                # The WSGI adapter queues plain tuples (see wsgi._Response.finish).
+                self._failed.update(_RV(o) for o in map(Outcome._make, batch) if not classify(o))
+            kinds: dict[tuple[str, str], tuple[float, ...]]
+            if names.count(names[0]) == n and variants.count(variants[0]) == n:
+                # The usual batch: one rollout and variant, no exception, no disconnect.
+                # Counting statuses alone spares building and hashing a key per outcome.
+                rv = (names[0], variants[0])
+                if errors.count(None) == n and disconnected.count(False) == n:
+                    for status, c in Counter(statuses).items():
+                        counts[rv[0], rv[1], status, None, False] += c
+                else:
+                    counts.update(zip(names, variants, statuses, errors, disconnected, strict=True))
+                kinds = {rv: durations}
+            else:
+                counts.update(zip(names, variants, statuses, errors, disconnected, strict=True))
+                pairs = list(zip(names, variants, strict=True))
+                kinds = {rv: tuple(compress(durations, map(rv.__eq__, pairs))) for rv in set(pairs)}
+            for rv, ds in kinds.items():
                 arr = self._durations.get(rv)
                 if arr is None:
                     arr = self._durations[rv] = array("d")
-                arr.extend(durations if len(kinds) == 1 else compress(durations, map(rv.__eq__, pairs)))
+                # Packed in one call: array.extend() would parse each float on its own.
+                arr.frombytes(pack(f"{len(ds)}d", *ds))
                 if len(arr) >= _COMPACT:
                     self._compact(rv, arr)
         finally:
