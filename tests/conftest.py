@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+import canarymw.wsgi
 from canarymw import Rollout
 
 from .harness import KITS, ASGIKit, WSGIKit
@@ -13,12 +14,32 @@ from .harness import KITS, ASGIKit, WSGIKit
 KEY = "test-secret-key-0123456789abcdef"
 
 
+def use_wsgi_impl(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Route the WSGI adapter through one implementation of its response path:
+    ``compiled`` (canarymw._speedups, the default when it was built) or ``python``."""
+    if name == "python":
+        monkeypatch.setattr(canarymw.wsgi, "_respond", canarymw.wsgi._respond_py)
+        monkeypatch.setenv("CANARYMW_NO_EXTENSIONS", "1")  # for servers started by the test
+    elif canarymw.wsgi._respond is canarymw.wsgi._respond_py:
+        pytest.skip("canarymw._speedups was not built (test_speedups_are_built says why)")
+
+
 @pytest.fixture(params=sorted(KITS))
-def kit(request: pytest.FixtureRequest) -> WSGIKit | ASGIKit:
-    """The adapter under test: every behavioural test runs once per adapter."""
+def kit(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> WSGIKit | ASGIKit:
+    """The adapter under test: every behavioural test runs once per adapter, and the
+    WSGI one once per implementation (``wsgi``: compiled, ``wsgi-python``)."""
     if request.param == "asgi" and importlib.util.find_spec("canarymw.asgi") is None:
         pytest.fail("canarymw.asgi is missing")
+    if request.param.startswith("wsgi"):
+        use_wsgi_impl("python" if request.param == "wsgi-python" else "compiled", monkeypatch)
     return KITS[request.param]()
+
+
+@pytest.fixture(params=["compiled", "python"])
+def wsgi_impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a WSGI test once per implementation of the adapter's response path."""
+    use_wsgi_impl(request.param, monkeypatch)
+    return str(request.param)
 
 
 @pytest.fixture

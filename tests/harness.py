@@ -406,4 +406,4 @@ def run(coro: Any) -> Any:
     return asyncio.run(coro)
 
 
-KITS: dict[str, Callable[[], WSGIKit | ASGIKit]] = {"wsgi": WSGIKit, "asgi": ASGIKit}
+KITS: dict[str, Callable[[], WSGIKit | ASGIKit]] = {"wsgi": WSGIKit, "wsgi-python": WSGIKit, "asgi": ASGIKit}

@@ -11,10 +11,13 @@ from wsgiref.validate import validator
 import httpx
 import pytest
 
-from canarymw import Rollout, WSGICanaryMiddleware
+from canarymw import MemorySink, Outcome, Rollout, WSGICanaryMiddleware
 
 from .harness import RecordingSink, WSGITransport
 from .servers import free_port, gunicorn, serve
+
+# Every test here runs against both implementations of the adapter's response path.
+pytestmark = pytest.mark.usefixtures("wsgi_impl")
 
 KEY = "test-secret-key-0123456789abcdef"
 
@@ -230,3 +233,28 @@ def test_gunicorn_workers_agree_on_every_users_variant() -> None:
         all_pids |= pids
     assert len(all_pids) == 2  # both workers served
     assert 15 <= greens <= 80  # about 30% of 150
+
+
+def test_memory_sink_with_a_custom_classifier_sees_outcomes() -> None:
+    """Outcomes reach a MemorySink's queue without a record() call; a custom classifier
+    still gets Outcome objects."""
+    seen: list[object] = []
+
+    def classify(outcome: Any) -> bool:
+        seen.append(type(outcome))
+        return bool(outcome.status != 404)
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("404 Not Found" if environ["PATH_INFO"] == "/missing" else "200 OK", [])
+        return [b""]
+
+    sink = MemorySink(classify=classify)
+    rollout = Rollout("w", percent=0, secret_key=KEY)
+    mw = WSGICanaryMiddleware(app, new=app, rollout=rollout, sink=sink)
+    for path in ["/missing"] * 3 + ["/"] * 300:
+        result = mw({"REQUEST_METHOD": "GET", "PATH_INFO": path}, lambda s, h, e=None: None)
+        list(result)
+        result.close()  # type: ignore[attr-defined]
+    stats = sink.snapshot()["old"]
+    assert (stats.requests, stats.errors, stats.statuses) == (303, 3, {2: 300, 4: 3})
+    assert set(seen) == {Outcome}

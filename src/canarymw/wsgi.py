@@ -22,13 +22,14 @@ may put a route template in ``environ["canarymw.route"]`` for the outcome.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from ._http import check_adapter_args, finish_headers
-from ._outcomes import Outcome, Sink, as_sink
+from ._outcomes import _BATCH, MemorySink, Outcome, Sink, as_sink
 from ._rollout import Decision, Rollout
 from .upstream import Upstream
 
@@ -90,6 +91,10 @@ class WSGICanaryMiddleware:
         self.rollout = rollout
         self.sink = as_sink(sink)
         self._record = self.sink.sink.record if self.sink is not None else None
+        # Outcomes for a MemorySink go straight into its queue (see _Response.finish).
+        self._memory = (
+            self.sink.sink if self.sink is not None and type(self.sink.sink) is MemorySink else None
+        )
         self._excluded = rollout.is_excluded if rollout.is_excluded else None
         # Returning visitors skip decide() when no per-request input can change the answer.
         self._fast = rollout.key is None and rollout.force_token is None
@@ -127,23 +132,40 @@ class WSGICanaryMiddleware:
                 environ,
             )
         environ["canarymw.decision"] = decision
-        # Attributes set here rather than in an __init__: one Python frame less per request.
-        response = _new_response(_Response)
-        response.mw = self
-        response.decision = decision
-        response.environ = environ
-        response.server_start_response = start_response
-        response.wall = wall
-        response.started = _perf()
-        try:
-            response.inner = (self.new_app if decision.variant == "new" else self.old_app)(
-                environ, response.start_response
-            )
-        except BaseException as exc:
-            response.error = type(exc).__name__
-            response.finish()
-            raise
-        return response
+        return _respond(
+            self,
+            self.new_app if decision.variant == "new" else self.old_app,
+            decision,
+            environ,
+            start_response,
+            wall,
+        )
+
+
+def _respond_py(
+    mw: WSGICanaryMiddleware,
+    app: WSGIApplication,
+    decision: Decision,
+    environ: WSGIEnvironment,
+    start_response: StartResponse,
+    wall: float,
+) -> Iterable[bytes]:
+    """Call ``app`` and return our iterable around its response (reference implementation)."""
+    # Attributes set here rather than in an __init__: one Python frame less per request.
+    response = _new_response(_Response)
+    response.mw = mw
+    response.decision = decision
+    response.environ = environ
+    response.server_start_response = start_response
+    response.wall = wall
+    response.started = _perf()
+    try:
+        response.inner = app(environ, response.start_response)
+    except BaseException as exc:
+        response.error = type(exc).__name__
+        response.finish()
+        raise
+    return response
 
 
 class _Response:
@@ -166,15 +188,7 @@ class _Response:
         self, status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None
     ) -> Callable[[bytes], object]:
         code = _codes.get(status)
-        if code is None:
-            try:
-                code = int(status[:3])
-            except ValueError:
-                code = None
-            else:
-                if len(_codes) < 512:
-                    _codes[status] = code
-        self.status = code
+        self.status = _parse_status(status) if code is None else code
         cookie = self.decision.set_cookie
         mw = self.mw
         for name, _ in headers:
@@ -232,23 +246,77 @@ class _Response:
         error = self.error or env.get("canarymw.error")
         decision = self.decision
         method = env.get("REQUEST_METHOD", "GET")
+        fields = (
+            decision.rollout,
+            decision.variant,
+            self.status,
+            _perf() - self.started,
+            error,
+            not self.done and error is None and method != "HEAD",
+            method,
+            env.get("canarymw.route"),
+            self.wall,
+            None,
+        )
         try:
-            record(
-                _tuple_new(
-                    Outcome,
-                    (
-                        decision.rollout,
-                        decision.variant,
-                        self.status,
-                        _perf() - self.started,
-                        error,
-                        not self.done and error is None and method != "HEAD",
-                        method,
-                        env.get("canarymw.route"),
-                        self.wall,
-                        None,
-                    ),
-                )
-            )
+            memory = mw._memory
+            if memory is None:
+                record(_tuple_new(Outcome, fields))
+            else:
+                # MemorySink.record() without its call: the adapter's hottest sink.
+                pending = memory._pending
+                pending.append(fields)
+                if len(pending) >= _BATCH:
+                    memory._fold(blocking=False)
         except Exception:
             mw.sink.failed()  # type: ignore[union-attr]
+
+
+def _parse_status(line: str) -> int | None:
+    try:
+        code = int(line[:3])
+    except ValueError:
+        return None
+    if len(_codes) < 512:
+        _codes[line] = code
+    return code
+
+
+def _record_outcome(mw: WSGICanaryMiddleware, fields: tuple[Any, ...]) -> None:
+    mw._record(_tuple_new(Outcome, fields))  # type: ignore[misc]
+
+
+def _sink_failed(mw: WSGICanaryMiddleware, exc: Exception) -> None:
+    try:
+        raise exc
+    except Exception:
+        mw.sink.failed()  # type: ignore[union-attr]
+
+
+def _fold(memory: MemorySink) -> None:
+    memory._fold(blocking=False)
+
+
+_respond = _respond_py
+if not os.environ.get("CANARYMW_NO_EXTENSIONS"):
+    try:
+        from . import _speedups
+    except ImportError:
+        pass
+    else:
+        _speedups.configure(
+            _perf,
+            _codes,
+            _parse_status,
+            _Response.start_response,
+            _record_outcome,
+            _sink_failed,
+            _fold,
+            _BATCH,
+            (
+                Decision._fields.index("rollout"),
+                Decision._fields.index("variant"),
+                Decision._fields.index("set_cookie"),
+            ),
+        )
+        _respond = _speedups.respond

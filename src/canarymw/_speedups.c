@@ -1,0 +1,653 @@
+/* Optional C implementation of the WSGI adapter's per-request response object.
+ *
+ * canarymw/wsgi.py holds the reference implementation (_Response) and uses this one
+ * when it was built. Both must behave the same: the test suite runs every WSGI test
+ * against each. Everything unusual (a header list that is not a list of 2-tuples of
+ * str, a status line not seen before, a failing sink) is handed back to the Python
+ * code, so this file only has to be right about the common case.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+#include <string.h>
+#include <time.h>
+
+/* Set once by configure() from wsgi.py. */
+static PyObject *perf_counter;   /* time.perf_counter */
+static PyObject *codes;          /* dict: status line -> int */
+static PyObject *parse_status;   /* f(line) -> int | None, fills codes */
+static PyObject *slow_start;     /* _Response.start_response(resp, line, headers, exc_info) */
+static PyObject *record_outcome; /* f(mw, fields): hands an outcome to a sink other than MemorySink */
+static PyObject *sink_failed;    /* f(mw, exc): counts and logs a failing sink */
+static PyObject *fold;           /* f(memory): MemorySink._fold(blocking=False) */
+static Py_ssize_t batch = 256;
+/* Positions of Decision's fields (a named tuple), checked by configure's caller. */
+static Py_ssize_t i_rollout, i_variant, i_set_cookie;
+
+static PyObject *s_record, *s_append, *s_memory, *s_pending, *s_split_only, *s_extra_headers, *s_set_cookie,
+    *s_rollout, *s_variant, *s_close, *s_get, *s_name, *s_error_key, *s_split_key, *s_route_key,
+    *s_method_key, *s_get_method, *s_head, *s_set_cookie_header;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *mw;
+    PyObject *decision;
+    PyObject *environ;
+    PyObject *server_start_response;
+    PyObject *inner; /* NULL once closed */
+    PyObject *it;    /* iter(inner), once the server iterates */
+    PyObject *status;
+    PyObject *error;
+    double wall;
+    double started;
+    char done;
+    char finished;
+} Response;
+
+static PyTypeObject ResponseType;
+
+/* Seconds on a monotonic clock: only differences are used (durations). */
+static int
+now(double *out)
+{
+#if defined(CLOCK_MONOTONIC) && !defined(_WIN32)
+    struct timespec ts;
+    if (clock_gettime(CLOCK_MONOTONIC, &ts) == 0) {
+        *out = (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+        return 0;
+    }
+#endif
+    PyObject *t = PyObject_CallNoArgs(perf_counter);
+    if (t == NULL)
+        return -1;
+    *out = PyFloat_AsDouble(t);
+    Py_DECREF(t);
+    return (*out == -1.0 && PyErr_Occurred()) ? -1 : 0;
+}
+
+/* type(exc).__name__ of the pending exception, which stays pending. */
+static PyObject *
+pending_error_name(void)
+{
+    PyObject *type, *value, *tb, *name;
+    PyErr_Fetch(&type, &value, &tb);
+    name = type ? PyObject_GetAttr(type, s_name) : NULL;
+    if (name == NULL)
+        PyErr_Clear();
+    PyErr_Restore(type, value, tb);
+    return name;
+}
+
+static void
+remember_error(Response *self)
+{
+    if (self->error == NULL || self->error == Py_None) {
+        PyObject *name = pending_error_name();
+        if (name != NULL)
+            Py_XSETREF(self->error, name);
+    }
+}
+
+/* getattr(obj, name, None) without building an AttributeError: 1 found, 0 absent, -1 error. */
+static int
+optional_attr(PyObject *obj, PyObject *name, PyObject **out)
+{
+#if PY_VERSION_HEX >= 0x030D0000
+    return PyObject_GetOptionalAttr(obj, name, out);
+#else
+    return _PyObject_LookupAttr(obj, name, out);
+#endif
+}
+
+static PyObject *
+env_get(PyObject *environ, PyObject *key)
+{
+    PyObject *v;
+    if (PyDict_CheckExact(environ)) {
+        v = PyDict_GetItemWithError(environ, key);
+        if (v == NULL && PyErr_Occurred())
+            return NULL;
+        return Py_NewRef(v ? v : Py_None);
+    }
+    return PyObject_CallMethodObjArgs(environ, s_get, key, Py_None, NULL);
+}
+
+static PyObject *
+decision_field(PyObject *decision, Py_ssize_t i, PyObject *name)
+{
+    if (PyTuple_Check(decision) && i < PyTuple_GET_SIZE(decision))
+        return Py_NewRef(PyTuple_GET_ITEM(decision, i));
+    return PyObject_GetAttr(decision, name);
+}
+
+/* Record the outcome once. Never raises: a failing sink is counted by sink_failed. */
+static void
+finish(Response *self)
+{
+    PyObject *mw = self->mw, *record = NULL, *error = NULL, *method = NULL, *route = NULL,
+             *fields = NULL, *memory = NULL, *pending = NULL, *res, *flag, *rollout = NULL,
+             *variant = NULL;
+    PyObject *type, *value, *tb;
+    double end;
+    int split_only, disconnected;
+
+    if (self->finished)
+        return;
+    self->finished = 1;
+    /* Keep the exception being raised (if any) while the outcome is recorded. */
+    PyErr_Fetch(&type, &value, &tb);
+    record = PyObject_GetAttr(mw, s_record);
+    if (record == NULL)
+        goto failed;
+    if (record == Py_None)
+        goto done;
+    flag = PyObject_GetAttr(mw, s_split_only);
+    if (flag == NULL)
+        goto failed;
+    split_only = PyObject_IsTrue(flag);
+    Py_DECREF(flag);
+    if (split_only < 0)
+        goto failed;
+    if (split_only) {
+        int split;
+        flag = env_get(self->environ, s_split_key);
+        if (flag == NULL)
+            goto failed;
+        split = PyObject_IsTrue(flag);
+        Py_DECREF(flag);
+        if (split < 0)
+            goto failed;
+        if (!split)
+            goto done;
+    }
+    if (self->error != NULL && PyObject_IsTrue(self->error)) {
+        error = Py_NewRef(self->error);
+    }
+    else {
+        error = env_get(self->environ, s_error_key);
+        if (error == NULL)
+            goto failed;
+    }
+    if (PyDict_CheckExact(self->environ)) {
+        method = PyDict_GetItemWithError(self->environ, s_method_key);
+        if (method == NULL && PyErr_Occurred())
+            goto failed;
+        method = Py_NewRef(method ? method : s_get_method);
+    }
+    else {
+        method = PyObject_CallMethodObjArgs(self->environ, s_get, s_method_key, s_get_method, NULL);
+        if (method == NULL)
+            goto failed;
+    }
+    route = env_get(self->environ, s_route_key);
+    if (route == NULL)
+        goto failed;
+    rollout = decision_field(self->decision, i_rollout, s_rollout);
+    if (rollout == NULL)
+        goto failed;
+    variant = decision_field(self->decision, i_variant, s_variant);
+    if (variant == NULL)
+        goto failed;
+    if (now(&end) < 0)
+        goto failed;
+    if (self->done || error != Py_None) {
+        disconnected = 0;
+    }
+    else {
+        int head = PyObject_RichCompareBool(method, s_head, Py_EQ);
+        if (head < 0)
+            goto failed;
+        disconnected = !head;
+    }
+    fields = PyTuple_New(10);
+    if (fields == NULL)
+        goto failed;
+    PyTuple_SET_ITEM(fields, 0, rollout);
+    PyTuple_SET_ITEM(fields, 1, variant);
+    rollout = variant = NULL;
+    PyTuple_SET_ITEM(fields, 2, Py_NewRef(self->status ? self->status : Py_None));
+    PyTuple_SET_ITEM(fields, 3, PyFloat_FromDouble(end - self->started));
+    PyTuple_SET_ITEM(fields, 4, error);
+    error = NULL;
+    PyTuple_SET_ITEM(fields, 5, Py_NewRef(disconnected ? Py_True : Py_False));
+    PyTuple_SET_ITEM(fields, 6, method);
+    method = NULL;
+    PyTuple_SET_ITEM(fields, 7, route);
+    route = NULL;
+    PyTuple_SET_ITEM(fields, 8, PyFloat_FromDouble(self->wall));
+    PyTuple_SET_ITEM(fields, 9, Py_NewRef(Py_None));
+    if (PyTuple_GET_ITEM(fields, 3) == NULL || PyTuple_GET_ITEM(fields, 8) == NULL)
+        goto failed;
+    memory = PyObject_GetAttr(mw, s_memory);
+    if (memory == NULL)
+        goto failed;
+    if (memory == Py_None) {
+        res = PyObject_CallFunctionObjArgs(record_outcome, mw, fields, NULL);
+    }
+    else {
+        pending = PyObject_GetAttr(memory, s_pending);
+        if (pending == NULL)
+            goto failed;
+        res = PyObject_CallMethodOneArg(pending, s_append, fields);
+        if (res != NULL) {
+            Py_ssize_t n = PyObject_Size(pending);
+            Py_DECREF(res);
+            res = n < 0 ? NULL : n >= batch ? PyObject_CallOneArg(fold, memory) : Py_NewRef(Py_None);
+        }
+    }
+    if (res == NULL)
+        goto failed;
+    Py_DECREF(res);
+    goto done;
+
+failed : {
+    /* As in Python: an Exception is counted; anything else is not ours to swallow,
+     * but finish() must not raise, so it is reported as unraisable. */
+    PyObject *t2, *v2, *tb2;
+    PyErr_Fetch(&t2, &v2, &tb2);
+    PyErr_NormalizeException(&t2, &v2, &tb2);
+    if (v2 != NULL && tb2 != NULL)
+        PyException_SetTraceback(v2, tb2);
+    if (v2 != NULL && PyObject_IsInstance(v2, PyExc_Exception) == 1) {
+        res = PyObject_CallFunctionObjArgs(sink_failed, mw, v2, NULL);
+        if (res == NULL)
+            PyErr_WriteUnraisable(mw);
+        Py_XDECREF(res);
+    }
+    else if (t2 != NULL) {
+        PyErr_Restore(t2, v2, tb2);
+        t2 = v2 = tb2 = NULL;
+        PyErr_WriteUnraisable(mw);
+    }
+    Py_XDECREF(t2);
+    Py_XDECREF(v2);
+    Py_XDECREF(tb2);
+}
+done:
+    Py_XDECREF(record);
+    Py_XDECREF(error);
+    Py_XDECREF(method);
+    Py_XDECREF(route);
+    Py_XDECREF(rollout);
+    Py_XDECREF(variant);
+    Py_XDECREF(fields);
+    Py_XDECREF(memory);
+    Py_XDECREF(pending);
+    PyErr_Restore(type, value, tb);
+}
+
+/* ASCII case-insensitive: is name "vary" or "cache-control"? (No other str lowers to
+ * them.) 1 yes, 0 no, -1 error. */
+static int
+watched(PyObject *name)
+{
+    Py_ssize_t n = PyUnicode_GET_LENGTH(name);
+    const char *want;
+    const Py_UCS1 *s;
+    if (n == 4)
+        want = "vary";
+    else if (n == 13)
+        want = "cache-control";
+    else
+        return 0;
+#if PY_VERSION_HEX < 0x030C0000
+    if (PyUnicode_READY(name) < 0)
+        return -1;
+#endif
+    if (!PyUnicode_IS_ASCII(name))
+        return 0;
+    s = PyUnicode_1BYTE_DATA(name);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_UCS1 c = s[i];
+        if (c >= 'A' && c <= 'Z')
+            c += 'a' - 'A';
+        if (c != (Py_UCS1)want[i])
+            return 0;
+    }
+    return 1;
+}
+
+static PyObject *
+Response_start_response(Response *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    PyObject *line, *headers, *exc_info = Py_None, *code, *cookie = NULL, *extra = NULL, *out = NULL,
+             *res = NULL;
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0, n;
+
+    if (nargs == 3 && nkw == 0)
+        exc_info = args[2];
+    else if (!(nargs == 2 && nkw == 0))
+        goto slow; /* keywords or a wrong count: the Python signature decides */
+    line = args[0];
+    headers = args[1];
+    if (!PyUnicode_CheckExact(line) || !PyList_CheckExact(headers))
+        goto slow;
+    n = PyList_GET_SIZE(headers);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = PyList_GET_ITEM(headers, i);
+        int w;
+        if (!PyTuple_CheckExact(item) || PyTuple_GET_SIZE(item) != 2
+            || !PyUnicode_CheckExact(PyTuple_GET_ITEM(item, 0)))
+            goto slow;
+        w = watched(PyTuple_GET_ITEM(item, 0));
+        if (w < 0)
+            return NULL;
+        if (w)
+            goto slow; /* the app set Vary or Cache-Control itself: merge in Python */
+    }
+    code = PyDict_GetItemWithError(codes, line);
+    if (code == NULL) {
+        if (PyErr_Occurred())
+            return NULL;
+        code = PyObject_CallOneArg(parse_status, line);
+        if (code == NULL)
+            return NULL;
+    }
+    else {
+        Py_INCREF(code);
+    }
+    Py_XSETREF(self->status, code);
+    cookie = decision_field(self->decision, i_set_cookie, s_set_cookie);
+    if (cookie == NULL)
+        return NULL;
+    extra = PyObject_GetAttr(self->mw, s_extra_headers);
+    if (extra == NULL)
+        goto end;
+    out = PyNumber_Add(headers, extra);
+    if (out == NULL)
+        goto end;
+    if (cookie != Py_None) {
+        PyObject *pair = PyTuple_Pack(2, s_set_cookie_header, cookie);
+        if (pair == NULL || PyList_Append(out, pair) < 0) {
+            Py_XDECREF(pair);
+            goto end;
+        }
+        Py_DECREF(pair);
+    }
+    if (exc_info != Py_None)
+        res = PyObject_CallFunctionObjArgs(self->server_start_response, line, out, exc_info, NULL);
+    else
+        res = PyObject_CallFunctionObjArgs(self->server_start_response, line, out, NULL);
+end:
+    Py_XDECREF(cookie);
+    Py_XDECREF(extra);
+    Py_XDECREF(out);
+    return res;
+
+slow : {
+    /* The reference implementation, with this object as its self. */
+    Py_ssize_t total = nargs + nkw;
+    PyObject **stack = PyMem_Malloc((size_t)(total + 1) * sizeof(PyObject *));
+    if (stack == NULL)
+        return PyErr_NoMemory();
+    stack[0] = (PyObject *)self;
+    memcpy(stack + 1, args, (size_t)total * sizeof(PyObject *));
+    res = PyObject_Vectorcall(slow_start, stack, (size_t)(nargs + 1), kwnames);
+    PyMem_Free(stack);
+    return res;
+}
+}
+
+static PyObject *
+Response_iter(Response *self)
+{
+    if (self->it == NULL && self->inner != NULL) {
+        self->it = PyObject_GetIter(self->inner);
+        if (self->it == NULL) {
+            if (PyErr_ExceptionMatches(PyExc_Exception))
+                remember_error(self);
+            return NULL;
+        }
+    }
+    return Py_NewRef((PyObject *)self);
+}
+
+static PyObject *
+Response_next(Response *self)
+{
+    PyObject *chunk;
+    if (self->it == NULL) {
+        if (self->inner == NULL || self->done)
+            return NULL;
+        PyObject *me = Response_iter(self);
+        if (me == NULL)
+            return NULL;
+        Py_DECREF(me);
+    }
+    if (self->done)
+        return NULL;
+    chunk = (*Py_TYPE(self->it)->tp_iternext)(self->it);
+    if (chunk != NULL)
+        return chunk;
+    if (PyErr_Occurred()) {
+        if (PyErr_ExceptionMatches(PyExc_StopIteration)) {
+            PyErr_Clear();
+            self->done = 1;
+        }
+        else if (PyErr_ExceptionMatches(PyExc_Exception)) {
+            remember_error(self);
+        }
+        return NULL;
+    }
+    self->done = 1;
+    return NULL;
+}
+
+static PyObject *
+Response_close(Response *self, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *inner = self->inner, *close, *res;
+    if (inner == NULL)
+        Py_RETURN_NONE;
+    self->inner = NULL;
+    Py_CLEAR(self->it);
+    if (optional_attr(inner, s_close, &close) < 0)
+        goto raised;
+    if (close != NULL) {
+        res = PyObject_CallNoArgs(close);
+        Py_DECREF(close);
+        if (res == NULL)
+            goto raised;
+        Py_DECREF(res);
+    }
+    Py_DECREF(inner);
+    finish(self);
+    Py_RETURN_NONE;
+raised:
+    Py_DECREF(inner);
+    remember_error(self);
+    finish(self);
+    return NULL;
+}
+
+static int
+Response_traverse(Response *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->mw);
+    Py_VISIT(self->decision);
+    Py_VISIT(self->environ);
+    Py_VISIT(self->server_start_response);
+    Py_VISIT(self->inner);
+    Py_VISIT(self->it);
+    Py_VISIT(self->status);
+    Py_VISIT(self->error);
+    return 0;
+}
+
+static int
+Response_clear(Response *self)
+{
+    Py_CLEAR(self->mw);
+    Py_CLEAR(self->decision);
+    Py_CLEAR(self->environ);
+    Py_CLEAR(self->server_start_response);
+    Py_CLEAR(self->inner);
+    Py_CLEAR(self->it);
+    Py_CLEAR(self->status);
+    Py_CLEAR(self->error);
+    return 0;
+}
+
+static void
+Response_dealloc(Response *self)
+{
+    PyObject_GC_UnTrack(self);
+    Response_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef Response_methods[] = {
+    {"start_response", (PyCFunction)(void (*)(void))Response_start_response,
+     METH_FASTCALL | METH_KEYWORDS, "PEP 3333 start_response, passing our headers on to the server's."},
+    {"close", (PyCFunction)Response_close, METH_NOARGS,
+     "Close the app's iterable exactly once, then record the outcome."},
+    {NULL},
+};
+
+static PyMemberDef Response_members[] = {
+    {"mw", T_OBJECT, offsetof(Response, mw), READONLY, NULL},
+    {"decision", T_OBJECT, offsetof(Response, decision), READONLY, NULL},
+    {"environ", T_OBJECT, offsetof(Response, environ), READONLY, NULL},
+    {"server_start_response", T_OBJECT, offsetof(Response, server_start_response), READONLY, NULL},
+    {"inner", T_OBJECT, offsetof(Response, inner), READONLY, NULL},
+    {"status", T_OBJECT, offsetof(Response, status), 0, NULL},
+    {"error", T_OBJECT, offsetof(Response, error), 0, NULL},
+    {"done", T_BOOL, offsetof(Response, done), READONLY, NULL},
+    {NULL},
+};
+
+static PyMethodDef start_response_def = {
+    "start_response", (PyCFunction)(void (*)(void))Response_start_response, METH_FASTCALL | METH_KEYWORDS,
+    "PEP 3333 start_response, passing our headers on to the server's."};
+
+static PyTypeObject ResponseType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "canarymw._speedups.Response",
+    .tp_basicsize = sizeof(Response),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "The WSGI adapter's response iterable for one request (C implementation).",
+    .tp_dealloc = (destructor)Response_dealloc,
+    .tp_traverse = (traverseproc)Response_traverse,
+    .tp_clear = (inquiry)Response_clear,
+    .tp_iter = (getiterfunc)Response_iter,
+    .tp_iternext = (iternextfunc)Response_next,
+    .tp_methods = Response_methods,
+    .tp_members = Response_members,
+};
+
+/* respond(mw, app, decision, environ, start_response, wall) -> Response */
+static PyObject *
+respond(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    Response *self;
+    PyObject *bound, *inner;
+    double wall;
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "respond() takes exactly 6 arguments");
+        return NULL;
+    }
+    wall = PyFloat_AsDouble(args[5]);
+    if (wall == -1.0 && PyErr_Occurred())
+        return NULL;
+    self = PyObject_GC_New(Response, &ResponseType);
+    if (self == NULL)
+        return NULL;
+    self->mw = Py_NewRef(args[0]);
+    self->decision = Py_NewRef(args[2]);
+    self->environ = Py_NewRef(args[3]);
+    self->server_start_response = Py_NewRef(args[4]);
+    self->inner = self->it = self->status = self->error = NULL;
+    self->wall = wall;
+    self->done = self->finished = 0;
+    PyObject_GC_Track(self);
+    bound = PyCFunction_NewEx(&start_response_def, (PyObject *)self, NULL);
+    if (bound == NULL || now(&self->started) < 0) {
+        Py_XDECREF(bound);
+        Py_DECREF(self);
+        return NULL;
+    }
+    inner = PyObject_CallFunctionObjArgs(args[1], self->environ, bound, NULL);
+    Py_DECREF(bound);
+    if (inner == NULL) {
+        remember_error(self);
+        finish(self);
+        Py_DECREF(self);
+        return NULL;
+    }
+    self->inner = inner;
+    return (PyObject *)self;
+}
+
+static PyObject *
+configure(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    PyObject *pc, *cd, *ps, *ss, *ro, *sf, *fo;
+    Py_ssize_t b, ir, iv, ic;
+    if (!PyArg_ParseTuple(args, "OO!OOOOOn(nnn):configure", &pc, &PyDict_Type, &cd, &ps, &ss, &ro, &sf,
+                          &fo, &b, &ir, &iv, &ic))
+        return NULL;
+    i_rollout = ir;
+    i_variant = iv;
+    i_set_cookie = ic;
+    Py_XSETREF(perf_counter, Py_NewRef(pc));
+    Py_XSETREF(codes, Py_NewRef(cd));
+    Py_XSETREF(parse_status, Py_NewRef(ps));
+    Py_XSETREF(slow_start, Py_NewRef(ss));
+    Py_XSETREF(record_outcome, Py_NewRef(ro));
+    Py_XSETREF(sink_failed, Py_NewRef(sf));
+    Py_XSETREF(fold, Py_NewRef(fo));
+    batch = b;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef module_methods[] = {
+    {"respond", (PyCFunction)(void (*)(void))respond, METH_FASTCALL,
+     "respond(mw, app, decision, environ, start_response, wall): call app, return our iterable."},
+    {"configure", configure, METH_VARARGS, "Hand over the Python helpers (called once by wsgi.py)."},
+    {NULL},
+};
+
+static struct PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT, "canarymw._speedups",
+    "Optional C implementation of the WSGI adapter's per-request hot path.", -1, module_methods,
+};
+
+#define INTERN(var, text)                                                                         \
+    if ((var = PyUnicode_InternFromString(text)) == NULL)                                         \
+        return NULL;
+
+PyMODINIT_FUNC
+PyInit__speedups(void)
+{
+    PyObject *m;
+    INTERN(s_record, "_record");
+    INTERN(s_append, "append");
+    INTERN(s_memory, "_memory");
+    INTERN(s_pending, "_pending");
+    INTERN(s_split_only, "split_only");
+    INTERN(s_extra_headers, "extra_headers");
+    INTERN(s_set_cookie, "set_cookie");
+    INTERN(s_rollout, "rollout");
+    INTERN(s_variant, "variant");
+    INTERN(s_close, "close");
+    INTERN(s_get, "get");
+    INTERN(s_name, "__name__");
+    INTERN(s_error_key, "canarymw.error");
+    INTERN(s_split_key, "canarymw.split");
+    INTERN(s_route_key, "canarymw.route");
+    INTERN(s_method_key, "REQUEST_METHOD");
+    INTERN(s_get_method, "GET");
+    INTERN(s_head, "HEAD");
+    INTERN(s_set_cookie_header, "Set-Cookie");
+    if (PyType_Ready(&ResponseType) < 0)
+        return NULL;
+    m = PyModule_Create(&module_def);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&ResponseType);
+    if (PyModule_AddObject(m, "Response", (PyObject *)&ResponseType) < 0) {
+        Py_DECREF(&ResponseType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
