@@ -3,13 +3,17 @@
     python bench/bench_wsgi.py                 # in-process, microseconds per request
     python bench/bench_wsgi.py --gunicorn      # requests/second under gunicorn (needs wrk)
 
-In-process, every contender serves the same Flask "hello" request; rounds alternate
-between contenders so drift (CPU frequency, other load) hits all of them alike, and
-the median over rounds is reported. Contenders:
+In-process, every contender serves the same Flask "hello" request. Each round runs
+every contender once, in a new random order, so drift (CPU frequency, other load)
+and position effects hit all of them alike. A contender's added cost is the median
+over rounds of (its time - bare's time in the same round); the median time per
+request over rounds is shown beside it. Contenders:
 
 - bare: the Flask app alone;
 - canarymw returning: a visitor with a valid cohort cookie (the common case);
 - canarymw first visit: no cookie (new id, signing, Set-Cookie);
+- the same two with the pure-Python response path (what runs where the optional C
+  extension canarymw._speedups could not be built);
 - naive: what many teams write by hand: parse the Cookie header with SimpleCookie,
   verify an itsdangerous URLSafeSerializer value on every request, route by hash.
 """
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import random
 import shutil
 import statistics
 import subprocess
@@ -100,11 +105,19 @@ def in_process(rounds: int, per_round: int) -> None:
         path="/", headers={"Cookie": f"{OTHER_COOKIES}; canary={naive_cookie}"}
     ).get_environ()
 
-    contenders: dict[str, Callable[[], None]] = {
-        "bare": lambda: _serve(blue.wsgi_app, back_env),
-        "canarymw returning": lambda: _serve(wrapped, back_env),
-        "canarymw first visit": lambda: _serve(wrapped, first_env),
-        "naive SimpleCookie+itsdangerous": lambda: _serve(naive, naive_env),
+    import canarymw.wsgi
+
+    compiled, python = canarymw.wsgi._respond, canarymw.wsgi._respond_py
+    if compiled is python:
+        print("note: canarymw._speedups is not built; both canarymw rows use the Python path")
+    # name -> (response path, request): the path is chosen before each timed round.
+    contenders: dict[str, tuple[Any, Callable[[], None]]] = {
+        "bare": (compiled, lambda: _serve(blue.wsgi_app, back_env)),
+        "canarymw returning": (compiled, lambda: _serve(wrapped, back_env)),
+        "canarymw first visit": (compiled, lambda: _serve(wrapped, first_env)),
+        "canarymw returning (Python path)": (python, lambda: _serve(wrapped, back_env)),
+        "canarymw first visit (Python path)": (python, lambda: _serve(wrapped, first_env)),
+        "naive SimpleCookie+itsdangerous": (compiled, lambda: _serve(naive, naive_env)),
     }
     try:
         from growthbook import GrowthBook  # type: ignore[import-not-found, unused-ignore]
@@ -116,31 +129,39 @@ def in_process(rounds: int, per_round: int) -> None:
             app = green.wsgi_app if gb.is_on("hello-v2") else blue.wsgi_app
             _serve(app, naive_env)
 
-        contenders["GrowthBook SDK per request"] = growthbook
+        contenders["GrowthBook SDK per request"] = (compiled, growthbook)
     except ImportError:
         pass
 
-    for fn in contenders.values():  # warm caches and code paths
+    for path, fn in contenders.values():  # warm caches and code paths
+        canarymw.wsgi._respond = path
         for _ in range(200):
             fn()
     samples: dict[str, list[float]] = {name: [] for name in contenders}
+    order = list(contenders)
+    shuffle = random.Random(0).shuffle
     for _ in range(rounds):
-        for name, fn in contenders.items():
+        shuffle(order)
+        for name in order:
+            path, fn = contenders[name]
+            canarymw.wsgi._respond = path
             t0 = time.perf_counter()
             for _ in range(per_round):
                 fn()
             samples[name].append((time.perf_counter() - t0) / per_round * 1e6)
-    print(f"in-process, {rounds} interleaved rounds x {per_round} requests")
-    for label, pick in (("median of rounds", statistics.median), ("best round (least disturbed)", min)):
-        per = {name: pick(v) for name, v in samples.items()}
-        bare = per["bare"]
-        naive_over = per["naive SimpleCookie+itsdangerous"] - bare
-        print(f"\n{label}")
-        print(f"{'contender':34} {'us/req':>8} {'added us':>9} {'% of bare':>9} {'naive/this':>10}")
-        for name, us in per.items():
-            added = us - bare
-            ratio = f"{naive_over / added:10.1f}" if name.startswith("canarymw") and added > 0 else ""
-            print(f"{name:34} {us:8.2f} {added:9.2f} {100 * added / bare:8.1f}% {ratio}")
+    canarymw.wsgi._respond = compiled
+    bare = statistics.median(samples["bare"])
+    added = {
+        name: statistics.median(a - b for a, b in zip(v, samples["bare"], strict=True))
+        for name, v in samples.items()
+    }
+    naive_over = added["naive SimpleCookie+itsdangerous"]
+    print(f"in-process, {rounds} rounds (random order) x {per_round} requests; medians over rounds")
+    print(f"{'contender':36} {'us/req':>8} {'added us':>9} {'% of bare':>9} {'naive/this':>10}")
+    for name, v in samples.items():
+        ratio = f"{naive_over / added[name]:10.1f}" if name.startswith("canarymw") and added[name] > 0 else ""
+        us, pct = statistics.median(v), 100 * added[name] / bare
+        print(f"{name:36} {us:8.2f} {added[name]:9.2f} {pct:8.1f}% {ratio}")
 
 
 def _wrk(url: str, seconds: int, cookie: str | None) -> float:
@@ -180,13 +201,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--per-round", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=100)
+    parser.add_argument("--per-round", type=int, default=500)
     parser.add_argument("--gunicorn", action="store_true", help="measure requests/second under gunicorn")
     parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--server-rounds", type=int, default=3, help="rounds under gunicorn")
     args = parser.parse_args()
     if args.gunicorn:
-        under_gunicorn(max(1, args.rounds // 10), args.seconds)
+        under_gunicorn(args.server_rounds, args.seconds)
     else:
         in_process(args.rounds, args.per_round)
 
