@@ -4,9 +4,10 @@
     python bench/bench_asgi.py --uvicorn       # requests/second under uvicorn --workers 2 (needs wrk)
 
 In-process, every contender serves the same Starlette "hello" request through the
-same minimal server loop (a fresh scope copy per request, as a server builds one);
-rounds alternate between contenders so drift (CPU frequency, other load) hits all of
-them alike, and the median over rounds is reported. Contenders:
+same minimal server loop (a fresh scope copy per request, as a server builds one).
+Each round runs every contender once, in a new random order, so drift (CPU frequency,
+other load) and position effects hit all of them alike. A contender's added cost is
+the median over rounds of (its time - bare's time in the same round). Contenders:
 
 - bare: the Starlette app alone;
 - canarymw returning: ASGICanaryMiddleware with a MemorySink, a visitor with a valid
@@ -31,6 +32,7 @@ import argparse
 import asyncio
 import hashlib
 import os
+import random
 import shutil
 import statistics
 import subprocess
@@ -222,25 +224,30 @@ def in_process(rounds: int, per_round: int) -> None:
         for app, scope in contenders.values():  # warm caches and code paths
             await _serve(app, scope, 300)
         samples: dict[str, list[float]] = {name: [] for name in contenders}
+        order = list(contenders)
+        shuffle = random.Random(0).shuffle
         for _ in range(rounds):
-            for name, (app, scope) in contenders.items():
+            shuffle(order)
+            for name in order:
+                app, scope = contenders[name]
                 samples[name].append(await _serve(app, scope, per_round))
         return samples
 
     samples = asyncio.run(measure())
-    med = {name: statistics.median(v) for name, v in samples.items()}
-    base = med["bare"]
-    ours = med["canarymw returning"] - base
+    base = statistics.median(samples["bare"])
+    added = {
+        name: statistics.median(a - b for a, b in zip(v, samples["bare"], strict=True))
+        for name, v in samples.items()
+    }
+    ours = added["canarymw returning"]
+    print(f"in-process, Starlette hello, {rounds} rounds (random order) x {per_round} requests; medians")
     print(
-        f"in-process, Starlette hello, {rounds} interleaved rounds x {per_round} requests, median per request"
+        f"{'contender':30} {'us/req':>8} {'added us':>9} {'% of bare':>9} {'added / canarymw returning':>27}"
     )
-    print(
-        f"{'contender':28} {'us/req':>8} {'added us':>9} {'% of bare':>9} {'added / canarymw returning':>27}"
-    )
-    for name, us in med.items():
-        added = us - base
-        ratio = f"{added / ours:27.1f}" if name != "bare" and ours > 0 else f"{'':>27}"
-        print(f"{name:30} {us:8.2f} {added:9.2f} {100 * added / base:8.1f}% {ratio}")
+    for name, v in samples.items():
+        ratio = f"{added[name] / ours:27.1f}" if name != "bare" and ours > 0 else f"{'':>27}"
+        us, pct = statistics.median(v), 100 * added[name] / base
+        print(f"{name:30} {us:8.2f} {added[name]:9.2f} {pct:8.1f}% {ratio}")
 
 
 def _wrk(url: str, seconds: int, cookie: str) -> float:
@@ -337,20 +344,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--per-round", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=100)
+    parser.add_argument("--per-round", type=int, default=1000)
     parser.add_argument("--uvicorn", action="store_true", help="measure requests/second under uvicorn")
     parser.add_argument(
         "--stock-uvicorn", action="store_true", help="with --uvicorn: use the plain uvicorn CLI"
     )
     parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--server-rounds", type=int, default=3, help="rounds under uvicorn")
     parser.add_argument("--serve", metavar="KIND", help=argparse.SUPPRESS)  # a server for --uvicorn
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
         serve_uvicorn(args.serve, args.port)
     elif args.uvicorn:
-        under_uvicorn(max(1, args.rounds // 10), args.seconds, args.stock_uvicorn)
+        under_uvicorn(args.server_rounds, args.seconds, args.stock_uvicorn)
     else:
         in_process(args.rounds, args.per_round)
 

@@ -87,7 +87,7 @@ from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Seque
 from typing import Any, Literal, Protocol, TypeVar, cast
 
 from ._http import check_adapter_args, finish_headers
-from ._outcomes import Outcome, Sink, as_sink
+from ._outcomes import _BATCH, Outcome, Sink, as_sink, direct_queue
 from ._rollout import Decision, Rollout
 from .sinks import background_sinks
 from .upstream import Upstream
@@ -199,6 +199,7 @@ class ASGICanaryMiddleware:
         # Returning visitors skip decide() when no per-request input can change the answer.
         self._fast = rollout.key is None and rollout.force_token is None
         self._record = self.sink.sink.record if self.sink is not None else None
+        self._memory = direct_queue(self.sink)
         self._new_state: dict[str, Any] | None = None
 
     @property
@@ -310,8 +311,15 @@ class ASGICanaryMiddleware:
             close_code,
         )
         try:
-            # tuple.__new__ skips _make's length check: the field count is fixed above.
-            record(_new_tuple(Outcome, fields))
+            memory = self._memory
+            if memory is None:
+                # tuple.__new__ skips _make's length check: the field count is fixed above.
+                record(_new_tuple(Outcome, fields))
+            else:
+                pending = memory._pending  # see direct_queue()
+                pending.append(fields)
+                if len(pending) >= _BATCH:
+                    memory._fold(blocking=False)
         except Exception:
             self.sink.failed()  # type: ignore[union-attr]
 

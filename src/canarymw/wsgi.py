@@ -29,7 +29,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from ._http import check_adapter_args, finish_headers
-from ._outcomes import _BATCH, MemorySink, Outcome, Sink, as_sink
+from ._outcomes import _BATCH, MemorySink, Outcome, Sink, as_sink, direct_queue
 from ._rollout import Decision, Rollout
 from .upstream import Upstream
 
@@ -91,10 +91,7 @@ class WSGICanaryMiddleware:
         self.rollout = rollout
         self.sink = as_sink(sink)
         self._record = self.sink.sink.record if self.sink is not None else None
-        # Outcomes for a MemorySink go straight into its queue (see _Response.finish).
-        self._memory = (
-            self.sink.sink if self.sink is not None and type(self.sink.sink) is MemorySink else None
-        )
+        self._memory = direct_queue(self.sink)
         self._excluded = rollout.is_excluded if rollout.is_excluded else None
         # Returning visitors skip decide() when no per-request input can change the answer.
         self._fast = rollout.key is None and rollout.force_token is None
@@ -263,8 +260,7 @@ class _Response:
             if memory is None:
                 record(_tuple_new(Outcome, fields))
             else:
-                # MemorySink.record() without its call: the adapter's hottest sink.
-                pending = memory._pending
+                pending = memory._pending  # see direct_queue()
                 pending.append(fields)
                 if len(pending) >= _BATCH:
                     memory._fold(blocking=False)
