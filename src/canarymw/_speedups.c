@@ -131,7 +131,7 @@ finish(Response *self)
     double end;
     int split_only, disconnected;
 
-    if (self->finished)
+    if (self->finished || mw == NULL || self->environ == NULL || self->decision == NULL)
         return;
     self->finished = 1;
     /* Keep the exception being raised (if any) while the outcome is recorded. */
@@ -314,6 +314,10 @@ Response_start_response(Response *self, PyObject *const *args, Py_ssize_t nargs,
              *res = NULL;
     Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0, n;
 
+    if (self->mw == NULL || self->decision == NULL || self->server_start_response == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "start_response() called on a response that was torn down");
+        return NULL;
+    }
     if (nargs == 3 && nkw == 0)
         exc_info = args[2];
     else if (!(nargs == 2 && nkw == 0))
@@ -392,12 +396,18 @@ static PyObject *
 Response_iter(Response *self)
 {
     if (self->it == NULL && self->inner != NULL) {
-        self->it = PyObject_GetIter(self->inner);
-        if (self->it == NULL) {
+        PyObject *inner = Py_NewRef(self->inner);
+        PyObject *it = PyObject_GetIter(inner);
+        Py_DECREF(inner);
+        if (it == NULL) {
             if (PyErr_ExceptionMatches(PyExc_Exception))
                 remember_error(self);
             return NULL;
         }
+        if (self->it == NULL && self->inner != NULL)
+            self->it = it;
+        else
+            Py_DECREF(it); /* closed, or iterated, by the app's own __iter__ meanwhile */
     }
     return Py_NewRef((PyObject *)self);
 }
@@ -405,7 +415,7 @@ Response_iter(Response *self)
 static PyObject *
 Response_next(Response *self)
 {
-    PyObject *chunk;
+    PyObject *chunk, *it;
     if (self->it == NULL) {
         if (self->inner == NULL || self->done)
             return NULL;
@@ -414,9 +424,12 @@ Response_next(Response *self)
             return NULL;
         Py_DECREF(me);
     }
-    if (self->done)
+    if (self->done || self->it == NULL)
         return NULL;
-    chunk = (*Py_TYPE(self->it)->tp_iternext)(self->it);
+    /* Our own reference: the app's code may close this response while it runs. */
+    it = Py_NewRef(self->it);
+    chunk = (*Py_TYPE(it)->tp_iternext)(it);
+    Py_DECREF(it);
     if (chunk != NULL)
         return chunk;
     if (PyErr_Occurred()) {
