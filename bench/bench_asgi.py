@@ -35,7 +35,6 @@ import os
 import random
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -250,15 +249,6 @@ def in_process(rounds: int, per_round: int) -> None:
         print(f"{name:30} {us:8.2f} {added[name]:9.2f} {pct:8.1f}% {ratio}")
 
 
-def _wrk(url: str, seconds: int, cookie: str) -> float:
-    cmd = ["wrk", "-t2", "-c32", f"-d{seconds}s", "-H", f"Cookie: {cookie}", url]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    for line in out.splitlines():
-        if line.startswith("Requests/sec:"):
-            return float(line.split()[1])
-    raise RuntimeError(out)
-
-
 def serve_uvicorn(kind: str, port: int) -> None:
     """``uvicorn --workers 2`` through uvicorn's own supervisor, on a listener made as TCP.
 
@@ -308,11 +298,14 @@ def under_uvicorn(rounds: int, seconds: int, stock: bool) -> None:
         "naive": f"{OTHER_COOKIES}; {naive_cookie()}",
         "basehttp": f"{OTHER_COOKIES}; {naive_cookie()}",
     }
-    rps: dict[str, list[float]] = {kind: [] for kind in cookies}
+    from loadgen import Run, wrk  # type: ignore[import-not-found]
+
+    runs: dict[str, list[Run]] = {kind: [] for kind in cookies}
+    ports: dict[str, int] = {}
     with contextlib.ExitStack() as stack:
         bases = {}
         for kind in cookies:
-            port = free_port()
+            port = ports[kind] = free_port()
             if stock:
                 argv = [
                     "uvicorn",
@@ -329,15 +322,25 @@ def under_uvicorn(rounds: int, seconds: int, stock: bool) -> None:
             path = os.pathsep.join([str(here), str(here.parent), os.environ.get("PYTHONPATH", "")])
             env = {**os.environ, "BENCH_APP": kind, "PYTHONPATH": path}
             bases[kind] = stack.enter_context(serve(argv, port, env=env, timeout=60))
-            _wrk(bases[kind] + "/", 1, cookies[kind])  # warm-up
+            wrk(bases[kind] + "/", 1, cookies[kind], port)  # warm-up
+        order = list(cookies)
+        shuffle = random.Random(0).shuffle
         for _ in range(rounds):
-            for kind in cookies:
-                rps[kind].append(_wrk(bases[kind] + "/", seconds, cookies[kind]))
-    med = {kind: statistics.median(v) for kind, v in rps.items()}
+            shuffle(order)
+            for kind in order:
+                runs[kind].append(wrk(bases[kind] + "/", seconds, cookies[kind], ports[kind]))
     how = "stock uvicorn CLI" if stock else "uvicorn supervisor, TCP_NODELAY listener"
-    print(f"uvicorn --workers 2 ({how}), wrk -t2 -c32, {rounds} interleaved rounds x {seconds}s, median")
-    for kind, value in med.items():
-        print(f"{kind:10} {value:10,.0f} req/s   {value / med['bare']:.3f}x bare")
+    print(f"uvicorn --workers 2 ({how}), wrk -t2 -c32, {rounds} rounds (random order) x {seconds}s")
+    print("req/s: median; ratio: median over rounds of req/s / bare's req/s in the same round, then each")
+    print("round's; cpu: server CPU per request, median; cpu ratio: bare's cpu/request / this one's")
+    bare_cpu = statistics.median(r.cpu_per_request for r in runs["bare"])
+    for kind, kind_runs in runs.items():
+        ratios = [r.rps / b.rps for r, b in zip(kind_runs, runs["bare"], strict=True)]
+        each = " ".join(f"{x:.3f}" for x in ratios)
+        rps, ratio = statistics.median(r.rps for r in kind_runs), statistics.median(ratios)
+        cpu = statistics.median(r.cpu_per_request for r in kind_runs)
+        cpu_ratio = bare_cpu / cpu
+        print(f"{kind:10} {rps:8,.0f} req/s {ratio:.3f}x [{each}]  cpu {cpu * 1e6:6.1f} us {cpu_ratio:.3f}x")
 
 
 def main() -> None:

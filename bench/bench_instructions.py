@@ -11,6 +11,7 @@ docs/benchmarks.md reports both.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -19,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 KEY = "bench-secret-key-0123456789abcdef"
-CONTENDERS = ("bare", "returning", "first-visit", "naive")
+CONTENDERS = ("bare", "returning", "first-visit", "returning-py", "first-visit-py", "naive")
+# *-py: the same request with the pure-Python response path (CANARYMW_NO_EXTENSIONS=1).
 
 
 def _workload(name: str, n: int) -> None:
@@ -52,11 +54,15 @@ def _workload(name: str, n: int) -> None:
 
 def _count(name: str, n: int) -> int:
     tool = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"]
+    env = dict(os.environ)
+    if name.endswith("-py"):
+        env["CANARYMW_NO_EXTENSIONS"] = "1"
     out = subprocess.run(
-        [*tool, sys.executable, __file__, name, str(n)],
+        [*tool, sys.executable, __file__, name.removesuffix("-py"), str(n)],
         capture_output=True,
         text=True,
         check=True,
+        env=env,
     ).stderr
     match = re.search(r"Collected : (\d+)", out)
     if match is None:
@@ -77,7 +83,7 @@ def main() -> None:
     print(f"{'contender':14} {'instr/req':>10} {'added':>8} {'% of bare':>9} {'naive/this':>10}")
     for name, count in per.items():
         added = count - bare
-        ratio = f"{naive / added:10.1f}" if name in ("returning", "first-visit") else ""
+        ratio = f"{naive / added:10.1f}" if name not in ("bare", "naive") else ""
         print(f"{name:14} {count:10.0f} {added:8.0f} {100 * added / bare:8.1f}% {ratio}")
 
 

@@ -26,7 +26,6 @@ import os
 import random
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -164,17 +163,6 @@ def in_process(rounds: int, per_round: int) -> None:
         print(f"{name:36} {us:8.2f} {added[name]:9.2f} {pct:8.1f}% {ratio}")
 
 
-def _wrk(url: str, seconds: int, cookie: str | None) -> float:
-    cmd = ["wrk", "-t2", "-c32", f"-d{seconds}s", url]
-    if cookie:
-        cmd[1:1] = ["-H", f"Cookie: {cookie}"]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    for line in out.splitlines():
-        if line.startswith("Requests/sec:"):
-            return float(line.split()[1])
-    raise RuntimeError(out)
-
-
 def under_gunicorn(rounds: int, seconds: int) -> None:
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed (Debian: apt-get install wrk); it generates the load.")
@@ -184,17 +172,29 @@ def under_gunicorn(rounds: int, seconds: int) -> None:
     rollout = Rollout("hello-v2", percent=10, secret_key=KEY)
     cookie = (rollout.decide(None).set_cookie or "").split(";")[0]
     env = {"BENCH_KEY": KEY, "PYTHONPATH": str(Path(__file__).resolve().parent)}
-    rps: dict[str, list[float]] = {"bare": [], "wrapped": []}
+    from loadgen import Run, wrk  # type: ignore[import-not-found]
+
+    runs: dict[str, list[Run]] = {"bare": [], "wrapped": []}
+    order = list(runs)
     for _ in range(rounds):
-        for mode in rps:
+        random.shuffle(order)
+        for mode in order:
             port = free_port()
             argv = ["gunicorn", "-w", "2", "-b", f"127.0.0.1:{port}", "--log-level", "warning"]
             with serve([*argv, f"wsgi_apps:{mode}"], port, env={**os.environ, **env}) as base:
-                _wrk(base + "/", 1, cookie)  # warm-up
-                rps[mode].append(_wrk(base + "/", seconds, cookie))
-    bare, wrapped = statistics.median(rps["bare"]), statistics.median(rps["wrapped"])
-    print(f"gunicorn -w 2 (sync), wrk -t2 -c32, {rounds} interleaved rounds x {seconds}s, median")
-    print(f"bare {bare:,.0f} req/s   wrapped {wrapped:,.0f} req/s   ratio {wrapped / bare:.3f}")
+                wrk(base + "/", 1, cookie, port)  # warm-up
+                runs[mode].append(wrk(base + "/", seconds, cookie, port))
+    bare, wrapped = runs["bare"], runs["wrapped"]
+    ratios = [w.rps / b.rps for w, b in zip(wrapped, bare, strict=True)]
+    cpu_b = statistics.median(r.cpu_per_request for r in bare)
+    cpu_w = statistics.median(r.cpu_per_request for r in wrapped)
+    print(f"gunicorn -w 2 (sync), wrk -t2 -c32, {rounds} rounds (random order) x {seconds}s, median")
+    rps_b, rps_w = statistics.median(r.rps for r in bare), statistics.median(r.rps for r in wrapped)
+    print(f"bare {rps_b:,.0f} req/s   wrapped {rps_w:,.0f} req/s")
+    each = " ".join(f"{r:.3f}" for r in ratios)
+    print(f"ratio (median of per-round wrapped/bare) {statistics.median(ratios):.3f}   [{each}]")
+    print(f"server CPU per request: bare {cpu_b * 1e6:.1f} us, wrapped {cpu_w * 1e6:.1f} us", end="")
+    print(f", ratio bare/wrapped {cpu_b / cpu_w:.3f}")
 
 
 def main() -> None:
