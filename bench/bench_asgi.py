@@ -353,8 +353,8 @@ def main() -> None:
     parser.add_argument(
         "--stock-uvicorn", action="store_true", help="with --uvicorn: use the plain uvicorn CLI"
     )
-    parser.add_argument("--seconds", type=int, default=5)
-    parser.add_argument("--server-rounds", type=int, default=3, help="rounds under uvicorn")
+    parser.add_argument("--seconds", type=int, default=3)
+    parser.add_argument("--server-rounds", type=int, default=10, help="rounds under uvicorn")
     parser.add_argument("--serve", metavar="KIND", help=argparse.SUPPRESS)  # a server for --uvicorn
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()

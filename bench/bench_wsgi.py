@@ -21,6 +21,7 @@ request over rounds is shown beside it. Contenders:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import os
 import random
@@ -176,14 +177,21 @@ def under_gunicorn(rounds: int, seconds: int) -> None:
 
     runs: dict[str, list[Run]] = {"bare": [], "wrapped": []}
     order = list(runs)
-    for _ in range(rounds):
-        random.shuffle(order)
+    with contextlib.ExitStack() as stack:
+        # Both servers run all along (idle while the other is loaded): a fresh pair of
+        # processes per round would add the noise of where the OS places them.
+        bases, ports = {}, {}
         for mode in order:
-            port = free_port()
+            port = ports[mode] = free_port()
             argv = ["gunicorn", "-w", "2", "-b", f"127.0.0.1:{port}", "--log-level", "warning"]
-            with serve([*argv, f"wsgi_apps:{mode}"], port, env={**os.environ, **env}) as base:
-                wrk(base + "/", 1, cookie, port)  # warm-up
-                runs[mode].append(wrk(base + "/", seconds, cookie, port))
+            bases[mode] = stack.enter_context(
+                serve([*argv, f"wsgi_apps:{mode}"], port, env={**os.environ, **env})
+            )
+            wrk(bases[mode] + "/", 1, cookie, port)  # warm-up
+        for _ in range(rounds):
+            random.shuffle(order)
+            for mode in order:
+                runs[mode].append(wrk(bases[mode] + "/", seconds, cookie, ports[mode]))
     bare, wrapped = runs["bare"], runs["wrapped"]
     ratios = [w.rps / b.rps for w, b in zip(wrapped, bare, strict=True)]
     cpu_b = statistics.median(r.cpu_per_request for r in bare)
@@ -204,8 +212,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=100)
     parser.add_argument("--per-round", type=int, default=500)
     parser.add_argument("--gunicorn", action="store_true", help="measure requests/second under gunicorn")
-    parser.add_argument("--seconds", type=int, default=5)
-    parser.add_argument("--server-rounds", type=int, default=3, help="rounds under gunicorn")
+    parser.add_argument("--seconds", type=int, default=3)
+    parser.add_argument("--server-rounds", type=int, default=10, help="rounds under gunicorn")
     args = parser.parse_args()
     if args.gunicorn:
         under_gunicorn(args.server_rounds, args.seconds)
