@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import os
 import shutil
+import subprocess
 import sys
 import sysconfig
 from collections.abc import Callable, Iterator
@@ -280,3 +281,26 @@ def test_compiled_path_keeps_no_references() -> None:
     after = [sys.getrefcount(o) for o in (mw, environ, start_response, hello, failing)]
     assert after == before
     assert not [o for o in gc.get_objects() if type(o) is _speedups.Response]
+
+
+SUBINTERPRETER = """
+import importlib
+try:
+    interpreters = importlib.import_module("_interpreters")  # 3.13+
+except ImportError:
+    interpreters = importlib.import_module("_xxsubinterpreters")
+interp = interpreters.create()
+interpreters.run_string(interp, "import canarymw.wsgi as w; assert w._respond is w._respond_py")
+import canarymw.wsgi as w
+print(w._respond.__name__)
+"""
+
+
+@needs_speedups
+def test_sub_interpreters_use_the_python_path() -> None:
+    """The extension keeps one interpreter's objects, so it loads only in the main one
+    (mod_wsgi runs apps in sub-interpreters by default); the others fall back."""
+    pytest.importorskip("_xxsubinterpreters" if sys.version_info < (3, 13) else "_interpreters")
+    done = subprocess.run([sys.executable, "-c", SUBINTERPRETER], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "respond"

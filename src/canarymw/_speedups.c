@@ -632,6 +632,12 @@ PyMODINIT_FUNC
 PyInit__speedups(void)
 {
     PyObject *m;
+    /* The helpers configure() keeps are one interpreter's objects: in a sub-interpreter
+     * (mod_wsgi's default) the pure-Python path is used instead. */
+    if (PyInterpreterState_Get() != PyInterpreterState_Main()) {
+        PyErr_SetString(PyExc_ImportError, "canarymw._speedups is only loaded in the main interpreter");
+        return NULL;
+    }
     INTERN(s_record, "_record");
     INTERN(s_append, "append");
     INTERN(s_memory, "_memory");
