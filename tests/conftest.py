@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+import canarymw.asgi
 import canarymw.wsgi
 from canarymw import Rollout
 
@@ -24,14 +25,27 @@ def use_wsgi_impl(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
         pytest.skip("canarymw._speedups was not built (test_speedups_are_built says why)")
 
 
+def use_asgi_impl(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Give ASGI apps the compiled send wrapper (the default when it was built) or the
+    Python one (``_Exchange.send``)."""
+    if name == "python":
+        monkeypatch.setattr(canarymw.asgi, "_sender", None)
+        monkeypatch.setenv("CANARYMW_NO_EXTENSIONS", "1")  # for servers started by the test
+    elif canarymw.asgi._sender is None:
+        pytest.skip("canarymw._speedups was not built (test_speedups_are_built says why)")
+
+
 @pytest.fixture(params=sorted(KITS))
 def kit(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> WSGIKit | ASGIKit:
-    """The adapter under test: every behavioural test runs once per adapter, and the
-    WSGI one once per implementation (``wsgi``: compiled, ``wsgi-python``)."""
+    """The adapter under test: every behavioural test runs once per adapter and
+    implementation (``wsgi``/``asgi``: compiled parts where built; ``*-python``)."""
     if request.param == "asgi" and importlib.util.find_spec("canarymw.asgi") is None:
         pytest.fail("canarymw.asgi is missing")
+    impl = "python" if request.param.endswith("-python") else "compiled"
     if request.param.startswith("wsgi"):
-        use_wsgi_impl("python" if request.param == "wsgi-python" else "compiled", monkeypatch)
+        use_wsgi_impl(impl, monkeypatch)
+    else:
+        use_asgi_impl(impl, monkeypatch)
     return KITS[request.param]()
 
 
@@ -49,3 +63,10 @@ def make_rollout() -> Callable[..., Rollout]:
         return Rollout(kw.pop("name", "hello-v2"), percent=percent, **kw)
 
     return make
+
+
+@pytest.fixture(params=["compiled", "python"])
+def asgi_impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs an ASGI test once per implementation of the send wrapper."""
+    use_asgi_impl(request.param, monkeypatch)
+    return str(request.param)

@@ -406,4 +406,9 @@ def run(coro: Any) -> Any:
     return asyncio.run(coro)
 
 
-KITS: dict[str, Callable[[], WSGIKit | ASGIKit]] = {"wsgi": WSGIKit, "wsgi-python": WSGIKit, "asgi": ASGIKit}
+KITS: dict[str, Callable[[], WSGIKit | ASGIKit]] = {
+    "wsgi": WSGIKit,
+    "wsgi-python": WSGIKit,
+    "asgi": ASGIKit,
+    "asgi-python": ASGIKit,
+}

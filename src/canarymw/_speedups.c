@@ -547,6 +547,429 @@ static PyTypeObject ResponseType = {
     .tp_members = Response_members,
 };
 
+/* ---- ASGI: the wrapper around the server's send --------------------------------
+ *
+ * asgi._Exchange.send is the reference implementation. Sender handles the two messages
+ * of nearly every response (http.response.start without Vary/Cache-Control from the
+ * app, and http.response.body) and hands every other message to _Exchange.send. Its
+ * awaitable delegates to the server's, and does what follows the await in Python:
+ * stamp the end of the response after the last body message, and record a client
+ * disconnect when the server's send raises OSError.
+ */
+
+static PyObject *s_type, *s_body_kind, *s_start_kind, *s_more_body, *s_headers, *s_status,
+    *s_trailers, *s_ended, *s_done, *s_finish, *s_send, *s_throw;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *x; /* the _Exchange */
+    PyObject *server_send;
+    PyObject *extra; /* list of header pairs to append */
+    vectorcallfunc vectorcall;
+} Sender;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *x;
+    PyObject *it; /* the server's awaitable, as an iterator */
+    char last;
+} Awaiter;
+
+static PyTypeObject SenderType, AwaiterType;
+
+/* x.finish(None, True, perf_counter()) unless the outcome was recorded; the pending
+ * exception (the server's OSError) stays pending. */
+static void
+record_disconnect(PyObject *x)
+{
+    PyObject *type, *value, *tb, *done, *at, *res = NULL;
+    int is_done;
+    PyErr_Fetch(&type, &value, &tb);
+    done = PyObject_GetAttr(x, s_done);
+    is_done = done ? PyObject_IsTrue(done) : -1;
+    Py_XDECREF(done);
+    if (is_done == 0) {
+        at = PyObject_CallNoArgs(perf_counter);
+        if (at != NULL) {
+            res = PyObject_CallMethodObjArgs(x, s_finish, Py_None, Py_True, at, NULL);
+            Py_DECREF(at);
+        }
+    }
+    if (is_done < 0 || (is_done == 0 && res == NULL))
+        PyErr_WriteUnraisable(x);
+    Py_XDECREF(res);
+    PyErr_Restore(type, value, tb);
+}
+
+/* After the server's awaitable returned: stamp the end of a last body message. */
+static int
+Awaiter_done(Awaiter *self)
+{
+    PyObject *at;
+    int failed;
+    if (!self->last)
+        return 0;
+    at = PyObject_CallNoArgs(perf_counter);
+    failed = at == NULL || PyObject_SetAttr(self->x, s_ended, at) < 0;
+    Py_XDECREF(at);
+    return failed ? -1 : 0;
+}
+
+/* One step of the server's awaitable, for am_send (the interpreter's await loop). */
+static PySendResult
+Awaiter_am_send(PyObject *op, PyObject *value, PyObject **result)
+{
+    Awaiter *self = (Awaiter *)op;
+    PyObject *res;
+    PySendResult r = PyIter_Send(self->it, value, &res);
+    if (r == PYGEN_NEXT) {
+        *result = res;
+        return PYGEN_NEXT;
+    }
+    if (r == PYGEN_RETURN) {
+        Py_DECREF(res);
+        if (Awaiter_done(self) < 0) {
+            *result = NULL;
+            return PYGEN_ERROR;
+        }
+        *result = Py_NewRef(Py_None);
+        return PYGEN_RETURN;
+    }
+    if (PyErr_ExceptionMatches(PyExc_OSError))
+        record_disconnect(self->x);
+    *result = NULL;
+    return PYGEN_ERROR;
+}
+
+/* The same step as a method or __next__: a return becomes StopIteration (or, for
+ * __next__, NULL without an exception). */
+static PyObject *
+Awaiter_result(Awaiter *self, PyObject *res, int method)
+{
+    if (res != NULL)
+        return res;
+    if (PyErr_Occurred()) {
+        if (!PyErr_ExceptionMatches(PyExc_StopIteration)) {
+            if (PyErr_ExceptionMatches(PyExc_OSError))
+                record_disconnect(self->x);
+            return NULL;
+        }
+        PyErr_Clear();
+    }
+    if (Awaiter_done(self) < 0)
+        return NULL;
+    if (method)
+        PyErr_SetNone(PyExc_StopIteration);
+    return NULL;
+}
+
+static PyObject *
+Awaiter_stepped(Awaiter *self, PyObject *value, int method)
+{
+    PyObject *res;
+    PySendResult r = Awaiter_am_send((PyObject *)self, value, &res);
+    if (r == PYGEN_NEXT)
+        return res;
+    if (r == PYGEN_RETURN) {
+        Py_DECREF(res);
+        if (method)
+            PyErr_SetNone(PyExc_StopIteration);
+    }
+    return NULL;
+}
+
+static PyObject *
+Awaiter_next(Awaiter *self)
+{
+    return Awaiter_stepped(self, Py_None, 0);
+}
+
+static PyObject *
+Awaiter_send(Awaiter *self, PyObject *value)
+{
+    return Awaiter_stepped(self, value, 1);
+}
+
+static PyObject *
+Awaiter_throw(Awaiter *self, PyObject *args)
+{
+    PyObject *meth = PyObject_GetAttr(self->it, s_throw), *res;
+    if (meth == NULL)
+        return NULL;
+    res = PyObject_Call(meth, args, NULL);
+    Py_DECREF(meth);
+    return Awaiter_result(self, res, 1);
+}
+
+static PyObject *
+Awaiter_close(Awaiter *self, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *meth;
+    int found = optional_attr(self->it, s_close, &meth);
+    if (found <= 0)
+        return found < 0 ? NULL : Py_NewRef(Py_None);
+    PyObject *res = PyObject_CallNoArgs(meth);
+    Py_DECREF(meth);
+    return res;
+}
+
+static PyObject *
+Awaiter_self(PyObject *self)
+{
+    return Py_NewRef(self);
+}
+
+static int
+Awaiter_traverse(Awaiter *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->x);
+    Py_VISIT(self->it);
+    return 0;
+}
+
+static int
+Awaiter_clear(Awaiter *self)
+{
+    Py_CLEAR(self->x);
+    Py_CLEAR(self->it);
+    return 0;
+}
+
+static void
+Awaiter_dealloc(Awaiter *self)
+{
+    PyObject_GC_UnTrack(self);
+    Awaiter_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef Awaiter_methods[] = {
+    {"send", (PyCFunction)Awaiter_send, METH_O, NULL},
+    {"throw", (PyCFunction)Awaiter_throw, METH_VARARGS, NULL},
+    {"close", (PyCFunction)Awaiter_close, METH_NOARGS, NULL},
+    {NULL},
+};
+
+static PyAsyncMethods Awaiter_async = {.am_await = Awaiter_self, .am_send = Awaiter_am_send};
+
+static PyTypeObject AwaiterType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "canarymw._speedups.SendAwaiter",
+    .tp_basicsize = sizeof(Awaiter),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "Awaits the server's send for one message (C implementation).",
+    .tp_dealloc = (destructor)Awaiter_dealloc,
+    .tp_traverse = (traverseproc)Awaiter_traverse,
+    .tp_clear = (inquiry)Awaiter_clear,
+    .tp_as_async = &Awaiter_async,
+    .tp_iter = Awaiter_self,
+    .tp_iternext = (iternextfunc)Awaiter_next,
+    .tp_methods = Awaiter_methods,
+};
+
+/* 1: headers is a list of (bytes, bytes) tuples naming neither vary nor cache-control. */
+static int
+plain_headers(PyObject *headers)
+{
+    if (!PyList_CheckExact(headers))
+        return 0;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(headers); i++) {
+        PyObject *item = PyList_GET_ITEM(headers, i), *name;
+        if (!PyTuple_CheckExact(item) || PyTuple_GET_SIZE(item) != 2)
+            return 0;
+        name = PyTuple_GET_ITEM(item, 0);
+        if (!PyBytes_CheckExact(name))
+            return 0;
+        if ((PyBytes_GET_SIZE(name) == 4 && memcmp(PyBytes_AS_STRING(name), "vary", 4) == 0)
+            || (PyBytes_GET_SIZE(name) == 13
+                && memcmp(PyBytes_AS_STRING(name), "cache-control", 13) == 0))
+            return 0;
+    }
+    return 1;
+}
+
+static int
+truthy_attr(PyObject *obj, PyObject *name)
+{
+    PyObject *v = PyObject_GetAttr(obj, name);
+    int t;
+    if (v == NULL)
+        return -1;
+    t = PyObject_IsTrue(v);
+    Py_DECREF(v);
+    return t;
+}
+
+static PyObject *
+Sender_call(Sender *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    PyObject *message, *kind, *msg = NULL, *aw, *it;
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    int last = 0;
+    Awaiter *awaiter;
+    if (nargs != 1 || kwnames != NULL)
+        goto python;
+    message = args[0];
+    if (!PyDict_CheckExact(message))
+        goto python;
+    kind = PyDict_GetItemWithError(message, s_type);
+    if (kind == NULL) {
+        if (PyErr_Occurred())
+            return NULL;
+        goto python;
+    }
+    if (!PyUnicode_CheckExact(kind))
+        goto python;
+    if (PyUnicode_Compare(kind, s_body_kind) == 0) {
+        PyObject *more = PyDict_GetItemWithError(message, s_more_body);
+        int ended, trailers, more_body;
+        if (more == NULL && PyErr_Occurred())
+            return NULL;
+        if ((ended = truthy_attr(self->x, s_ended)) < 0 || (trailers = truthy_attr(self->x, s_trailers)) < 0)
+            return NULL;
+        more_body = more == NULL ? 0 : PyObject_IsTrue(more);
+        if (more_body < 0)
+            return NULL;
+        last = !(ended || trailers || more_body);
+        msg = Py_NewRef(message);
+    }
+    else if (PyUnicode_Compare(kind, s_start_kind) == 0) {
+        PyObject *headers = PyDict_GetItemWithError(message, s_headers), *status, *trailers, *merged;
+        int has_trailers;
+        if (headers == NULL) {
+            if (PyErr_Occurred())
+                return NULL;
+            goto python;
+        }
+        if (!plain_headers(headers))
+            goto python;
+        status = PyDict_GetItemWithError(message, s_status);
+        if (status == NULL && PyErr_Occurred())
+            return NULL;
+        trailers = PyDict_GetItemWithError(message, s_trailers);
+        if (trailers == NULL && PyErr_Occurred())
+            return NULL;
+        has_trailers = trailers == NULL ? 0 : PyObject_IsTrue(trailers);
+        if (has_trailers < 0)
+            return NULL;
+        if (PyObject_SetAttr(self->x, s_status, status ? status : Py_None) < 0
+            || PyObject_SetAttr(self->x, s_trailers, has_trailers ? Py_True : Py_False) < 0)
+            return NULL;
+        merged = PyNumber_Add(headers, self->extra);
+        if (merged == NULL)
+            return NULL;
+        msg = PyDict_Copy(message);
+        if (msg == NULL || PyDict_SetItem(msg, s_headers, merged) < 0) {
+            Py_DECREF(merged);
+            Py_XDECREF(msg);
+            return NULL;
+        }
+        Py_DECREF(merged);
+    }
+    else {
+        goto python;
+    }
+    aw = PyObject_CallOneArg(self->server_send, msg);
+    Py_DECREF(msg);
+    if (aw == NULL) {
+        if (PyErr_ExceptionMatches(PyExc_OSError))
+            record_disconnect(self->x);
+        return NULL;
+    }
+    if (PyCoro_CheckExact(aw)) {
+        it = aw; /* driven directly with PyIter_Send: no wrapper object */
+    }
+    else {
+        if (Py_TYPE(aw)->tp_as_async == NULL || Py_TYPE(aw)->tp_as_async->am_await == NULL) {
+            PyErr_Format(PyExc_TypeError, "object %.100s can't be used in 'await' expression",
+                         Py_TYPE(aw)->tp_name);
+            Py_DECREF(aw);
+            return NULL;
+        }
+        it = Py_TYPE(aw)->tp_as_async->am_await(aw);
+        Py_DECREF(aw);
+        if (it == NULL)
+            return NULL;
+        if (Py_TYPE(it)->tp_iternext == NULL) {
+            PyErr_Format(PyExc_TypeError, "__await__() returned non-iterator of type '%.100s'",
+                         Py_TYPE(it)->tp_name);
+            Py_DECREF(it);
+            return NULL;
+        }
+    }
+    awaiter = PyObject_GC_New(Awaiter, &AwaiterType);
+    if (awaiter == NULL) {
+        Py_DECREF(it);
+        return NULL;
+    }
+    awaiter->x = Py_NewRef(self->x);
+    awaiter->it = it;
+    awaiter->last = (char)last;
+    PyObject_GC_Track(awaiter);
+    return (PyObject *)awaiter;
+
+python : {
+    /* The reference implementation: _Exchange.send(message), a coroutine. */
+    PyObject *meth = PyObject_GetAttr(self->x, s_send), *res;
+    if (meth == NULL)
+        return NULL;
+    res = PyObject_Vectorcall(meth, args, nargsf, kwnames);
+    Py_DECREF(meth);
+    return res;
+}
+}
+
+static int
+Sender_traverse(Sender *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->x);
+    Py_VISIT(self->server_send);
+    Py_VISIT(self->extra);
+    return 0;
+}
+
+static int
+Sender_clear(Sender *self)
+{
+    Py_CLEAR(self->x);
+    Py_CLEAR(self->server_send);
+    Py_CLEAR(self->extra);
+    return 0;
+}
+
+static void
+Sender_dealloc(Sender *self)
+{
+    PyObject_GC_UnTrack(self);
+    Sender_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+Sender_vectorcall_entry(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    if (((Sender *)self)->x == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "send() called on a request that was torn down");
+        return NULL;
+    }
+    return Sender_call((Sender *)self, args, nargsf, kwnames);
+}
+
+#ifndef Py_TPFLAGS_HAVE_VECTORCALL
+#define Py_TPFLAGS_HAVE_VECTORCALL _Py_TPFLAGS_HAVE_VECTORCALL
+#endif
+
+static PyTypeObject SenderType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "canarymw._speedups.Sender",
+    .tp_basicsize = sizeof(Sender),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_vectorcall_offset = offsetof(Sender, vectorcall),
+    .tp_doc = "The ASGI send an app is given (C implementation of asgi._Exchange.send).",
+    .tp_dealloc = (destructor)Sender_dealloc,
+    .tp_traverse = (traverseproc)Sender_traverse,
+    .tp_clear = (inquiry)Sender_clear,
+    .tp_call = PyVectorcall_Call,
+};
+
 /* respond(mw, app, decision, environ, start_response, wall) -> Response */
 static PyObject *
 respond(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
@@ -612,7 +1035,29 @@ configure(PyObject *Py_UNUSED(module), PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* sender(exchange, server_send, extra) -> Sender */
+static PyObject *
+sender(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    Sender *self;
+    if (nargs != 3 || !PyList_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "sender(exchange, server_send, extra: list)");
+        return NULL;
+    }
+    self = PyObject_GC_New(Sender, &SenderType);
+    if (self == NULL)
+        return NULL;
+    self->x = Py_NewRef(args[0]);
+    self->server_send = Py_NewRef(args[1]);
+    self->extra = Py_NewRef(args[2]);
+    self->vectorcall = Sender_vectorcall_entry;
+    PyObject_GC_Track(self);
+    return (PyObject *)self;
+}
+
 static PyMethodDef module_methods[] = {
+    {"sender", (PyCFunction)(void (*)(void))sender, METH_FASTCALL,
+     "sender(exchange, server_send, extra): the send to give an ASGI app for one request."},
     {"respond", (PyCFunction)(void (*)(void))respond, METH_FASTCALL,
      "respond(mw, app, decision, environ, start_response, wall): call app, return our iterable."},
     {"configure", configure, METH_VARARGS, "Hand over the Python helpers (called once by wsgi.py)."},
@@ -657,7 +1102,19 @@ PyInit__speedups(void)
     INTERN(s_get_method, "GET");
     INTERN(s_head, "HEAD");
     INTERN(s_set_cookie_header, "Set-Cookie");
-    if (PyType_Ready(&ResponseType) < 0)
+    INTERN(s_type, "type");
+    INTERN(s_body_kind, "http.response.body");
+    INTERN(s_start_kind, "http.response.start");
+    INTERN(s_more_body, "more_body");
+    INTERN(s_headers, "headers");
+    INTERN(s_status, "status");
+    INTERN(s_trailers, "trailers");
+    INTERN(s_ended, "ended");
+    INTERN(s_done, "done");
+    INTERN(s_finish, "finish");
+    INTERN(s_send, "send");
+    INTERN(s_throw, "throw");
+    if (PyType_Ready(&ResponseType) < 0 || PyType_Ready(&SenderType) < 0 || PyType_Ready(&AwaiterType) < 0)
         return NULL;
     m = PyModule_Create(&module_def);
     if (m == NULL)

@@ -91,6 +91,7 @@ from ._outcomes import _BATCH, Outcome, Sink, as_sink, direct_queue
 from ._rollout import Decision, Rollout
 from .sinks import background_sinks
 from .upstream import Upstream
+from .wsgi import accelerated
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -111,6 +112,10 @@ _NAMES = (b"vary", b"cache-control", b"set-cookie")
 _SECURE = ("https", "wss")
 _new_tuple = tuple.__new__
 _new_exchange = object.__new__
+# The compiled send wrapper (see canarymw._speedups.Sender); None: _Exchange.send.
+_sender: Callable[[Any, Send, list[tuple[bytes, bytes]]], Send] | None = (
+    accelerated.sender if accelerated is not None else None
+)
 
 
 def _dec(value: bytes) -> str:
@@ -376,7 +381,7 @@ class ASGICanaryMiddleware:
         # raised after the last byte still counts: Starlette's ServerErrorMiddleware sends
         # its 500 first and raises afterwards; a background task may fail.
         try:
-            await app(scope, x.receive, x.send)
+            await app(scope, x.receive, x.send if _sender is None else _sender(x, send, x.extra))
         except Exception as exc:
             if not x.done:
                 x.finish(type(exc).__name__, False, x.ended or _perf())

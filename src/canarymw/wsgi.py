@@ -294,6 +294,8 @@ def _fold(memory: MemorySink) -> None:
 
 
 _respond = _respond_py
+accelerated: Any = None
+"""canarymw._speedups once configured (the ASGI adapter uses it too), else None."""
 if not os.environ.get("CANARYMW_NO_EXTENSIONS"):
     try:
         from . import _speedups
@@ -316,3 +318,4 @@ if not os.environ.get("CANARYMW_NO_EXTENSIONS"):
             ),
         )
         _respond = _speedups.respond
+        accelerated = _speedups
