@@ -284,12 +284,17 @@ def test_compiled_path_keeps_no_references() -> None:
 
 
 SUBINTERPRETER = """
-import importlib
-try:
-    interpreters = importlib.import_module("_interpreters")  # 3.13+
-except ImportError:
+import importlib, sys
+# A legacy sub-interpreter, sharing the GIL, as mod_wsgi makes them.
+if sys.version_info >= (3, 13):
+    interpreters = importlib.import_module("_interpreters")
+    interp = interpreters.create("legacy")
+elif sys.version_info >= (3, 12):
     interpreters = importlib.import_module("_xxsubinterpreters")
-interp = interpreters.create()
+    interp = interpreters.create(isolated=False)
+else:
+    interpreters = importlib.import_module("_xxsubinterpreters")
+    interp = interpreters.create()
 interpreters.run_string(interp, "import canarymw.wsgi as w; assert w._respond is w._respond_py")
 import canarymw.wsgi as w
 print(w._respond.__name__)
