@@ -572,3 +572,25 @@ def test_background_sinks_reachable_from_a_middleware() -> None:
     assert background_sinks(MemorySink()) == []
     single = WSGICanaryMiddleware(_app, new=_app, rollout=rollout, sink=first)
     assert background_sinks(single) == [first]
+
+
+def test_consumer_is_gone_once_close_returns(monkeypatch: pytest.MonkeyPatch) -> None:
+    """close() returning True means the thread has exited, not merely been told to."""
+    import canarymw._background as background
+
+    class SlowToLeave(threading.Event):
+        # The consumer lingers after marking the stop, as a preempted thread may.
+        def set(self) -> None:
+            super().set()
+            time.sleep(0.05)
+
+    class Marker(background._Marker):
+        def __init__(self, stop: bool) -> None:
+            super().__init__(stop)
+            self.done = SlowToLeave()
+
+    monkeypatch.setattr(background, "_Marker", Marker)
+    bg = BackgroundSink(MemorySink())
+    bg.record(Outcome("r", "old", 200, 0.001, None, False, "GET", None, 0.0))
+    assert bg.close(timeout=5)
+    assert not bg.running

@@ -372,7 +372,13 @@ class BackgroundSink:
         if not marker.done.is_set():
             # Outside the lock: _start() takes it too.
             self._wake()
+        deadline = None if timeout is None else time.monotonic() + timeout
         ok = self._wait(marker, timeout)
+        thread = self._thread
+        if ok and thread is not None and thread is not threading.current_thread():
+            # The consumer returns right after marking the stop; wait for it to be gone,
+            # so that `running` is False once close() has returned True.
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
         if not ok:
             left = sum(1 for item in list(self._queue) if not isinstance(item, _Marker))
             log.warning("canarymw: %r did not deliver its last %d outcomes within %s s", self, left, timeout)
