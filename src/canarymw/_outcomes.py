@@ -17,6 +17,7 @@ from struct import pack
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 log = logging.getLogger("canarymw")
+_new_tuple = tuple.__new__
 
 
 class Outcome(NamedTuple):
@@ -412,12 +413,41 @@ class SinkGuard:
 def direct_queue(guard: SinkGuard | None) -> MemorySink | None:
     """The MemorySink behind ``guard`` if outcomes may skip its ``record()`` call.
 
-    The adapters then append a plain field tuple to its queue and fold at ``_BATCH``
-    themselves: the same work as ``record()`` without a Python call per request. Not
-    for subclasses, which may override ``record()``.
+    :func:`deliver` then appends a plain field tuple to its queue and folds at
+    ``_BATCH``: the work of ``record()`` without building an ``Outcome``. Not for
+    subclasses, which may override ``record()``.
     """
     inner = guard.sink if guard is not None else None
     return inner if type(inner) is MemorySink else None
+
+
+class _Adapter(Protocol):
+    @property
+    def _memory(self) -> MemorySink | None: ...
+    @property
+    def _record(self) -> Callable[[Outcome], None] | None: ...
+    @property
+    def sink(self) -> SinkGuard | None: ...
+
+
+def deliver(adapter: _Adapter, fields: tuple[Any, ...]) -> None:
+    """Hand one outcome's fields (in ``Outcome`` order) to an adapter's sink.
+
+    Straight into a MemorySink's queue (see :func:`direct_queue`), else as an
+    ``Outcome`` to the sink's ``record()``. A sink that raises is counted, never raised.
+    """
+    try:
+        memory = adapter._memory
+        if memory is None:
+            # tuple.__new__ skips _make's length check: callers pass all the fields.
+            adapter._record(_new_tuple(Outcome, fields))  # type: ignore[misc]
+        else:
+            pending = memory._pending
+            pending.append(fields)
+            if len(pending) >= _BATCH:
+                memory._fold(blocking=False)
+    except Exception:
+        adapter.sink.failed()  # type: ignore[union-attr]
 
 
 def as_sink(sink: Sink | Sequence[Sink] | None) -> SinkGuard | None:

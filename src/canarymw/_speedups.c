@@ -17,7 +17,7 @@ static PyObject *perf_counter;   /* time.perf_counter */
 static PyObject *codes;          /* dict: status line -> int */
 static PyObject *parse_status;   /* f(line) -> int | None, fills codes */
 static PyObject *slow_start;     /* _Response.start_response(resp, line, headers, exc_info) */
-static PyObject *record_outcome; /* f(mw, fields): hands an outcome to a sink other than MemorySink */
+static PyObject *record_outcome; /* _outcomes.deliver, for sinks other than MemorySink */
 static PyObject *sink_failed;    /* f(mw, exc): counts and logs a failing sink */
 static PyObject *fold;           /* f(memory): MemorySink._fold(blocking=False) */
 static Py_ssize_t batch = 256;

@@ -87,7 +87,7 @@ from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Seque
 from typing import Any, Literal, Protocol, TypeVar, cast
 
 from ._http import check_adapter_args, finish_headers
-from ._outcomes import _BATCH, Outcome, Sink, as_sink, direct_queue
+from ._outcomes import Sink, as_sink, deliver, direct_queue
 from ._rollout import Decision, Rollout
 from .sinks import background_sinks
 from .upstream import Upstream
@@ -110,7 +110,6 @@ _perf = time.perf_counter
 _wall = time.time
 _NAMES = (b"vary", b"cache-control", b"set-cookie")
 _SECURE = ("https", "wss")
-_new_tuple = tuple.__new__
 _new_exchange = object.__new__
 # The compiled send wrapper (see canarymw._speedups.Sender); None: _Exchange.send.
 _sender: Callable[[Any, Send, list[tuple[bytes, bytes]]], Send] | None = (
@@ -293,8 +292,7 @@ class ASGICanaryMiddleware:
         close_code: int | None = None,
     ) -> None:
         """Build and record one outcome; a failing sink is counted, never raised."""
-        record = self._record
-        if record is None:
+        if self._record is None:
             return
         route = scope.get("canarymw.route")
         if route is None:
@@ -315,18 +313,7 @@ class ASGICanaryMiddleware:
             wall,
             close_code,
         )
-        try:
-            memory = self._memory
-            if memory is None:
-                # tuple.__new__ skips _make's length check: the field count is fixed above.
-                record(_new_tuple(Outcome, fields))
-            else:
-                pending = memory._pending  # see direct_queue()
-                pending.append(fields)
-                if len(pending) >= _BATCH:
-                    memory._fold(blocking=False)
-        except Exception:
-            self.sink.failed()  # type: ignore[union-attr]
+        deliver(self, fields)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

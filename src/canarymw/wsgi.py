@@ -29,7 +29,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from ._http import check_adapter_args, finish_headers
-from ._outcomes import _BATCH, MemorySink, Outcome, Sink, as_sink, direct_queue
+from ._outcomes import _BATCH, MemorySink, Sink, as_sink, deliver, direct_queue
 from ._rollout import Decision, Rollout
 from .upstream import Upstream
 
@@ -43,7 +43,6 @@ ExcInfo = tuple[type[BaseException], BaseException, TracebackType] | tuple[None,
 _NAMES = ("Vary", "Cache-Control", "Set-Cookie")
 _WATCHED = frozenset(("vary", "cache-control"))
 _perf = time.perf_counter
-_tuple_new = tuple.__new__  # skips NamedTuple's Python-level __new__ on the hot path
 _wall = time.time
 _new_response = object.__new__
 _codes: dict[str, int] = {}  # status line -> code: most apps send a handful of them
@@ -233,8 +232,7 @@ class _Response:
 
     def finish(self) -> None:
         mw = self.mw
-        record = mw._record
-        if record is None:
+        if mw._record is None:
             return
         env = self.environ
         if mw.split_only and not env.get("canarymw.split"):
@@ -255,17 +253,7 @@ class _Response:
             self.wall,
             None,
         )
-        try:
-            memory = mw._memory
-            if memory is None:
-                record(_tuple_new(Outcome, fields))
-            else:
-                pending = memory._pending  # see direct_queue()
-                pending.append(fields)
-                if len(pending) >= _BATCH:
-                    memory._fold(blocking=False)
-        except Exception:
-            mw.sink.failed()  # type: ignore[union-attr]
+        deliver(mw, fields)
 
 
 def _parse_status(line: str) -> int | None:
@@ -276,10 +264,6 @@ def _parse_status(line: str) -> int | None:
     if len(_codes) < 512:
         _codes[line] = code
     return code
-
-
-def _record_outcome(mw: WSGICanaryMiddleware, fields: tuple[Any, ...]) -> None:
-    mw._record(_tuple_new(Outcome, fields))  # type: ignore[misc]
 
 
 def _sink_failed(mw: WSGICanaryMiddleware, exc: Exception) -> None:
@@ -307,7 +291,7 @@ if not os.environ.get("CANARYMW_NO_EXTENSIONS"):
             _codes,
             _parse_status,
             _Response.start_response,
-            _record_outcome,
+            deliver,
             _sink_failed,
             _fold,
             _BATCH,
