@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import canarymw.asgi
-from canarymw import Outcome, Rollout
+from canarymw import MemorySink, Outcome, Rollout
 from canarymw.asgi import ASGICanaryMiddleware
 
 KEY = "test-secret-key-0123456789abcdef"
@@ -60,6 +60,7 @@ class Server:
     kind: str  # how its send behaves
     fail_at: int | None  # which message fails
     failure: str  # "oserror", "runtime", "cancel"
+    sink: str = "list"  # "list", "memory" or "raising"
 
 
 servers = st.builds(
@@ -67,6 +68,7 @@ servers = st.builds(
     kind=st.sampled_from(["coroutine", "suspending", "future", "awaitable-object"]),
     fail_at=st.one_of(st.none(), st.integers(0, 4)),
     failure=st.sampled_from(["oserror", "runtime", "cancel"]),
+    sink=st.sampled_from(["list", "memory", "raising"]),
 )
 
 
@@ -76,6 +78,11 @@ class ListSink:
 
     def record(self, outcome: Outcome) -> None:
         self.outcomes.append(outcome)
+
+
+class RaisingSink:
+    def record(self, outcome: Outcome) -> None:
+        raise ValueError("sink down")
 
 
 class Later:
@@ -138,7 +145,7 @@ def run(msgs: list[dict[str, Any]], server: Server, sender: Any) -> dict[str, An
     async def receive() -> Any:
         return {"type": "http.request", "body": b"", "more_body": False}
 
-    sink = ListSink()
+    sink: Any = {"list": ListSink(), "memory": MemorySink(), "raising": RaisingSink()}[server.sink]
     mw = ASGICanaryMiddleware(app, new=app, rollout=Rollout("p", percent=0, secret_key=KEY), sink=sink)
     scope = {"type": "http", "method": "GET", "path": "/", "headers": [], "query_string": b""}
 
@@ -154,8 +161,13 @@ def run(msgs: list[dict[str, Any]], server: Server, sender: Any) -> dict[str, An
         asyncio.run(main())
     finally:
         canarymw.asgi._sender = saved
-    outcomes = [(o.status, o.error, o.disconnected, o.duration > 0) for o in sink.outcomes]
-    return {"seen": seen, "outcomes": outcomes}
+    outcomes: Any = None
+    if isinstance(sink, ListSink):
+        outcomes = [(o.status, o.error, o.disconnected, o.duration > 0) for o in sink.outcomes]
+    elif isinstance(sink, MemorySink):
+        stats = sink.snapshot().values()
+        outcomes = [(v.requests, v.errors, v.exceptions, v.disconnects, v.statuses) for v in stats]
+    return {"seen": seen, "outcomes": outcomes, "sink_errors": mw.sink_errors}
 
 
 def _plain(message: Any) -> Any:
