@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from itsdangerous import BadData, URLSafeSerializer
+from loadgen import Run, paired_added, wrk  # type: ignore[import-not-found]  # bench/, next to this file
 from starlette.applications import Starlette
 from starlette.datastructures import MutableHeaders
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
@@ -244,10 +245,7 @@ def in_process(rounds: int, per_round: int) -> None:
 
     samples = asyncio.run(measure())
     base = statistics.median(samples["bare"])
-    added = {
-        name: statistics.median(a - b for a, b in zip(v, samples["bare"], strict=True))
-        for name, v in samples.items()
-    }
+    added = paired_added(samples)
     ours = added["canarymw returning"]
     print(f"in-process, Starlette hello, {rounds} rounds (random order) x {per_round} requests; medians")
     print(
@@ -308,7 +306,6 @@ def under_uvicorn(rounds: int, seconds: int, stock: bool) -> None:
         "naive": f"{OTHER_COOKIES}; {naive_cookie()}",
         "basehttp": f"{OTHER_COOKIES}; {naive_cookie()}",
     }
-    from loadgen import Run, wrk  # type: ignore[import-not-found]
 
     runs: dict[str, list[Run]] = {kind: [] for kind in cookies}
     ports: dict[str, int] = {}

@@ -36,6 +36,7 @@ from typing import Any
 
 from flask import Flask
 from itsdangerous import BadData, URLSafeSerializer
+from loadgen import Run, paired_added, wrk  # type: ignore[import-not-found]  # bench/, next to this file
 from werkzeug.test import EnvironBuilder
 
 from canarymw import MemorySink, Rollout, WSGICanaryMiddleware
@@ -151,10 +152,7 @@ def in_process(rounds: int, per_round: int) -> None:
             samples[name].append((time.perf_counter() - t0) / per_round * 1e6)
     canarymw.wsgi._respond = compiled
     bare = statistics.median(samples["bare"])
-    added = {
-        name: statistics.median(a - b for a, b in zip(v, samples["bare"], strict=True))
-        for name, v in samples.items()
-    }
+    added = paired_added(samples)
     naive_over = added["naive SimpleCookie+itsdangerous"]
     print(f"in-process, {rounds} rounds (random order) x {per_round} requests; medians over rounds")
     print(f"{'contender':36} {'us/req':>8} {'added us':>9} {'% of bare':>9} {'naive/this':>10}")
@@ -173,7 +171,6 @@ def under_gunicorn(rounds: int, seconds: int) -> None:
     rollout = Rollout("hello-v2", percent=10, secret_key=KEY)
     cookie = (rollout.decide(None).set_cookie or "").split(";")[0]
     env = {"BENCH_KEY": KEY, "PYTHONPATH": str(Path(__file__).resolve().parent)}
-    from loadgen import Run, wrk  # type: ignore[import-not-found]
 
     runs: dict[str, list[Run]] = {"bare": [], "wrapped": []}
     order = list(runs)

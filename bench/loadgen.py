@@ -1,4 +1,5 @@
-"""Load one local server with wrk and count the CPU its processes spent doing so.
+"""Load one local server with wrk and count the CPU its processes spent doing so; and the
+one way the benchmarks compare contenders measured in the same rounds.
 
 Requests/second of a server that shares two vCPUs with its load generator scatter by
 10% and more between runs. The CPU time the server's processes use per request served
@@ -10,11 +11,20 @@ from __future__ import annotations
 
 import os
 import re
+import statistics
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 _TICK = os.sysconf("SC_CLK_TCK")
+
+
+def paired_added(samples: dict[str, list[float]], base: str = "bare") -> dict[str, float]:
+    """Per contender, the median over rounds of (its value - ``base``'s in that round)."""
+    return {
+        name: statistics.median(a - b for a, b in zip(values, samples[base], strict=True))
+        for name, values in samples.items()
+    }
 
 
 @dataclass
