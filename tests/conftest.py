@@ -29,9 +29,9 @@ def use_asgi_impl(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Give ASGI apps the compiled send wrapper (the default when it was built) or the
     Python one (``_Exchange.send``)."""
     if name == "python":
-        monkeypatch.setattr(canarymw.asgi, "_sender", None)
+        monkeypatch.setattr(canarymw.asgi, "_router", None)
         monkeypatch.setenv("CANARYMW_NO_EXTENSIONS", "1")  # for servers started by the test
-    elif canarymw.asgi._sender is None:
+    elif canarymw.asgi._router is None:
         pytest.skip("canarymw._speedups was not built (test_speedups_are_built says why)")
 
 

@@ -1,10 +1,12 @@
-/* Optional C implementation of the WSGI adapter's per-request response object.
+/* Optional C implementation of the adapters' per-request hot paths: the WSGI
+ * response object and the ASGI HTTP request.
  *
- * canarymw/wsgi.py holds the reference implementation (_Response) and uses this one
- * when it was built. Both must behave the same: the test suite runs every WSGI test
- * against each. Everything unusual (a header list that is not a list of 2-tuples of
- * str, a status line not seen before, a failing sink) is handed back to the Python
- * code, so this file only has to be right about the common case.
+ * canarymw/wsgi.py (_Response) and canarymw/asgi.py (ASGICanaryMiddleware.__call__,
+ * _Exchange) hold the reference implementations and use these when they were built.
+ * Both must behave the same: the test suite runs every adapter test against each.
+ * Everything unusual (a header list of another shape, a status line not seen before,
+ * a first visit's decision, a failing sink) is handed back to the Python code, so
+ * this file only has to be right about the common case.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -50,7 +52,8 @@ static PyTypeObject ResponseType;
 static int
 now(double *out)
 {
-#if defined(CLOCK_MONOTONIC) && !defined(_WIN32)
+#if defined(__linux__)
+    /* What time.perf_counter() reads on Linux: durations may mix both. */
     struct timespec ts;
     if (clock_gettime(CLOCK_MONOTONIC, &ts) == 0) {
         *out = (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
@@ -120,13 +123,68 @@ decision_field(PyObject *decision, Py_ssize_t i, PyObject *name)
     return PyObject_GetAttr(decision, name);
 }
 
+/* Hand one outcome's fields (in Outcome order) to mw's sink: straight into a
+ * MemorySink's queue, else through _outcomes.deliver. -1 with an exception set. */
+static int
+hand_over(PyObject *mw, PyObject *fields)
+{
+    PyObject *memory = PyObject_GetAttr(mw, s_memory), *pending, *res;
+    if (memory == NULL)
+        return -1;
+    if (memory == Py_None) {
+        Py_DECREF(memory);
+        res = PyObject_CallFunctionObjArgs(record_outcome, mw, fields, NULL);
+    }
+    else {
+        pending = PyObject_GetAttr(memory, s_pending);
+        res = pending ? PyObject_CallMethodOneArg(pending, s_append, fields) : NULL;
+        if (res != NULL) {
+            Py_ssize_t n = PyObject_Size(pending);
+            Py_DECREF(res);
+            res = n < 0 ? NULL : n >= batch ? PyObject_CallOneArg(fold, memory) : Py_NewRef(Py_None);
+        }
+        Py_XDECREF(pending);
+        Py_DECREF(memory);
+    }
+    if (res == NULL)
+        return -1;
+    Py_DECREF(res);
+    return 0;
+}
+
+/* Recording an outcome raised. As in Python: an Exception is counted (sink_failed);
+ * anything else is not ours to swallow, but recording must not raise, so it is
+ * reported as unraisable. Nothing stays pending. */
+static void
+outcome_failed(PyObject *mw)
+{
+    PyObject *t2, *v2, *tb2, *res;
+    PyErr_Fetch(&t2, &v2, &tb2);
+    PyErr_NormalizeException(&t2, &v2, &tb2);
+    if (v2 != NULL && tb2 != NULL)
+        PyException_SetTraceback(v2, tb2);
+    if (v2 != NULL && PyObject_IsInstance(v2, PyExc_Exception) == 1) {
+        res = PyObject_CallFunctionObjArgs(sink_failed, mw, v2, NULL);
+        if (res == NULL)
+            PyErr_WriteUnraisable(mw);
+        Py_XDECREF(res);
+    }
+    else if (t2 != NULL) {
+        PyErr_Restore(t2, v2, tb2);
+        t2 = v2 = tb2 = NULL;
+        PyErr_WriteUnraisable(mw);
+    }
+    Py_XDECREF(t2);
+    Py_XDECREF(v2);
+    Py_XDECREF(tb2);
+}
+
 /* Record the outcome once. Never raises: a failing sink is counted by sink_failed. */
 static void
 finish(Response *self)
 {
     PyObject *mw = self->mw, *record = NULL, *error = NULL, *method = NULL, *route = NULL,
-             *fields = NULL, *memory = NULL, *pending = NULL, *res, *flag, *rollout = NULL,
-             *variant = NULL;
+             *fields = NULL, *flag, *rollout = NULL, *variant = NULL;
     PyObject *type, *value, *tb;
     double end;
     int split_only, disconnected;
@@ -218,51 +276,12 @@ finish(Response *self)
     PyTuple_SET_ITEM(fields, 9, Py_NewRef(Py_None));
     if (PyTuple_GET_ITEM(fields, 3) == NULL || PyTuple_GET_ITEM(fields, 8) == NULL)
         goto failed;
-    memory = PyObject_GetAttr(mw, s_memory);
-    if (memory == NULL)
+    if (hand_over(mw, fields) < 0)
         goto failed;
-    if (memory == Py_None) {
-        res = PyObject_CallFunctionObjArgs(record_outcome, mw, fields, NULL);
-    }
-    else {
-        pending = PyObject_GetAttr(memory, s_pending);
-        if (pending == NULL)
-            goto failed;
-        res = PyObject_CallMethodOneArg(pending, s_append, fields);
-        if (res != NULL) {
-            Py_ssize_t n = PyObject_Size(pending);
-            Py_DECREF(res);
-            res = n < 0 ? NULL : n >= batch ? PyObject_CallOneArg(fold, memory) : Py_NewRef(Py_None);
-        }
-    }
-    if (res == NULL)
-        goto failed;
-    Py_DECREF(res);
     goto done;
 
-failed : {
-    /* As in Python: an Exception is counted; anything else is not ours to swallow,
-     * but finish() must not raise, so it is reported as unraisable. */
-    PyObject *t2, *v2, *tb2;
-    PyErr_Fetch(&t2, &v2, &tb2);
-    PyErr_NormalizeException(&t2, &v2, &tb2);
-    if (v2 != NULL && tb2 != NULL)
-        PyException_SetTraceback(v2, tb2);
-    if (v2 != NULL && PyObject_IsInstance(v2, PyExc_Exception) == 1) {
-        res = PyObject_CallFunctionObjArgs(sink_failed, mw, v2, NULL);
-        if (res == NULL)
-            PyErr_WriteUnraisable(mw);
-        Py_XDECREF(res);
-    }
-    else if (t2 != NULL) {
-        PyErr_Restore(t2, v2, tb2);
-        t2 = v2 = tb2 = NULL;
-        PyErr_WriteUnraisable(mw);
-    }
-    Py_XDECREF(t2);
-    Py_XDECREF(v2);
-    Py_XDECREF(tb2);
-}
+failed:
+    outcome_failed(mw);
 done:
     Py_XDECREF(record);
     Py_XDECREF(error);
@@ -271,8 +290,6 @@ done:
     Py_XDECREF(rollout);
     Py_XDECREF(variant);
     Py_XDECREF(fields);
-    Py_XDECREF(memory);
-    Py_XDECREF(pending);
     PyErr_Restore(type, value, tb);
 }
 
@@ -547,75 +564,379 @@ static PyTypeObject ResponseType = {
     .tp_members = Response_members,
 };
 
-/* ---- ASGI: the wrapper around the server's send --------------------------------
+/* ---- ASGI: one HTTP request ------------------------------------------------------
  *
- * asgi._Exchange.send is the reference implementation. Sender handles the two messages
- * of nearly every response (http.response.start without Vary/Cache-Control from the
- * app, and http.response.body) and hands every other message to _Exchange.send. Its
- * awaitable delegates to the server's, and does what follows the await in Python:
- * stamp the end of the response after the last body message, and record a client
- * disconnect when the server's send raises OSError.
+ * asgi.ASGICanaryMiddleware.__call__ and asgi._Exchange are the reference
+ * implementation. A Router (one per middleware) copies the scope, decides, and calls
+ * the chosen app with a Receiver and a Sender; the Exchange it returns is the request's
+ * state and the awaitable that drives the app. Decisions other than a cached returning
+ * visitor's are made by ASGICanaryMiddleware._decide/_pick, and every message other
+ * than a plain response start (no Vary/Cache-Control from the app) or body goes to
+ * _Exchange.send with the Exchange as its self, so this file only has to be right
+ * about the common case.
  */
 
-static PyObject *s_type, *s_body_kind, *s_start_kind, *s_more_body, *s_headers, *s_status,
-    *s_trailers, *s_ended, *s_done, *s_finish, *s_send, *s_throw;
+static PyObject *s_type, *s_body_kind, *s_start_kind, *s_more_body, *s_headers, *s_status, *s_trailers,
+    *s_throw, *s_decide, *s_pick, *s_old_app, *s_decision_key, *s_method, *s_route, *s_path, *s_new,
+    *s_disconnect_kind, *b_set_cookie, *b_cookie_sep;
+static PyObject *py_send;   /* asgi._Exchange.send */
+static PyObject *wall_time; /* time.time */
 
 typedef struct {
     PyObject_HEAD
-    PyObject *x; /* the _Exchange */
+    PyObject *mw;
+    PyObject *decision;
+    PyObject *scope; /* our copy */
     PyObject *server_send;
-    PyObject *extra; /* list of header pairs to append */
-    vectorcallfunc vectorcall;
-} Sender;
+    PyObject *server_receive;
+    PyObject *extra;  /* header pairs to append to a response start */
+    PyObject *cookie; /* the Set-Cookie value (bytes), or NULL */
+    PyObject *status;
+    PyObject *it; /* the app's awaitable, as an iterator, until it ends */
+    double wall;
+    double started;
+    double ended; /* when the last response message went out; 0: not yet */
+    char trailers;
+    char done; /* the outcome has been recorded */
+} Exchange;
 
 typedef struct {
     PyObject_HEAD
-    PyObject *x;
+    Exchange *x;
+    vectorcallfunc vectorcall;
+} Channel; /* the send or receive given to the app */
+
+typedef struct {
+    PyObject_HEAD
+    Exchange *x;
     PyObject *it; /* the server's awaitable, as an iterator */
-    char last;
+    char last;    /* a send of the last response message */
+    char receiving;
 } Awaiter;
 
-static PyTypeObject SenderType, AwaiterType;
+typedef struct {
+    PyObject_HEAD
+    PyObject *mw;
+    PyObject *cached; /* rollout.cached, or NULL when decide() must always run */
+    PyObject *extra;
+    vectorcallfunc vectorcall;
+} Router;
 
-/* x.finish(None, True, perf_counter()) unless the outcome was recorded; the pending
- * exception (the server's OSError) stays pending. */
-static void
-record_disconnect(PyObject *x)
+static PyTypeObject ExchangeType, SenderType, ReceiverType, AwaiterType, RouterType;
+
+static int
+wall_now(double *out)
 {
-    PyObject *type, *value, *tb, *done, *at, *res = NULL;
-    int is_done;
-    PyErr_Fetch(&type, &value, &tb);
-    done = PyObject_GetAttr(x, s_done);
-    is_done = done ? PyObject_IsTrue(done) : -1;
-    Py_XDECREF(done);
-    if (is_done == 0) {
-        at = PyObject_CallNoArgs(perf_counter);
-        if (at != NULL) {
-            res = PyObject_CallMethodObjArgs(x, s_finish, Py_None, Py_True, at, NULL);
-            Py_DECREF(at);
-        }
+#if defined(__linux__)
+    struct timespec ts;
+    if (clock_gettime(CLOCK_REALTIME, &ts) == 0) {
+        *out = (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+        return 0;
     }
-    if (is_done < 0 || (is_done == 0 && res == NULL))
-        PyErr_WriteUnraisable(x);
-    Py_XDECREF(res);
+#endif
+    PyObject *t = PyObject_CallNoArgs(wall_time);
+    if (t == NULL)
+        return -1;
+    *out = PyFloat_AsDouble(t);
+    Py_DECREF(t);
+    return (*out == -1.0 && PyErr_Occurred()) ? -1 : 0;
+}
+
+/* d.get(key, default) for the scope copy (always a dict): a new reference. */
+static PyObject *
+scope_get(PyObject *d, PyObject *key, PyObject *dflt)
+{
+    PyObject *v = PyDict_GetItemWithError(d, key);
+    if (v == NULL && PyErr_Occurred())
+        return NULL;
+    return Py_NewRef(v ? v : dflt);
+}
+
+/* Record the outcome once (ASGICanaryMiddleware._outcome); never raises, and the
+ * pending exception, if any, stays pending. */
+static void
+exchange_finish(Exchange *x, PyObject *error, int disconnected, double at)
+{
+    PyObject *mw = x->mw, *scope = x->scope, *record = NULL, *route = NULL, *err = NULL, *method = NULL,
+             *rollout = NULL, *variant = NULL, *fields = NULL, *type, *value, *tb;
+    x->done = 1;
+    if (mw == NULL || scope == NULL || x->decision == NULL)
+        return;
+    PyErr_Fetch(&type, &value, &tb);
+    record = PyObject_GetAttr(mw, s_record);
+    if (record == NULL)
+        goto failed;
+    if (record == Py_None)
+        goto done;
+    route = scope_get(scope, s_route_key, Py_None);
+    if (route == NULL)
+        goto failed;
+    if (route == Py_None) {
+        /* Starlette's Router (and FastAPI's) store the matched route object here. */
+        PyObject *obj = PyDict_GetItemWithError(scope, s_route), *path = NULL;
+        if (obj == NULL && PyErr_Occurred())
+            goto failed;
+        if (obj != NULL && optional_attr(obj, s_path, &path) < 0)
+            goto failed;
+        if (path != NULL && PyUnicode_Check(path))
+            Py_SETREF(route, path);
+        else
+            Py_XDECREF(path);
+    }
+    if (error != NULL && error != Py_None) {
+        err = Py_NewRef(error);
+    }
+    else if ((err = scope_get(scope, s_error_key, Py_None)) == NULL) {
+        goto failed;
+    }
+    method = scope_get(scope, s_method, s_get_method);
+    if (method == NULL)
+        goto failed;
+    rollout = decision_field(x->decision, i_rollout, s_rollout);
+    if (rollout == NULL)
+        goto failed;
+    variant = decision_field(x->decision, i_variant, s_variant);
+    if (variant == NULL)
+        goto failed;
+    fields = PyTuple_New(10);
+    if (fields == NULL)
+        goto failed;
+    PyTuple_SET_ITEM(fields, 0, rollout);
+    PyTuple_SET_ITEM(fields, 1, variant);
+    rollout = variant = NULL;
+    PyTuple_SET_ITEM(fields, 2, Py_NewRef(x->status ? x->status : Py_None));
+    PyTuple_SET_ITEM(fields, 3, PyFloat_FromDouble(at - x->started));
+    PyTuple_SET_ITEM(fields, 4, err);
+    PyTuple_SET_ITEM(fields, 5, Py_NewRef(disconnected ? Py_True : Py_False));
+    PyTuple_SET_ITEM(fields, 6, method);
+    PyTuple_SET_ITEM(fields, 7, route);
+    PyTuple_SET_ITEM(fields, 8, PyFloat_FromDouble(x->wall));
+    PyTuple_SET_ITEM(fields, 9, Py_NewRef(Py_None));
+    err = method = route = NULL;
+    if (PyTuple_GET_ITEM(fields, 3) == NULL || PyTuple_GET_ITEM(fields, 8) == NULL)
+        goto failed;
+    if (hand_over(mw, fields) == 0)
+        goto done;
+failed:
+    outcome_failed(mw);
+done:
+    Py_XDECREF(record);
+    Py_XDECREF(route);
+    Py_XDECREF(err);
+    Py_XDECREF(method);
+    Py_XDECREF(rollout);
+    Py_XDECREF(variant);
+    Py_XDECREF(fields);
     PyErr_Restore(type, value, tb);
 }
 
-/* After the server's awaitable returned: stamp the end of a last body message. */
-static int
-Awaiter_done(Awaiter *self)
+/* The end of the response if it went out, else now; 0 on a clock failure (rare). */
+static double
+end_or_now(Exchange *x)
 {
-    PyObject *at;
-    int failed;
-    if (!self->last)
-        return 0;
-    at = PyObject_CallNoArgs(perf_counter);
-    failed = at == NULL || PyObject_SetAttr(self->x, s_ended, at) < 0;
-    Py_XDECREF(at);
-    return failed ? -1 : 0;
+    double t;
+    if (x->ended)
+        return x->ended;
+    if (now(&t) < 0) {
+        PyErr_WriteUnraisable((PyObject *)x);
+        return x->started;
+    }
+    return t;
 }
 
-/* One step of the server's awaitable, for am_send (the interpreter's await loop). */
+/* The app raised (the exception is pending and stays so): an Exception is recorded by
+ * its type name; anything else (cancelled from outside) is a disconnect unless the
+ * response had ended. */
+static void
+exchange_raised(Exchange *x)
+{
+    if (x->done)
+        return;
+    if (PyErr_ExceptionMatches(PyExc_Exception)) {
+        PyObject *name = pending_error_name();
+        exchange_finish(x, name, 0, end_or_now(x));
+        Py_XDECREF(name);
+    }
+    else {
+        exchange_finish(x, NULL, !x->ended, end_or_now(x));
+    }
+}
+
+/* A send that raised OSError (pending, stays so): the client is gone. */
+static void
+record_disconnect(Exchange *x)
+{
+    double t;
+    if (x->done)
+        return;
+    if (now(&t) < 0) {
+        PyErr_WriteUnraisable((PyObject *)x);
+        t = x->started;
+    }
+    exchange_finish(x, NULL, 1, t);
+}
+
+/* The iterator to drive for an awaitable (coroutines directly, no wrapper); steals aw. */
+static PyObject *
+awaitable_iter(PyObject *aw)
+{
+    PyObject *it;
+    if (PyCoro_CheckExact(aw))
+        return aw;
+    if (Py_TYPE(aw)->tp_as_async == NULL || Py_TYPE(aw)->tp_as_async->am_await == NULL) {
+        PyErr_Format(PyExc_TypeError, "object %.100s can't be used in 'await' expression", Py_TYPE(aw)->tp_name);
+        Py_DECREF(aw);
+        return NULL;
+    }
+    it = Py_TYPE(aw)->tp_as_async->am_await(aw);
+    Py_DECREF(aw);
+    if (it != NULL && Py_TYPE(it)->tp_iternext == NULL) {
+        PyErr_Format(PyExc_TypeError, "__await__() returned non-iterator of type '%.100s'", Py_TYPE(it)->tp_name);
+        Py_CLEAR(it);
+    }
+    return it;
+}
+
+/* Raise StopIteration(value) (a coroutine's return); steals value. */
+static void
+set_stop(PyObject *value)
+{
+    if (value == Py_None) {
+        PyErr_SetNone(PyExc_StopIteration);
+    }
+    else {
+        PyObject *exc = PyObject_CallOneArg(PyExc_StopIteration, value);
+        if (exc != NULL) {
+            PyErr_SetObject(PyExc_StopIteration, exc);
+            Py_DECREF(exc);
+        }
+    }
+    Py_DECREF(value);
+}
+
+/* The value of a pending StopIteration, cleared (a new reference); NULL if another
+ * exception is pending. */
+static PyObject *
+take_stop_value(void)
+{
+    PyObject *type, *value, *tb, *res;
+    if (!PyErr_ExceptionMatches(PyExc_StopIteration))
+        return NULL;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    res = Py_NewRef(value ? ((PyStopIterationObject *)value)->value : Py_None);
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(tb);
+    return res;
+}
+
+/* The generator protocol on top of am_send, shared by Exchange and Awaiter (3.12+
+ * await loops call __next__/send rather than am_send). */
+static PyObject *
+step(PyObject *self, PyObject *value, int method)
+{
+    PyObject *res;
+    PySendResult r = Py_TYPE(self)->tp_as_async->am_send(self, value, &res);
+    if (r == PYGEN_NEXT)
+        return res;
+    if (r == PYGEN_RETURN) {
+        if (!method && res == Py_None)
+            Py_DECREF(res); /* __next__ may end without an exception */
+        else
+            set_stop(res);
+    }
+    return NULL;
+}
+
+static PyObject *
+step_next(PyObject *self)
+{
+    return step(self, Py_None, 0);
+}
+
+static PyObject *
+step_send(PyObject *self, PyObject *value)
+{
+    return step(self, value, 1);
+}
+
+static PyObject *
+same(PyObject *self)
+{
+    return Py_NewRef(self);
+}
+
+/* Throw into an iterator as `await` would: its throw(), or raise it in place. */
+static PyObject *
+throw_into(PyObject *it, PyObject *args)
+{
+    PyObject *meth, *res;
+    int found = optional_attr(it, s_throw, &meth);
+    if (found < 0)
+        return NULL;
+    if (found == 0) {
+        PyObject *typ = PyTuple_GET_SIZE(args) > 0 ? PyTuple_GET_ITEM(args, 0) : PyExc_TypeError;
+        PyObject *val = PyTuple_GET_SIZE(args) > 1 ? PyTuple_GET_ITEM(args, 1) : Py_None;
+        if (PyExceptionInstance_Check(typ))
+            PyErr_SetObject((PyObject *)Py_TYPE(typ), typ);
+        else
+            PyErr_SetObject(typ, val);
+        return NULL;
+    }
+    res = PyObject_Call(meth, args, NULL);
+    Py_DECREF(meth);
+    return res;
+}
+
+/* ---- Awaiter: one call of the server's send or receive ---- */
+
+/* After the server's awaitable returned res (stolen): the value the app gets. */
+static PyObject *
+Awaiter_complete(Awaiter *self, PyObject *res)
+{
+    Exchange *x = self->x;
+    if (self->receiving) {
+        if (!(x->done || x->ended)) {
+            PyObject *kind;
+            int is_disconnect;
+            if (PyDict_CheckExact(res)) {
+                kind = PyDict_GetItemWithError(res, s_type);
+                if (kind == NULL) {
+                    if (!PyErr_Occurred())
+                        PyErr_SetObject(PyExc_KeyError, s_type);
+                    Py_DECREF(res);
+                    return NULL;
+                }
+                Py_INCREF(kind);
+            }
+            else if ((kind = PyObject_GetItem(res, s_type)) == NULL) {
+                Py_DECREF(res);
+                return NULL;
+            }
+            is_disconnect = PyObject_RichCompareBool(kind, s_disconnect_kind, Py_EQ);
+            Py_DECREF(kind);
+            if (is_disconnect < 0) {
+                Py_DECREF(res);
+                return NULL;
+            }
+            if (is_disconnect) {
+                double t;
+                if (now(&t) < 0) {
+                    Py_DECREF(res);
+                    return NULL;
+                }
+                exchange_finish(x, NULL, 1, t);
+            }
+        }
+        return res;
+    }
+    Py_DECREF(res);
+    if (self->last && now(&x->ended) < 0)
+        return NULL;
+    return Py_NewRef(Py_None);
+}
+
 static PySendResult
 Awaiter_am_send(PyObject *op, PyObject *value, PyObject **result)
 {
@@ -627,96 +948,43 @@ Awaiter_am_send(PyObject *op, PyObject *value, PyObject **result)
         return PYGEN_NEXT;
     }
     if (r == PYGEN_RETURN) {
-        Py_DECREF(res);
-        if (Awaiter_done(self) < 0) {
-            *result = NULL;
-            return PYGEN_ERROR;
-        }
-        *result = Py_NewRef(Py_None);
-        return PYGEN_RETURN;
+        *result = Awaiter_complete(self, res);
+        return *result ? PYGEN_RETURN : PYGEN_ERROR;
     }
-    if (PyErr_ExceptionMatches(PyExc_OSError))
+    if (!self->receiving && PyErr_ExceptionMatches(PyExc_OSError))
         record_disconnect(self->x);
     *result = NULL;
     return PYGEN_ERROR;
 }
 
-/* The same step as a method or __next__: a return becomes StopIteration (or, for
- * __next__, NULL without an exception). */
-static PyObject *
-Awaiter_result(Awaiter *self, PyObject *res, int method)
-{
-    if (res != NULL)
-        return res;
-    if (PyErr_Occurred()) {
-        if (!PyErr_ExceptionMatches(PyExc_StopIteration)) {
-            if (PyErr_ExceptionMatches(PyExc_OSError))
-                record_disconnect(self->x);
-            return NULL;
-        }
-        PyErr_Clear();
-    }
-    if (Awaiter_done(self) < 0)
-        return NULL;
-    if (method)
-        PyErr_SetNone(PyExc_StopIteration);
-    return NULL;
-}
-
-static PyObject *
-Awaiter_stepped(Awaiter *self, PyObject *value, int method)
-{
-    PyObject *res;
-    PySendResult r = Awaiter_am_send((PyObject *)self, value, &res);
-    if (r == PYGEN_NEXT)
-        return res;
-    if (r == PYGEN_RETURN) {
-        Py_DECREF(res);
-        if (method)
-            PyErr_SetNone(PyExc_StopIteration);
-    }
-    return NULL;
-}
-
-static PyObject *
-Awaiter_next(Awaiter *self)
-{
-    return Awaiter_stepped(self, Py_None, 0);
-}
-
-static PyObject *
-Awaiter_send(Awaiter *self, PyObject *value)
-{
-    return Awaiter_stepped(self, value, 1);
-}
-
 static PyObject *
 Awaiter_throw(Awaiter *self, PyObject *args)
 {
-    PyObject *meth = PyObject_GetAttr(self->it, s_throw), *res;
-    if (meth == NULL)
+    PyObject *res = throw_into(self->it, args);
+    if (res != NULL)
+        return res;
+    res = take_stop_value();
+    if (res != NULL) {
+        res = Awaiter_complete(self, res);
+        if (res != NULL)
+            set_stop(res);
         return NULL;
-    res = PyObject_Call(meth, args, NULL);
-    Py_DECREF(meth);
-    return Awaiter_result(self, res, 1);
+    }
+    if (!self->receiving && PyErr_ExceptionMatches(PyExc_OSError))
+        record_disconnect(self->x);
+    return NULL;
 }
 
 static PyObject *
 Awaiter_close(Awaiter *self, PyObject *Py_UNUSED(ignored))
 {
-    PyObject *meth;
+    PyObject *meth, *res;
     int found = optional_attr(self->it, s_close, &meth);
     if (found <= 0)
         return found < 0 ? NULL : Py_NewRef(Py_None);
-    PyObject *res = PyObject_CallNoArgs(meth);
+    res = PyObject_CallNoArgs(meth);
     Py_DECREF(meth);
     return res;
-}
-
-static PyObject *
-Awaiter_self(PyObject *self)
-{
-    return Py_NewRef(self);
 }
 
 static int
@@ -744,27 +1012,50 @@ Awaiter_dealloc(Awaiter *self)
 }
 
 static PyMethodDef Awaiter_methods[] = {
-    {"send", (PyCFunction)Awaiter_send, METH_O, NULL},
+    {"send", (PyCFunction)step_send, METH_O, NULL},
     {"throw", (PyCFunction)Awaiter_throw, METH_VARARGS, NULL},
     {"close", (PyCFunction)Awaiter_close, METH_NOARGS, NULL},
     {NULL},
 };
 
-static PyAsyncMethods Awaiter_async = {.am_await = Awaiter_self, .am_send = Awaiter_am_send};
+static PyAsyncMethods Awaiter_async = {.am_await = same, .am_send = Awaiter_am_send};
 
 static PyTypeObject AwaiterType = {
-    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "canarymw._speedups.SendAwaiter",
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "canarymw._speedups.Awaiter",
     .tp_basicsize = sizeof(Awaiter),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
-    .tp_doc = "Awaits the server's send for one message (C implementation).",
+    .tp_doc = "Awaits the server's send or receive for one call (C implementation).",
     .tp_dealloc = (destructor)Awaiter_dealloc,
     .tp_traverse = (traverseproc)Awaiter_traverse,
     .tp_clear = (inquiry)Awaiter_clear,
     .tp_as_async = &Awaiter_async,
-    .tp_iter = Awaiter_self,
-    .tp_iternext = (iternextfunc)Awaiter_next,
+    .tp_iter = same,
+    .tp_iternext = step_next,
     .tp_methods = Awaiter_methods,
 };
+
+/* An Awaiter for the server's awaitable aw (stolen). */
+static PyObject *
+new_awaiter(Exchange *x, PyObject *aw, int last, int receiving)
+{
+    Awaiter *self;
+    PyObject *it = awaitable_iter(aw);
+    if (it == NULL)
+        return NULL;
+    self = PyObject_GC_New(Awaiter, &AwaiterType);
+    if (self == NULL) {
+        Py_DECREF(it);
+        return NULL;
+    }
+    self->x = (Exchange *)Py_NewRef(x);
+    self->it = it;
+    self->last = (char)last;
+    self->receiving = (char)receiving;
+    PyObject_GC_Track(self);
+    return (PyObject *)self;
+}
+
+/* ---- Sender and Receiver ---- */
 
 /* 1: headers is a list of (bytes, bytes) tuples naming neither vary nor cache-control. */
 static int
@@ -780,33 +1071,19 @@ plain_headers(PyObject *headers)
         if (!PyBytes_CheckExact(name))
             return 0;
         if ((PyBytes_GET_SIZE(name) == 4 && memcmp(PyBytes_AS_STRING(name), "vary", 4) == 0)
-            || (PyBytes_GET_SIZE(name) == 13
-                && memcmp(PyBytes_AS_STRING(name), "cache-control", 13) == 0))
+            || (PyBytes_GET_SIZE(name) == 13 && memcmp(PyBytes_AS_STRING(name), "cache-control", 13) == 0))
             return 0;
     }
     return 1;
 }
 
-static int
-truthy_attr(PyObject *obj, PyObject *name)
-{
-    PyObject *v = PyObject_GetAttr(obj, name);
-    int t;
-    if (v == NULL)
-        return -1;
-    t = PyObject_IsTrue(v);
-    Py_DECREF(v);
-    return t;
-}
-
 static PyObject *
-Sender_call(Sender *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+Sender_call(PyObject *op, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
-    PyObject *message, *kind, *msg = NULL, *aw, *it;
-    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    Exchange *x = ((Channel *)op)->x;
+    PyObject *message, *kind, *msg, *aw;
     int last = 0;
-    Awaiter *awaiter;
-    if (nargs != 1 || kwnames != NULL)
+    if (PyVectorcall_NARGS(nargsf) != 1 || kwnames != NULL)
         goto python;
     message = args[0];
     if (!PyDict_CheckExact(message))
@@ -821,15 +1098,13 @@ Sender_call(Sender *self, PyObject *const *args, size_t nargsf, PyObject *kwname
         goto python;
     if (PyUnicode_Compare(kind, s_body_kind) == 0) {
         PyObject *more = PyDict_GetItemWithError(message, s_more_body);
-        int ended, trailers, more_body;
+        int more_body;
         if (more == NULL && PyErr_Occurred())
-            return NULL;
-        if ((ended = truthy_attr(self->x, s_ended)) < 0 || (trailers = truthy_attr(self->x, s_trailers)) < 0)
             return NULL;
         more_body = more == NULL ? 0 : PyObject_IsTrue(more);
         if (more_body < 0)
             return NULL;
-        last = !(ended || trailers || more_body);
+        last = !(x->ended || x->trailers || more_body);
         msg = Py_NewRef(message);
     }
     else if (PyUnicode_Compare(kind, s_start_kind) == 0) {
@@ -851,10 +1126,9 @@ Sender_call(Sender *self, PyObject *const *args, size_t nargsf, PyObject *kwname
         has_trailers = trailers == NULL ? 0 : PyObject_IsTrue(trailers);
         if (has_trailers < 0)
             return NULL;
-        if (PyObject_SetAttr(self->x, s_status, status ? status : Py_None) < 0
-            || PyObject_SetAttr(self->x, s_trailers, has_trailers ? Py_True : Py_False) < 0)
-            return NULL;
-        merged = PyNumber_Add(headers, self->extra);
+        Py_XSETREF(x->status, Py_NewRef(status ? status : Py_None));
+        x->trailers = (char)has_trailers;
+        merged = PyNumber_Add(headers, x->extra);
         if (merged == NULL)
             return NULL;
         msg = PyDict_Copy(message);
@@ -868,107 +1142,549 @@ Sender_call(Sender *self, PyObject *const *args, size_t nargsf, PyObject *kwname
     else {
         goto python;
     }
-    aw = PyObject_CallOneArg(self->server_send, msg);
+    aw = PyObject_CallOneArg(x->server_send, msg);
     Py_DECREF(msg);
     if (aw == NULL) {
         if (PyErr_ExceptionMatches(PyExc_OSError))
-            record_disconnect(self->x);
+            record_disconnect(x);
         return NULL;
     }
-    if (PyCoro_CheckExact(aw)) {
-        it = aw; /* driven directly with PyIter_Send: no wrapper object */
-    }
-    else {
-        if (Py_TYPE(aw)->tp_as_async == NULL || Py_TYPE(aw)->tp_as_async->am_await == NULL) {
-            PyErr_Format(PyExc_TypeError, "object %.100s can't be used in 'await' expression",
-                         Py_TYPE(aw)->tp_name);
-            Py_DECREF(aw);
-            return NULL;
-        }
-        it = Py_TYPE(aw)->tp_as_async->am_await(aw);
-        Py_DECREF(aw);
-        if (it == NULL)
-            return NULL;
-        if (Py_TYPE(it)->tp_iternext == NULL) {
-            PyErr_Format(PyExc_TypeError, "__await__() returned non-iterator of type '%.100s'",
-                         Py_TYPE(it)->tp_name);
-            Py_DECREF(it);
-            return NULL;
-        }
-    }
-    awaiter = PyObject_GC_New(Awaiter, &AwaiterType);
-    if (awaiter == NULL) {
-        Py_DECREF(it);
-        return NULL;
-    }
-    awaiter->x = Py_NewRef(self->x);
-    awaiter->it = it;
-    awaiter->last = (char)last;
-    PyObject_GC_Track(awaiter);
-    return (PyObject *)awaiter;
+    return new_awaiter(x, aw, last, 0);
 
 python : {
-    /* The reference implementation: _Exchange.send(message), a coroutine. */
-    PyObject *meth = PyObject_GetAttr(self->x, s_send), *res;
-    if (meth == NULL)
+    /* The reference implementation, _Exchange.send, with the Exchange as its self. */
+    PyObject *bound = PyMethod_New(py_send, (PyObject *)x), *res;
+    if (bound == NULL)
         return NULL;
-    res = PyObject_Vectorcall(meth, args, nargsf, kwnames);
-    Py_DECREF(meth);
+    res = PyObject_Vectorcall(bound, args, nargsf, kwnames);
+    Py_DECREF(bound);
     return res;
 }
 }
 
+static PyObject *
+Receiver_call(PyObject *op, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Exchange *x = ((Channel *)op)->x;
+    PyObject *aw;
+    if (PyVectorcall_NARGS(nargsf) != 0 || kwnames != NULL) {
+        PyErr_SetString(PyExc_TypeError, "receive() takes no arguments");
+        return NULL;
+    }
+    aw = PyObject_CallNoArgs(x->server_receive);
+    if (aw == NULL)
+        return NULL;
+    return new_awaiter(x, aw, 0, 1);
+}
+
 static int
-Sender_traverse(Sender *self, visitproc visit, void *arg)
+Channel_traverse(Channel *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->x);
-    Py_VISIT(self->server_send);
-    Py_VISIT(self->extra);
     return 0;
 }
 
 static int
-Sender_clear(Sender *self)
+Channel_clear(Channel *self)
 {
     Py_CLEAR(self->x);
-    Py_CLEAR(self->server_send);
-    Py_CLEAR(self->extra);
     return 0;
 }
 
 static void
-Sender_dealloc(Sender *self)
+Channel_dealloc(Channel *self)
 {
     PyObject_GC_UnTrack(self);
-    Sender_clear(self);
+    Channel_clear(self);
     Py_TYPE(self)->tp_free((PyObject *)self);
-}
-
-static PyObject *
-Sender_vectorcall_entry(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
-{
-    if (((Sender *)self)->x == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "send() called on a request that was torn down");
-        return NULL;
-    }
-    return Sender_call((Sender *)self, args, nargsf, kwnames);
 }
 
 #ifndef Py_TPFLAGS_HAVE_VECTORCALL
 #define Py_TPFLAGS_HAVE_VECTORCALL _Py_TPFLAGS_HAVE_VECTORCALL
 #endif
 
-static PyTypeObject SenderType = {
-    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "canarymw._speedups.Sender",
-    .tp_basicsize = sizeof(Sender),
+#define CHANNEL_TYPE(var, name, doc)                                                              \
+    static PyTypeObject var = {                                                                   \
+        PyVarObject_HEAD_INIT(NULL, 0).tp_name = "canarymw._speedups." name,                      \
+        .tp_basicsize = sizeof(Channel),                                                          \
+        .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,         \
+        .tp_vectorcall_offset = offsetof(Channel, vectorcall),                                    \
+        .tp_doc = doc,                                                                            \
+        .tp_dealloc = (destructor)Channel_dealloc,                                                \
+        .tp_traverse = (traverseproc)Channel_traverse,                                            \
+        .tp_clear = (inquiry)Channel_clear,                                                       \
+        .tp_call = PyVectorcall_Call,                                                             \
+    };
+
+CHANNEL_TYPE(SenderType, "Sender", "The ASGI send an app is given (C implementation of _Exchange.send).")
+CHANNEL_TYPE(ReceiverType, "Receiver", "The ASGI receive an app is given (C implementation of _Exchange.receive).")
+
+static PyObject *
+new_channel(PyTypeObject *type, Exchange *x, vectorcallfunc call)
+{
+    Channel *self = PyObject_GC_New(Channel, type);
+    if (self == NULL)
+        return NULL;
+    self->x = (Exchange *)Py_NewRef(x);
+    self->vectorcall = call;
+    PyObject_GC_Track(self);
+    return (PyObject *)self;
+}
+
+/* ---- Exchange: the request, awaited by ASGICanaryMiddleware.__call__ ---- */
+
+static PySendResult
+Exchange_am_send(PyObject *op, PyObject *value, PyObject **result)
+{
+    Exchange *x = (Exchange *)op;
+    PyObject *res, *it = x->it;
+    PySendResult r;
+    if (it == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "cannot reuse already awaited request");
+        *result = NULL;
+        return PYGEN_ERROR;
+    }
+    r = PyIter_Send(it, value, &res);
+    if (r == PYGEN_NEXT) {
+        *result = res;
+        return PYGEN_NEXT;
+    }
+    x->it = NULL;
+    Py_DECREF(it);
+    if (r == PYGEN_RETURN) {
+        Py_DECREF(res);
+        if (!x->done)
+            exchange_finish(x, NULL, 0, end_or_now(x));
+        *result = Py_NewRef(Py_None);
+        return PYGEN_RETURN;
+    }
+    exchange_raised(x);
+    *result = NULL;
+    return PYGEN_ERROR;
+}
+
+static PyObject *
+Exchange_throw(Exchange *x, PyObject *args)
+{
+    PyObject *res, *it = x->it;
+    if (it == NULL)
+        return throw_into(Py_None, args);
+    Py_INCREF(it);
+    res = throw_into(it, args);
+    if (res != NULL) {
+        Py_DECREF(it);
+        return res;
+    }
+    if (x->it == it)
+        Py_CLEAR(x->it);
+    Py_DECREF(it);
+    res = take_stop_value();
+    if (res != NULL) {
+        Py_DECREF(res);
+        if (!x->done)
+            exchange_finish(x, NULL, 0, end_or_now(x));
+        PyErr_SetNone(PyExc_StopIteration);
+        return NULL;
+    }
+    exchange_raised(x);
+    return NULL;
+}
+
+static PyObject *
+Exchange_close(Exchange *x, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *it = x->it, *meth, *res = Py_None;
+    int found;
+    if (it == NULL)
+        Py_RETURN_NONE;
+    x->it = NULL;
+    found = optional_attr(it, s_close, &meth);
+    if (found > 0) {
+        res = PyObject_CallNoArgs(meth);
+        Py_DECREF(meth);
+    }
+    Py_DECREF(it);
+    if (found < 0 || res == NULL) {
+        exchange_raised(x);
+        return NULL;
+    }
+    if (res != Py_None)
+        Py_DECREF(res);
+    /* As a coroutine closed while awaiting: GeneratorExit, not an Exception. */
+    if (!x->done)
+        exchange_finish(x, NULL, !x->ended, end_or_now(x));
+    Py_RETURN_NONE;
+}
+
+/* finish(error, disconnected, at): _Exchange.finish, for _Exchange.send. */
+static PyObject *
+Exchange_finish_method(Exchange *x, PyObject *const *args, Py_ssize_t nargs)
+{
+    int disconnected;
+    double at;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "finish(error, disconnected, at)");
+        return NULL;
+    }
+    if ((disconnected = PyObject_IsTrue(args[1])) < 0)
+        return NULL;
+    at = PyFloat_AsDouble(args[2]);
+    if (at == -1.0 && PyErr_Occurred())
+        return NULL;
+    exchange_finish(x, args[0], disconnected, at);
+    Py_RETURN_NONE;
+}
+
+static int
+Exchange_traverse(Exchange *x, visitproc visit, void *arg)
+{
+    Py_VISIT(x->mw);
+    Py_VISIT(x->decision);
+    Py_VISIT(x->scope);
+    Py_VISIT(x->server_send);
+    Py_VISIT(x->server_receive);
+    Py_VISIT(x->extra);
+    Py_VISIT(x->cookie);
+    Py_VISIT(x->status);
+    Py_VISIT(x->it);
+    return 0;
+}
+
+static int
+Exchange_clear(Exchange *x)
+{
+    Py_CLEAR(x->mw);
+    Py_CLEAR(x->decision);
+    Py_CLEAR(x->scope);
+    Py_CLEAR(x->server_send);
+    Py_CLEAR(x->server_receive);
+    Py_CLEAR(x->extra);
+    Py_CLEAR(x->cookie);
+    Py_CLEAR(x->status);
+    Py_CLEAR(x->it);
+    return 0;
+}
+
+static void
+Exchange_dealloc(Exchange *x)
+{
+    PyObject_GC_UnTrack(x);
+    Exchange_clear(x);
+    Py_TYPE(x)->tp_free((PyObject *)x);
+}
+
+static PyMethodDef Exchange_methods[] = {
+    {"send", (PyCFunction)step_send, METH_O, NULL},
+    {"throw", (PyCFunction)Exchange_throw, METH_VARARGS, NULL},
+    {"close", (PyCFunction)Exchange_close, METH_NOARGS, NULL},
+    {"finish", (PyCFunction)(void (*)(void))Exchange_finish_method, METH_FASTCALL,
+     "Record the outcome once: finish(error, disconnected, at)."},
+    {NULL},
+};
+
+/* What _Exchange.send reads and writes. */
+static PyMemberDef Exchange_members[] = {
+    {"mw", T_OBJECT, offsetof(Exchange, mw), READONLY, NULL},
+    {"decision", T_OBJECT, offsetof(Exchange, decision), READONLY, NULL},
+    {"scope", T_OBJECT, offsetof(Exchange, scope), READONLY, NULL},
+    {"server_send", T_OBJECT, offsetof(Exchange, server_send), READONLY, NULL},
+    {"server_receive", T_OBJECT, offsetof(Exchange, server_receive), READONLY, NULL},
+    {"extra", T_OBJECT, offsetof(Exchange, extra), READONLY, NULL},
+    {"cookie", T_OBJECT, offsetof(Exchange, cookie), READONLY, NULL},
+    {"status", T_OBJECT, offsetof(Exchange, status), 0, NULL},
+    {"ended", T_DOUBLE, offsetof(Exchange, ended), 0, NULL},
+    {"trailers", T_BOOL, offsetof(Exchange, trailers), 0, NULL},
+    {"done", T_BOOL, offsetof(Exchange, done), READONLY, NULL},
+    {"wall", T_DOUBLE, offsetof(Exchange, wall), READONLY, NULL},
+    {"started", T_DOUBLE, offsetof(Exchange, started), READONLY, NULL},
+    {NULL},
+};
+
+static PyAsyncMethods Exchange_async = {.am_await = same, .am_send = Exchange_am_send};
+
+static PyTypeObject ExchangeType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "canarymw._speedups.Exchange",
+    .tp_basicsize = sizeof(Exchange),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "One HTTP request through the ASGI adapter (C implementation of asgi._Exchange).",
+    .tp_dealloc = (destructor)Exchange_dealloc,
+    .tp_traverse = (traverseproc)Exchange_traverse,
+    .tp_clear = (inquiry)Exchange_clear,
+    .tp_as_async = &Exchange_async,
+    .tp_iter = same,
+    .tp_iternext = step_next,
+    .tp_methods = Exchange_methods,
+    .tp_members = Exchange_members,
+};
+
+/* ---- Router: ASGICanaryMiddleware.__call__ for one HTTP request ---- */
+
+/* The joined Cookie header of a list or tuple of (bytes, bytes) tuples: a new
+ * reference, NULL with *plain set to 0 when the headers have another shape (the
+ * caller then lets _decide read them), NULL with an exception on error, NULL and
+ * *plain 1 when there is no cookie header. */
+static PyObject *
+cookie_of(PyObject *headers, int *plain)
+{
+    PyObject *cookie = NULL, **items;
+    Py_ssize_t n;
+    *plain = 0;
+    if (PyList_CheckExact(headers)) {
+        n = PyList_GET_SIZE(headers);
+        items = ((PyListObject *)headers)->ob_item;
+    }
+    else if (PyTuple_CheckExact(headers)) {
+        n = PyTuple_GET_SIZE(headers);
+        items = ((PyTupleObject *)headers)->ob_item;
+    }
+    else {
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = items[i], *name, *value;
+        if (!PyTuple_CheckExact(item) || PyTuple_GET_SIZE(item) != 2)
+            goto other;
+        name = PyTuple_GET_ITEM(item, 0);
+        if (!PyBytes_CheckExact(name))
+            goto other;
+        if (PyBytes_GET_SIZE(name) != 6 || memcmp(PyBytes_AS_STRING(name), "cookie", 6) != 0)
+            continue;
+        value = PyTuple_GET_ITEM(item, 1);
+        if (!PyBytes_CheckExact(value))
+            goto other;
+        if (cookie == NULL) {
+            cookie = Py_NewRef(value);
+        }
+        else {
+            /* See: RFC 9113 §8.2.3 (HTTP/2 splits cookies; rejoin with "; ") */
+            PyBytes_Concat(&cookie, b_cookie_sep);
+            if (cookie != NULL)
+                PyBytes_Concat(&cookie, value);
+            if (cookie == NULL)
+                return NULL;
+        }
+    }
+    *plain = 1;
+    return cookie;
+other:
+    Py_XDECREF(cookie);
+    return NULL;
+}
+
+/* A cached returning visitor's decision, or None (new references); NULL on error. */
+static PyObject *
+cached_decision(Router *self, PyObject *scope)
+{
+    PyObject *headers, *cookie, *text, *decision;
+    int plain;
+    headers = PyDict_GetItemWithError(scope, s_headers);
+    if (headers == NULL)
+        return PyErr_Occurred() ? NULL : Py_NewRef(Py_None);
+    cookie = cookie_of(headers, &plain);
+    if (cookie == NULL)
+        return PyErr_Occurred() ? NULL : Py_NewRef(Py_None);
+    text = PyUnicode_DecodeLatin1(PyBytes_AS_STRING(cookie), PyBytes_GET_SIZE(cookie), NULL);
+    Py_DECREF(cookie);
+    if (text == NULL)
+        return NULL;
+    decision = PyObject_CallOneArg(self->cached, text);
+    Py_DECREF(text);
+    return decision;
+}
+
+static PyObject *
+Router_call(PyObject *op, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Router *self = (Router *)op;
+    PyObject *scope, *decision = NULL, *app = NULL, *variant, *set_cookie, *sender, *receiver, *stack[3], *aw;
+    Exchange *x;
+    int is_new;
+    if (PyVectorcall_NARGS(nargsf) != 3 || kwnames != NULL) {
+        PyErr_SetString(PyExc_TypeError, "an ASGI app takes (scope, receive, send)");
+        return NULL;
+    }
+    /* The server's scope is never changed: our copy carries the decision. */
+    if (PyDict_CheckExact(args[0])) {
+        scope = PyDict_Copy(args[0]);
+    }
+    else if ((scope = PyDict_New()) != NULL && PyDict_Merge(scope, args[0], 1) < 0) {
+        Py_CLEAR(scope);
+    }
+    if (scope == NULL)
+        return NULL;
+    if (self->cached != NULL) {
+        decision = cached_decision(self, scope);
+        if (decision == NULL)
+            goto error;
+        if (decision == Py_None)
+            Py_CLEAR(decision);
+    }
+    if (decision == NULL && (decision = PyObject_CallMethodOneArg(self->mw, s_decide, scope)) == NULL)
+        goto error;
+    variant = decision_field(decision, i_variant, s_variant);
+    if (variant == NULL)
+        goto error;
+    is_new = PyObject_RichCompareBool(variant, s_new, Py_EQ);
+    Py_DECREF(variant);
+    if (is_new < 0)
+        goto error;
+    if (is_new) {
+        PyObject *pair = PyObject_CallMethodObjArgs(self->mw, s_pick, scope, decision, NULL);
+        if (pair == NULL)
+            goto error;
+        if (!PyTuple_CheckExact(pair) || PyTuple_GET_SIZE(pair) != 2) {
+            Py_DECREF(pair);
+            PyErr_SetString(PyExc_TypeError, "_pick() must return (app, decision)");
+            goto error;
+        }
+        app = Py_NewRef(PyTuple_GET_ITEM(pair, 0));
+        Py_SETREF(decision, Py_NewRef(PyTuple_GET_ITEM(pair, 1)));
+        Py_DECREF(pair);
+    }
+    else if ((app = PyObject_GetAttr(self->mw, s_old_app)) == NULL) {
+        goto error;
+    }
+    if (PyDict_SetItem(scope, s_decision_key, decision) < 0)
+        goto error;
+    set_cookie = decision_field(decision, i_set_cookie, s_set_cookie);
+    if (set_cookie == NULL)
+        goto error;
+    x = PyObject_GC_New(Exchange, &ExchangeType);
+    if (x == NULL) {
+        Py_DECREF(set_cookie);
+        goto error;
+    }
+    x->mw = Py_NewRef(self->mw);
+    x->decision = decision;
+    x->scope = scope;
+    x->server_receive = Py_NewRef(args[1]);
+    x->server_send = Py_NewRef(args[2]);
+    x->extra = Py_NewRef(self->extra);
+    x->cookie = x->status = x->it = NULL;
+    x->ended = x->started = x->wall = 0.0;
+    x->trailers = x->done = 0;
+    PyObject_GC_Track(x);
+    decision = scope = NULL; /* now x's */
+    if (set_cookie != Py_None) {
+        PyObject *pair;
+        x->cookie = PyUnicode_AsLatin1String(set_cookie);
+        if (x->cookie == NULL)
+            goto failed_early;
+        pair = PyTuple_Pack(2, b_set_cookie, x->cookie);
+        if (pair == NULL)
+            goto failed_early;
+        Py_SETREF(x->extra, PySequence_List(self->extra));
+        if (x->extra == NULL || PyList_Append(x->extra, pair) < 0) {
+            Py_DECREF(pair);
+            goto failed_early;
+        }
+        Py_DECREF(pair);
+    }
+    Py_DECREF(set_cookie);
+    set_cookie = NULL;
+    if (wall_now(&x->wall) < 0 || now(&x->started) < 0)
+        goto failed_early;
+    sender = new_channel(&SenderType, x, Sender_call);
+    receiver = sender ? new_channel(&ReceiverType, x, Receiver_call) : NULL;
+    if (receiver == NULL) {
+        Py_XDECREF(sender);
+        goto failed_early;
+    }
+    stack[0] = x->scope;
+    stack[1] = receiver;
+    stack[2] = sender;
+    aw = PyObject_Vectorcall(app, stack, 3, NULL);
+    Py_DECREF(receiver);
+    Py_DECREF(sender);
+    Py_CLEAR(app);
+    if (aw == NULL || (x->it = awaitable_iter(aw)) == NULL) {
+        /* As `await app(...)` raising inside the adapter's try. */
+        exchange_raised(x);
+        Py_DECREF(x);
+        return NULL;
+    }
+    return (PyObject *)x;
+
+failed_early:
+    Py_XDECREF(set_cookie);
+    Py_XDECREF(app);
+    Py_DECREF(x);
+    return NULL;
+error:
+    Py_XDECREF(app);
+    Py_XDECREF(decision);
+    Py_DECREF(scope);
+    return NULL;
+}
+
+static int
+Router_traverse(Router *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->mw);
+    Py_VISIT(self->cached);
+    Py_VISIT(self->extra);
+    return 0;
+}
+
+static int
+Router_clear(Router *self)
+{
+    Py_CLEAR(self->mw);
+    Py_CLEAR(self->cached);
+    Py_CLEAR(self->extra);
+    return 0;
+}
+
+static void
+Router_dealloc(Router *self)
+{
+    PyObject_GC_UnTrack(self);
+    Router_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyTypeObject RouterType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "canarymw._speedups.Router",
+    .tp_basicsize = sizeof(Router),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
-    .tp_vectorcall_offset = offsetof(Sender, vectorcall),
-    .tp_doc = "The ASGI send an app is given (C implementation of asgi._Exchange.send).",
-    .tp_dealloc = (destructor)Sender_dealloc,
-    .tp_traverse = (traverseproc)Sender_traverse,
-    .tp_clear = (inquiry)Sender_clear,
+    .tp_vectorcall_offset = offsetof(Router, vectorcall),
+    .tp_doc = "The ASGI adapter's HTTP request path (C implementation of ASGICanaryMiddleware.__call__).",
+    .tp_dealloc = (destructor)Router_dealloc,
+    .tp_traverse = (traverseproc)Router_traverse,
+    .tp_clear = (inquiry)Router_clear,
     .tp_call = PyVectorcall_Call,
 };
+
+/* router(mw, cached, extra) -> Router; cached: rollout.cached, or None. */
+static PyObject *
+router(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    Router *self;
+    if (nargs != 3 || !PyList_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "router(mw, cached, extra: list)");
+        return NULL;
+    }
+    self = PyObject_GC_New(Router, &RouterType);
+    if (self == NULL)
+        return NULL;
+    self->mw = Py_NewRef(args[0]);
+    self->cached = args[1] == Py_None ? NULL : Py_NewRef(args[1]);
+    self->extra = Py_NewRef(args[2]);
+    self->vectorcall = Router_call;
+    PyObject_GC_Track(self);
+    return (PyObject *)self;
+}
+
+static PyObject *
+configure_asgi(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    PyObject *send, *wall;
+    if (!PyArg_ParseTuple(args, "OO:configure_asgi", &send, &wall))
+        return NULL;
+    Py_XSETREF(py_send, Py_NewRef(send));
+    Py_XSETREF(wall_time, Py_NewRef(wall));
+    Py_RETURN_NONE;
+}
 
 /* respond(mw, app, decision, environ, start_response, wall) -> Response */
 static PyObject *
@@ -1035,29 +1751,10 @@ configure(PyObject *Py_UNUSED(module), PyObject *args)
     Py_RETURN_NONE;
 }
 
-/* sender(exchange, server_send, extra) -> Sender */
-static PyObject *
-sender(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
-{
-    Sender *self;
-    if (nargs != 3 || !PyList_Check(args[2])) {
-        PyErr_SetString(PyExc_TypeError, "sender(exchange, server_send, extra: list)");
-        return NULL;
-    }
-    self = PyObject_GC_New(Sender, &SenderType);
-    if (self == NULL)
-        return NULL;
-    self->x = Py_NewRef(args[0]);
-    self->server_send = Py_NewRef(args[1]);
-    self->extra = Py_NewRef(args[2]);
-    self->vectorcall = Sender_vectorcall_entry;
-    PyObject_GC_Track(self);
-    return (PyObject *)self;
-}
-
 static PyMethodDef module_methods[] = {
-    {"sender", (PyCFunction)(void (*)(void))sender, METH_FASTCALL,
-     "sender(exchange, server_send, extra): the send to give an ASGI app for one request."},
+    {"router", (PyCFunction)(void (*)(void))router, METH_FASTCALL,
+     "router(mw, cached, extra): the ASGI adapter's HTTP request path for one middleware."},
+    {"configure_asgi", configure_asgi, METH_VARARGS, "Hand over the Python helpers (called once by asgi.py)."},
     {"respond", (PyCFunction)(void (*)(void))respond, METH_FASTCALL,
      "respond(mw, app, decision, environ, start_response, wall): call app, return our iterable."},
     {"configure", configure, METH_VARARGS, "Hand over the Python helpers (called once by wsgi.py)."},
@@ -1066,7 +1763,7 @@ static PyMethodDef module_methods[] = {
 
 static struct PyModuleDef module_def = {
     PyModuleDef_HEAD_INIT, "canarymw._speedups",
-    "Optional C implementation of the WSGI adapter's per-request hot path.", -1, module_methods,
+    "Optional C implementation of the adapters' per-request hot paths.", -1, module_methods,
 };
 
 #define INTERN(var, text)                                                                         \
@@ -1109,12 +1806,20 @@ PyInit__speedups(void)
     INTERN(s_headers, "headers");
     INTERN(s_status, "status");
     INTERN(s_trailers, "trailers");
-    INTERN(s_ended, "ended");
-    INTERN(s_done, "done");
-    INTERN(s_finish, "finish");
-    INTERN(s_send, "send");
     INTERN(s_throw, "throw");
-    if (PyType_Ready(&ResponseType) < 0 || PyType_Ready(&SenderType) < 0 || PyType_Ready(&AwaiterType) < 0)
+    INTERN(s_decide, "_decide");
+    INTERN(s_pick, "_pick");
+    INTERN(s_old_app, "old_app");
+    INTERN(s_decision_key, "canarymw.decision");
+    INTERN(s_method, "method");
+    INTERN(s_route, "route");
+    INTERN(s_path, "path");
+    INTERN(s_new, "new");
+    INTERN(s_disconnect_kind, "http.disconnect");
+    if ((b_set_cookie = PyBytes_FromString("set-cookie")) == NULL || (b_cookie_sep = PyBytes_FromString("; ")) == NULL)
+        return NULL;
+    if (PyType_Ready(&ResponseType) < 0 || PyType_Ready(&SenderType) < 0 || PyType_Ready(&ReceiverType) < 0
+        || PyType_Ready(&AwaiterType) < 0 || PyType_Ready(&ExchangeType) < 0 || PyType_Ready(&RouterType) < 0)
         return NULL;
     m = PyModule_Create(&module_def);
     if (m == NULL)

@@ -1,4 +1,4 @@
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 def respond(
@@ -16,4 +16,7 @@ def configure(
     decision_fields: tuple[int, int, int],
     /,
 ) -> None: ...
-def sender(exchange: Any, server_send: Any, extra: list[Any], /) -> Any: ...
+def router(
+    mw: Any, cached: Callable[[str], Any] | None, extra: list[tuple[bytes, bytes]], /
+) -> Callable[[Any, Any, Any], Awaitable[None]]: ...
+def configure_asgi(send: Callable[..., Any], wall: Callable[[], float], /) -> None: ...

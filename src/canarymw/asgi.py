@@ -111,10 +111,11 @@ _wall = time.time
 _NAMES = (b"vary", b"cache-control", b"set-cookie")
 _SECURE = ("https", "wss")
 _new_exchange = object.__new__
-# The compiled send wrapper (see canarymw._speedups.Sender); None: _Exchange.send.
-_sender: Callable[[Any, Send, list[tuple[bytes, bytes]]], Send] | None = (
-    accelerated.sender if accelerated is not None else None
-)
+# The compiled HTTP request path (canarymw._speedups.Router): __call__ and _Exchange
+# in C for the common case. None: the Python code below serves every request.
+_router: (
+    Callable[[Any, Callable[[str], Decision | None] | None, list[tuple[bytes, bytes]]], ASGIApp] | None
+) = accelerated.router if accelerated is not None else None
 
 
 def _dec(value: bytes) -> str:
@@ -205,6 +206,9 @@ class ASGICanaryMiddleware:
         self._record = self.sink.sink.record if self.sink is not None else None
         self._memory = direct_queue(self.sink)
         self._new_state: dict[str, Any] | None = None
+        self._router = (
+            None if _router is None else _router(self, rollout.cached if self._fast else None, self._extra)
+        )
 
     @property
     def sink_errors(self) -> int:
@@ -331,6 +335,10 @@ class ASGICanaryMiddleware:
         if excluded is not None and excluded(_app_path(scope)):
             await self.old_app(scope, receive, send)
             return
+        router = self._router
+        if router is not None and _router is not None:
+            await router(scope, receive, send)
+            return
         scope = dict(scope)
         decision = None
         if self._fast:
@@ -368,7 +376,7 @@ class ASGICanaryMiddleware:
         # raised after the last byte still counts: Starlette's ServerErrorMiddleware sends
         # its 500 first and raises afterwards; a background task may fail.
         try:
-            await app(scope, x.receive, x.send if _sender is None else _sender(x, send, x.extra))
+            await app(scope, x.receive, x.send)
         except Exception as exc:
             if not x.done:
                 x.finish(type(exc).__name__, False, x.ended or _perf())
@@ -623,6 +631,10 @@ class _Exchange:
             scope.get("method", "GET"),
             self.wall,
         )
+
+
+if accelerated is not None:
+    accelerated.configure_asgi(_Exchange.send, _wall)
 
 
 class _Event(Protocol):
