@@ -211,25 +211,24 @@ def in_process(rounds: int, per_round: int) -> None:
     naive = _scope(f"{OTHER_COOKIES}; {naive_cookie()}")
     import canarymw.asgi
 
-    bare = make_app("bare")
+    if canarymw.asgi._router is None:
+        print("note: canarymw._speedups is not built; every canarymw row uses the pure-Python path")
+    compiled, canarymw.asgi._router = canarymw.asgi._router, None
+    python_path = make_app("canarymw")  # built without the compiled request path
+    canarymw.asgi._router = compiled
     wrapped = make_app("canarymw")
-    compiled = canarymw.asgi._sender
-    if compiled is None:
-        print("note: canarymw._speedups is not built; the canarymw rows use the Python send wrapper")
-    # name -> (app, request, send wrapper: compiled or the Python one), set before each round
-    contenders: dict[str, tuple[App, dict[str, Any], Any]] = {
-        "bare": (bare, returning, compiled),
-        "canarymw returning": (wrapped, returning, compiled),
-        "canarymw first visit": (wrapped, first, compiled),
-        "canarymw returning, no sink": (make_app("canarymw-nosink"), returning, compiled),
-        "canarymw returning, Python send": (wrapped, returning, None),
-        "naive pure ASGI": (make_app("naive"), naive, compiled),
-        "naive BaseHTTPMiddleware": (make_app("basehttp"), naive, compiled),
+    contenders: dict[str, tuple[App, dict[str, Any]]] = {
+        "bare": (make_app("bare"), returning),
+        "canarymw returning": (wrapped, returning),
+        "canarymw first visit": (wrapped, first),
+        "canarymw returning, no sink": (make_app("canarymw-nosink"), returning),
+        "canarymw returning, Python path": (python_path, returning),
+        "naive pure ASGI": (make_app("naive"), naive),
+        "naive BaseHTTPMiddleware": (make_app("basehttp"), naive),
     }
 
     async def measure() -> dict[str, list[float]]:
-        for app, scope, sender in contenders.values():  # warm caches and code paths
-            canarymw.asgi._sender = sender
+        for app, scope in contenders.values():  # warm caches and code paths
             await _serve(app, scope, 300)
         samples: dict[str, list[float]] = {name: [] for name in contenders}
         order = list(contenders)
@@ -237,10 +236,8 @@ def in_process(rounds: int, per_round: int) -> None:
         for _ in range(rounds):
             shuffle(order)
             for name in order:
-                app, scope, sender = contenders[name]
-                canarymw.asgi._sender = sender
+                app, scope = contenders[name]
                 samples[name].append(await _serve(app, scope, per_round))
-        canarymw.asgi._sender = compiled
         return samples
 
     samples = asyncio.run(measure())
