@@ -216,6 +216,59 @@ def test_new_none_assigns_and_records_but_always_serves_old(make_rollout: MakeRo
     assert outcome.variant == "new" and outcome.status == 200
 
 
+class LegacyApp:
+    """An ASGI 2 app: instantiated with the scope, then called with receive and send."""
+
+    def __init__(self, scope: Any) -> None:
+        self.scope = scope
+
+    async def __call__(self, receive: Any, send: Any) -> None:
+        variant = self.scope["canarymw.decision"].variant.encode()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"legacy class " + variant})
+
+
+def legacy_function(scope: Any) -> Any:
+    async def instance(receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 201, "headers": []})
+        await send({"type": "http.response.body", "body": b"legacy function"})
+
+    return instance
+
+
+@pytest.mark.parametrize("percent", [0, 100])
+def test_legacy_asgi2_apps_are_served_as_either_variant(make_rollout: MakeRollout, percent: int) -> None:
+    """ASGI 2 apps (uvicorn and Starlette's TestClient accept them) work as old and new."""
+    sink = RecordingSink()
+    mw = middleware(LegacyApp, legacy_function, make_rollout(percent), sink=sink)
+    response = TestClient(mw).get("/")
+    if percent == 0:
+        assert (response.status_code, response.text) == (200, "legacy class old")
+    else:
+        assert (response.status_code, response.text) == (201, "legacy function")
+    assert response.headers["vary"] == "Cookie" and "canarymw" in response.headers["set-cookie"]
+    assert [o.status for o in sink.outcomes] == [200 if percent == 0 else 201]
+
+
+def test_asgi3_callables_are_never_taken_for_legacy_apps(make_rollout: MakeRollout) -> None:
+    """A sync function returning an awaitable, a partial and *args callables are ASGI 3."""
+    served = labelled("plain")
+
+    def returns_awaitable(scope: Any, receive: Any, send: Any) -> Any:
+        return served(scope, receive, send)
+
+    def star_args(*args: Any) -> Any:
+        return served(*args)
+
+    async def with_extra(scope: Any, receive: Any, send: Any, extra: int = 0) -> None:
+        await served(scope, receive, send)
+
+    for app in (returns_awaitable, star_args, functools.partial(with_extra, extra=1)):
+        server = FakeServer()
+        run(middleware(app, None, make_rollout(0))(http_scope(), server.receive, server.send))
+        assert server.body == b"plain"
+
+
 # -- outcomes: exceptions, disconnects, cancellation ---------------------------------------
 
 

@@ -74,12 +74,14 @@ Lifespan
     ``"fail"`` shuts the old app down again and reports ``lifespan.startup.failed`` to
     the server, which then refuses to start.
 
-Any other scope type is passed to the old app untouched.
+Any other scope type is passed to the old app untouched. Legacy ASGI 2 apps (called
+with the scope alone) are accepted as either variant and run through a small shim.
 See: https://asgi.readthedocs.io/en/latest/specs/www.html and .../specs/lifespan.html
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 import traceback
@@ -136,13 +138,51 @@ def _app_path(scope: Scope) -> str:
     return path
 
 
+def _takes_scope_only(app: Any) -> bool:
+    # ASGI 2 ("legacy") apps are called with the scope alone and return the coroutine
+    # callable; an ASGI 3 app must accept three positional arguments. Decided by the
+    # signature, so no valid ASGI 3 app is ever taken for a legacy one (servers guess
+    # from coroutine-function-ness, which misreads sync callables returning awaitables).
+    try:
+        sig = inspect.signature(app)
+    except (TypeError, ValueError):
+        return False
+    try:
+        sig.bind(None, None, None)
+    except TypeError:
+        try:
+            sig.bind(None)
+        except TypeError:
+            return False
+        return True
+    return False
+
+
+def _asgi3(app: Any) -> ASGIApp:
+    """``app`` as an ASGI 3 callable; a legacy ASGI 2 app gets a shim.
+
+    See: https://asgi.readthedocs.io/en/latest/specs/main.html#legacy-applications
+    """
+    if not _takes_scope_only(app):
+        return cast("ASGIApp", app)
+
+    async def asgi3(scope: Scope, receive: Receive, send: Send) -> None:
+        instance = app(scope)
+        await instance(receive, send)
+
+    asgi3.__wrapped__ = app  # type: ignore[attr-defined]
+    return asgi3
+
+
 class ASGICanaryMiddleware:
     """Route each request to ``old_app`` or ``new`` by its sticky cohort (pure ASGI).
 
     Args:
         old_app: The ASGI app being wrapped: the current implementation, or an
             :class:`~canarymw.Upstream` to proxy the old variant to. Positional, so
-            ``Middleware(ASGICanaryMiddleware, new=..., rollout=...)`` works.
+            ``Middleware(ASGICanaryMiddleware, new=..., rollout=...)`` works. A legacy
+            ASGI 2 app (called with the scope alone, as a class or a function whose
+            signature takes one argument) is accepted as well, for both variants.
         new: The new implementation, another ASGI app (a Starlette or FastAPI app, a
             router, a bare callable) or an :class:`~canarymw.Upstream` (which falls
             back to ``old_app`` when that is safe). ``None`` routes every request to
@@ -181,6 +221,8 @@ class ASGICanaryMiddleware:
         if isinstance(new, Upstream):
             new = new.asgi_app(fallback=old_app)
         check_adapter_args("ASGICanaryMiddleware", "an ASGI", old_app, new, rollout, cache_control)
+        old_app = _asgi3(old_app)
+        new = None if new is None else _asgi3(new)
         if on_new_startup_failure not in ("fail", "disable"):
             raise ValueError(
                 f"ASGICanaryMiddleware got on_new_startup_failure={on_new_startup_failure!r}; "
