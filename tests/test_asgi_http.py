@@ -163,6 +163,26 @@ def test_repeated_cookie_headers_are_joined(make_rollout: MakeRollout) -> None:
     assert rollout.counters["assigned"] == assigned
 
 
+def test_request_headers_given_as_a_one_shot_iterable(make_rollout: MakeRollout) -> None:
+    """The decision and the app both read headers a server gave as a generator."""
+    rollout = make_rollout(50)
+    ours = cookie_for(rollout, "new")
+    assigned = rollout.counters["assigned"]
+    seen: list[Any] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.extend(scope["headers"])
+        await labelled("new")(scope, receive, send)
+
+    pairs = [(b"accept", b"*/*"), (b"cookie", ours)]
+    for _ in range(2):  # the second request takes the cached decision
+        server = FakeServer()
+        scope = {**http_scope(), "headers": (pair for pair in pairs)}
+        run(middleware(labelled("old"), app, rollout)(scope, server.receive, server.send))
+        assert server.body == b"new" and server.header(b"set-cookie") == []
+    assert seen == pairs * 2 and rollout.counters["assigned"] == assigned
+
+
 def test_https_scheme_marks_the_cookie_secure(make_rollout: MakeRollout) -> None:
     server = FakeServer()
     run(

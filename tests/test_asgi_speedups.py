@@ -94,7 +94,8 @@ class Server:
 @dataclass
 class Request:
     cookie: str  # "returning", "first", "tampered", "other"
-    shape: str  # how the headers come: "list", "tuple", "split" (two cookie headers), "lists", "str"
+    shape: str  # how the headers come: "list", "tuple", "split" (two cookie headers), "lists",
+    # "str" (a str pair among them), "iterator" (a one-shot iterator)
     percent: float
     forcing: bool  # force_token configured (no cached fast path)
     disabled: bool  # the new app failed its startup
@@ -113,7 +114,7 @@ servers = st.builds(
 requests = st.builds(
     Request,
     cookie=st.sampled_from(["returning", "first", "tampered", "other"]),
-    shape=st.sampled_from(["list", "list", "tuple", "split", "lists", "str"]),
+    shape=st.sampled_from(["list", "list", "tuple", "split", "lists", "str", "iterator"]),
     percent=st.sampled_from([0, 50, 100]),
     forcing=st.booleans(),
     disabled=st.booleans(),
@@ -151,7 +152,7 @@ _COOKIES: dict[str, str] = {}
 
 
 def _cookie(kind: str) -> str:
-    if kind not in _COOKIES:
+    if "returning" not in _COOKIES:
         rollout = Rollout("p", percent=50, secret_key=KEY)
         _COOKIES["returning"] = (rollout.decide(None).set_cookie or "").split(";")[0]
     if kind == "returning":
@@ -230,6 +231,7 @@ def run(request: Request, actions: list[tuple[str, Any]], server: Server, router
     def make_app(label: str) -> Any:
         async def app(scope: Any, receive: Any, send: Any) -> None:
             seen.append(("app", label, scope["canarymw.decision"].variant, scope.get("state")))
+            seen.append(("headers", list(scope["headers"])))
             for action, arg in actions:
                 try:
                     if action == "send":
@@ -273,8 +275,11 @@ def run(request: Request, actions: list[tuple[str, Any]], server: Server, router
 
         async def main() -> None:
             for _ in range(request.repeat):
+                given = dict(scope)
+                if request.shape == "iterator":
+                    given["headers"] = iter(headers)
                 try:
-                    await mw(dict(scope), server_receive, server_send)
+                    await mw(given, server_receive, server_send)
                 except BaseException as exc:
                     seen.append(("raised", type(exc).__name__))
 

@@ -1293,7 +1293,7 @@ Exchange_throw(Exchange *x, PyObject *args)
 static PyObject *
 Exchange_close(Exchange *x, PyObject *Py_UNUSED(ignored))
 {
-    PyObject *it = x->it, *meth, *res = Py_None;
+    PyObject *it = x->it, *meth, *res = NULL;
     int found;
     if (it == NULL)
         Py_RETURN_NONE;
@@ -1304,12 +1304,11 @@ Exchange_close(Exchange *x, PyObject *Py_UNUSED(ignored))
         Py_DECREF(meth);
     }
     Py_DECREF(it);
-    if (found < 0 || res == NULL) {
+    if (found < 0 || (found > 0 && res == NULL)) {
         exchange_raised(x);
         return NULL;
     }
-    if (res != Py_None)
-        Py_DECREF(res);
+    Py_XDECREF(res);
     /* As a coroutine closed while awaiting: GeneratorExit, not an Exception. */
     if (!x->done)
         exchange_finish(x, NULL, !x->ended, end_or_now(x));
@@ -1471,6 +1470,25 @@ other:
     return NULL;
 }
 
+/* Headers given as another iterable than a list or tuple (a generator, say) become a
+ * list in the scope copy: the decision reads them once and the app again. */
+static int
+own_headers(PyObject *scope)
+{
+    PyObject *headers = PyDict_GetItemWithError(scope, s_headers), *list;
+    int failed;
+    if (headers == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    if (PyList_CheckExact(headers) || PyTuple_CheckExact(headers))
+        return 0;
+    list = PySequence_List(headers);
+    if (list == NULL)
+        return -1;
+    failed = PyDict_SetItem(scope, s_headers, list);
+    Py_DECREF(list);
+    return failed;
+}
+
 /* A cached returning visitor's decision, or None (new references); NULL on error. */
 static PyObject *
 cached_decision(Router *self, PyObject *scope)
@@ -1512,6 +1530,8 @@ Router_call(PyObject *op, PyObject *const *args, size_t nargsf, PyObject *kwname
     }
     if (scope == NULL)
         return NULL;
+    if (own_headers(scope) < 0)
+        goto error;
     if (self->cached != NULL) {
         decision = cached_decision(self, scope);
         if (decision == NULL)

@@ -128,6 +128,15 @@ def _enc(value: str) -> bytes:
     return value.encode("latin-1")
 
 
+def _own_headers(scope: Scope) -> Scope:
+    # Headers given as another iterable than a list or tuple (a generator, say) become a
+    # list in our scope copy: the decision reads them once and the app again.
+    headers = scope.get("headers")
+    if headers is not None and type(headers) is not list and type(headers) is not tuple:
+        scope["headers"] = list(headers)
+    return scope
+
+
 def _app_path(scope: Scope) -> str:
     # The path below the mount point, like WSGI's PATH_INFO.
     # See: https://asgi.readthedocs.io/en/latest/specs/www.html#http-connection-scope (root_path)
@@ -381,7 +390,7 @@ class ASGICanaryMiddleware:
         if router is not None and _router is not None:
             await router(scope, receive, send)
             return
-        scope = dict(scope)
+        scope = _own_headers(dict(scope))
         decision = None
         if self._fast:
             # A returning visitor: one pass for the cookie, one dict lookup, no parsing.
@@ -437,7 +446,7 @@ class ASGICanaryMiddleware:
         if excluded is not None and excluded(_app_path(scope)):
             await self.old_app(scope, receive, send)
             return
-        scope = dict(scope)
+        scope = _own_headers(dict(scope))
         decision = self._decide(scope)
         app, decision = self._pick(scope, decision)
         scope["canarymw.decision"] = decision
