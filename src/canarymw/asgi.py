@@ -390,12 +390,15 @@ class ASGICanaryMiddleware:
         if router is not None and _router is not None:
             await router(scope, receive, send)
             return
-        scope = _own_headers(dict(scope))
+        scope = dict(scope)
+        headers = scope.get("headers", ())
+        if type(headers) is not list and type(headers) is not tuple:
+            headers = _own_headers(scope)["headers"]
         decision = None
         if self._fast:
             # A returning visitor: one pass for the cookie, one dict lookup, no parsing.
             cookie_header: bytes | None = None
-            for name, value in scope.get("headers", ()):
+            for name, value in headers:
                 if name == b"cookie":
                     cookie_header = value if cookie_header is None else cookie_header + b"; " + value
             if cookie_header is not None:
