@@ -41,7 +41,7 @@ def make_app() -> Any:
         yield {"started": "blue-started"}
 
     async def blue(request: Request) -> Response:
-        return PlainTextResponse(f"old {request.state.started}", headers={"x-pid": str(os.getpid())})
+        return PlainTextResponse(f"old {request.state.started}", headers=served_by())
 
     async def healthz(request: Request) -> Response:
         return PlainTextResponse("ok")
@@ -54,11 +54,17 @@ def make_app() -> Any:
 
     @green.get("/")
     async def green_index(request: Request) -> Response:
-        return PlainTextResponse(f"new {request.state.started}", headers={"x-pid": str(os.getpid())})
+        return PlainTextResponse(f"new {request.state.started}", headers=served_by())
 
     old = Starlette(routes=[Route("/", blue), Route("/healthz", healthz)], lifespan=blue_lifespan)
     rollout = Rollout(NAME, percent=PERCENT, secret_key=KEY, exclude=["/healthz"])
-    return ASGICanaryMiddleware(old, new=green, rollout=rollout, on_new_startup_failure="fail")
+    mw = ASGICanaryMiddleware(old, new=green, rollout=rollout, on_new_startup_failure="fail")
+
+    def served_by() -> dict[str, str]:
+        # Which worker, and which implementation of the request path, served a response.
+        return {"x-pid": str(os.getpid()), "x-path": "python" if mw._router is None else "compiled"}
+
+    return mw
 
 
 def wsgi_variant(cookie: str) -> str:
@@ -80,8 +86,15 @@ def wsgi_variant(cookie: str) -> str:
     return b"".join(mw(environ, start_response)).decode()
 
 
-async def one_user(base: str, gate: asyncio.Semaphore) -> tuple[list[str], list[str], list[bool], str]:
-    bodies, pids, set_cookie = [], [], []
+User = tuple[list[str], list[str], list[bool], str, set[str]]
+
+
+async def one_user(base: str, gate: asyncio.Semaphore) -> User:
+    """One user's requests: bodies, worker pids, Set-Cookie seen, cookie, request paths."""
+    bodies: list[str] = []
+    pids: list[str] = []
+    set_cookie: list[bool] = []
+    paths: set[str] = set()
     # A fresh connection per request, so one user's requests spread over both workers;
     # verify=False: plain HTTP on loopback, and it skips loading a CA bundle per client.
     limits = httpx.Limits(max_keepalive_connections=0)
@@ -91,19 +104,20 @@ async def one_user(base: str, gate: asyncio.Semaphore) -> tuple[list[str], list[
             assert response.status_code == 200, response.text
             bodies.append(response.text)
             pids.append(response.headers["x-pid"])
+            paths.add(response.headers["x-path"])
             set_cookie.append("set-cookie" in response.headers)
         cookie = f"canarymw={client.cookies['canarymw']}"
-    return bodies, pids, set_cookie, cookie
+    return bodies, pids, set_cookie, cookie, paths
 
 
 @pytest.mark.server
-def test_uvicorn_two_workers_agree_with_each_other_and_with_wsgi() -> None:
+def test_uvicorn_two_workers_agree_with_each_other_and_with_wsgi(asgi_impl: str) -> None:
     port = free_port()
     argv = ["uvicorn", "--factory", "tests.test_asgi_uvicorn:make_app", "--workers", "2"]
     argv += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
     with serve(argv, port, ready_path="/healthz", timeout=30) as base:
 
-        async def main() -> list[tuple[list[str], list[str], list[bool], str]]:
+        async def main() -> list[User]:
             gate = asyncio.Semaphore(16)
             return list(await asyncio.gather(*(one_user(base, gate) for _ in range(USERS))))
 
@@ -112,7 +126,8 @@ def test_uvicorn_two_workers_agree_with_each_other_and_with_wsgi() -> None:
     all_pids: set[str] = set()
     both_workers = 0
     variants = []
-    for bodies, pids, set_cookie, cookie in users:
+    for bodies, pids, set_cookie, cookie, paths in users:
+        assert paths == {asgi_impl}  # the servers ran the implementation under test
         assert len(set(bodies)) == 1, bodies  # sticky, whichever worker answered
         variant, started = bodies[0].split()
         assert started == ("green-started" if variant == "new" else "blue-started")  # both lifespans ran
