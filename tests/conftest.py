@@ -26,8 +26,9 @@ def use_wsgi_impl(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def use_asgi_impl(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Give ASGI apps the compiled send wrapper (the default when it was built) or the
-    Python one (``_Exchange.send``)."""
+    """Serve ASGI HTTP requests through the compiled request path (the default when it
+    was built) or the Python one (``__call__`` and ``_Exchange``). Middlewares read the
+    switch when they are built and on every request."""
     if name == "python":
         monkeypatch.setattr(canarymw.asgi, "_router", None)
         monkeypatch.setenv("CANARYMW_NO_EXTENSIONS", "1")  # for servers started by the test
@@ -67,6 +68,6 @@ def make_rollout() -> Callable[..., Rollout]:
 
 @pytest.fixture(params=["compiled", "python"])
 def asgi_impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Runs an ASGI test once per implementation of the send wrapper."""
+    """Runs an ASGI test once per implementation of the HTTP request path."""
     use_asgi_impl(request.param, monkeypatch)
     return str(request.param)
