@@ -750,30 +750,34 @@ end_or_now(Exchange *x)
 static void
 exchange_raised(Exchange *x)
 {
+    PyObject *name = NULL, *type, *value, *tb;
+    int error;
     if (x->done)
         return;
-    if (PyErr_ExceptionMatches(PyExc_Exception)) {
-        PyObject *name = pending_error_name();
-        exchange_finish(x, name, 0, end_or_now(x));
-        Py_XDECREF(name);
-    }
-    else {
-        exchange_finish(x, NULL, !x->ended, end_or_now(x));
-    }
+    error = PyErr_ExceptionMatches(PyExc_Exception);
+    if (error)
+        name = pending_error_name();
+    PyErr_Fetch(&type, &value, &tb); /* nothing pending while the clock is read */
+    exchange_finish(x, name, error ? 0 : !x->ended, end_or_now(x));
+    Py_XDECREF(name);
+    PyErr_Restore(type, value, tb);
 }
 
 /* A send that raised OSError (pending, stays so): the client is gone. */
 static void
 record_disconnect(Exchange *x)
 {
+    PyObject *type, *value, *tb;
     double t;
     if (x->done)
         return;
+    PyErr_Fetch(&type, &value, &tb);
     if (now(&t) < 0) {
         PyErr_WriteUnraisable((PyObject *)x);
         t = x->started;
     }
     exchange_finish(x, NULL, 1, t);
+    PyErr_Restore(type, value, tb);
 }
 
 /* The iterator to drive for an awaitable (coroutines directly, no wrapper); steals aw. */
@@ -1077,12 +1081,26 @@ plain_headers(PyObject *headers)
     return 1;
 }
 
+/* The channel's request, or NULL (RuntimeError) if the garbage collector tore it down. */
+static Exchange *
+live(PyObject *op)
+{
+    Exchange *x = ((Channel *)op)->x;
+    if (x == NULL || x->server_send == NULL || x->server_receive == NULL || x->extra == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "send() or receive() called on a request that was torn down");
+        return NULL;
+    }
+    return x;
+}
+
 static PyObject *
 Sender_call(PyObject *op, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
-    Exchange *x = ((Channel *)op)->x;
+    Exchange *x = live(op);
     PyObject *message, *kind, *msg, *aw;
     int last = 0;
+    if (x == NULL)
+        return NULL;
     if (PyVectorcall_NARGS(nargsf) != 1 || kwnames != NULL)
         goto python;
     message = args[0];
@@ -1165,8 +1183,10 @@ python : {
 static PyObject *
 Receiver_call(PyObject *op, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
-    Exchange *x = ((Channel *)op)->x;
+    Exchange *x = live(op);
     PyObject *aw;
+    if (x == NULL)
+        return NULL;
     if (PyVectorcall_NARGS(nargsf) != 0 || kwnames != NULL) {
         PyErr_SetString(PyExc_TypeError, "receive() takes no arguments");
         return NULL;
