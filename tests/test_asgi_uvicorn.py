@@ -139,3 +139,88 @@ def test_uvicorn_two_workers_agree_with_each_other_and_with_wsgi(asgi_impl: str)
     assert len(all_pids) == 2, all_pids
     assert both_workers > 0  # some users were served by both workers, and kept their variant
     assert 0.15 * USERS < variants.count("new") < 0.45 * USERS
+
+
+def make_streaming_app() -> Any:
+    """The served app for the streaming test (``uvicorn --factory``): a slow event stream,
+    a failing view and a plain one, outcomes appended to ``$OUTCOMES`` (JSON lines)."""
+    from starlette.responses import StreamingResponse
+
+    from canarymw.jsonl import JSONLinesSink
+
+    async def stream(request: Request) -> Response:
+        async def events() -> AsyncIterator[bytes]:
+            for i in range(STREAM_EVENTS):
+                yield f"data: {i}\n\n".encode()
+                await asyncio.sleep(STREAM_PAUSE)
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    async def boom(request: Request) -> Response:
+        raise RuntimeError("the view failed")
+
+    async def plain(request: Request) -> Response:
+        return PlainTextResponse("plain", headers={"x-path": "python" if mw._router is None else "compiled"})
+
+    routes = [Route("/stream", stream), Route("/boom", boom), Route("/", plain), Route("/healthz", plain)]
+    rollout = Rollout(NAME, percent=50, secret_key=KEY, exclude=["/healthz"])
+    mw = ASGICanaryMiddleware(
+        Starlette(routes=routes),
+        new=Starlette(routes=routes),
+        rollout=rollout,
+        sink=JSONLinesSink(os.environ["OUTCOMES"]),
+    )
+    return mw
+
+
+STREAM_EVENTS = 50
+STREAM_PAUSE = 0.2  # the whole stream would take 10 s
+
+
+@pytest.mark.server
+def test_streams_disconnects_and_errors_through_uvicorn(asgi_impl: str, tmp_path: Any) -> None:
+    """Through a real uvicorn: an event stream reaches the client event by event, a client
+    that leaves mid-stream is recorded as a disconnect, a failing view as its exception,
+    and every request gives exactly one outcome."""
+    from canarymw.jsonl import read_outcomes
+
+    outcomes_dir = f"{tmp_path}/"
+    port = free_port()
+    argv = ["uvicorn", "--factory", "tests.test_asgi_uvicorn:make_streaming_app", "--workers", "2"]
+    argv += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "critical"]
+    leavers, failures, plains = 6, 4, 10
+    with serve(argv, port, env={"OUTCOMES": outcomes_dir}, ready_path="/healthz", timeout=30) as base:
+
+        async def leave_mid_stream(client: httpx.AsyncClient) -> float:
+            started = asyncio.get_running_loop().time()
+            async with client.stream("GET", "/stream") as response:
+                assert response.status_code == 200
+                assert response.headers["vary"] == "Cookie"
+                async for chunk in response.aiter_bytes():
+                    assert chunk.startswith(b"data: 0")
+                    return asyncio.get_running_loop().time() - started  # and close the connection
+            raise AssertionError("the stream ended without an event")
+
+        async def main() -> tuple[list[float], list[httpx.Response], list[httpx.Response]]:
+            limits = httpx.Limits(max_keepalive_connections=0)
+            async with httpx.AsyncClient(base_url=base, limits=limits, timeout=10) as client:
+                firsts = await asyncio.gather(*(leave_mid_stream(client) for _ in range(leavers)))
+                booms = await asyncio.gather(*(client.get("/boom") for _ in range(failures)))
+                oks = await asyncio.gather(*(client.get("/") for _ in range(plains)))
+                await asyncio.sleep(2 * STREAM_PAUSE)  # the servers notice the streams' clients left
+                return list(firsts), list(booms), list(oks)
+
+        firsts, booms, oks = asyncio.run(main())
+    assert max(firsts) < STREAM_EVENTS * STREAM_PAUSE / 4  # unbuffered: the first event came at once
+    assert [r.status_code for r in booms] == [500] * failures
+    assert {r.headers["x-path"] for r in oks} == {asgi_impl}
+    got = list(read_outcomes(outcomes_dir, strict=True))
+    by_route: dict[str | None, list[Any]] = {}
+    for o in got:
+        by_route.setdefault(o.route, []).append(o)
+    assert sorted(by_route, key=str) == ["/", "/boom", "/stream"]
+    assert len(got) == leavers + failures + plains  # exactly one outcome per request
+    assert all(o.disconnected and o.status == 200 and o.error is None for o in by_route["/stream"])
+    assert all(o.duration < STREAM_EVENTS * STREAM_PAUSE / 2 for o in by_route["/stream"])
+    assert all(o.status == 500 and o.error == "RuntimeError" for o in by_route["/boom"])
+    assert all(o.status == 200 and not o.disconnected and o.error is None for o in by_route["/"])
