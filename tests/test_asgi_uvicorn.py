@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
+import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 from wsgiref.util import setup_testing_defaults
@@ -224,3 +226,41 @@ def test_streams_disconnects_and_errors_through_uvicorn(asgi_impl: str, tmp_path
     assert all(o.duration < STREAM_EVENTS * STREAM_PAUSE / 2 for o in by_route["/stream"])
     assert all(o.status == 500 and o.error == "RuntimeError" for o in by_route["/boom"])
     assert all(o.status == 200 and not o.disconnected and o.error is None for o in by_route["/"])
+
+
+def _raw_get(port: int, headers: list[bytes]) -> bytes:
+    """The status line uvicorn answers to a GET with these raw header lines."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"".join(headers) + b"Connection: close\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return data.split(b"\r\n", 1)[0]
+
+
+@pytest.mark.server
+def test_hostile_cookie_headers_through_uvicorn(asgi_impl: str) -> None:
+    """Cookie headers no browser sends, as raw bytes on the wire: every one is answered
+    200 (a new cohort where ours is unusable), and the server keeps serving."""
+    rnd = random.Random(7)
+    cases = [
+        [b"Cookie: canarymw=\xe9\xe8\x80\xff; a=\xfe\r\n"],  # latin-1 bytes, not UTF-8
+        [b"Cookie: c%d=v\r\n" % i for i in range(200)],  # 200 cookie headers
+        [b"Cookie: canarymw=x%d\r\n" % i for i in range(200)],  # 200 of ours, all bad
+        [b"Cookie: canarymw=" + b"A" * 7000 + b"\r\n"],
+        [b"Cookie: \r\n"],
+        [b"Cookie: ;;;;;;=;=;canarymw\r\n"],
+        [b'Cookie: canarymw="1.abc"; x="\\""\r\n'],
+    ]
+    alphabet = b'!#A;= .1"\\\x80\xff'
+    cases += [
+        [b"Cookie: " + bytes(rnd.choices(alphabet, k=rnd.randint(1, 300))) + b"\r\n"] for _ in range(30)
+    ]
+    port = free_port()
+    argv = ["uvicorn", "--factory", "tests.test_asgi_uvicorn:make_app", "--workers", "2"]
+    argv += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+    with serve(argv, port, ready_path="/healthz", timeout=30):
+        answers = [_raw_get(port, headers) for headers in cases]
+        after = _raw_get(port, [])
+    assert answers == [b"HTTP/1.1 200 OK"] * len(cases)
+    assert after == b"HTTP/1.1 200 OK"
