@@ -20,8 +20,9 @@ the median over rounds of (its time - bare's time in the same round). Contenders
 - naive BaseHTTPMiddleware: the same logic as a ``BaseHTTPMiddleware.dispatch``.
 
 Under uvicorn (``--uvicorn``) the same apps are served by uvicorn with 2 workers on
-127.0.0.1, all four started up front, and wrk (``apt-get install -y wrk`` on Debian)
-loads them in interleaved rounds with the matching returning-visitor cookie. The
+127.0.0.1 (canarymw twice: as installed, and on the pure-Python path), all started up
+front, and wrk (``apt-get install -y wrk`` on Debian) loads them in interleaved rounds
+with the matching returning-visitor cookie. The
 listening socket is bound by this script so that TCP_NODELAY applies (see
 :func:`serve_uvicorn`); ``--stock-uvicorn`` uses the plain ``uvicorn --workers 2`` CLI.
 """
@@ -138,7 +139,7 @@ def make_app(kind: str | None = None) -> App:
     blue, green = hello("Blue"), hello("Green")
     if kind == "bare":
         return blue
-    if kind in ("canarymw", "canarymw-nosink"):
+    if kind in ("canarymw", "canarymw-nosink", "canarymw-py"):  # -py: served with CANARYMW_NO_EXTENSIONS=1
         rollout = Rollout(NAME, percent=PERCENT, secret_key=KEY)
         sink = MemorySink() if kind == "canarymw" else None
         return ASGICanaryMiddleware(blue, new=green, rollout=rollout, sink=sink)
@@ -300,6 +301,7 @@ def under_uvicorn(rounds: int, seconds: int, stock: bool) -> None:
     cookies = {
         "bare": f"{OTHER_COOKIES}; {returning_cookie()}",
         "canarymw": f"{OTHER_COOKIES}; {returning_cookie()}",
+        "canarymw-py": f"{OTHER_COOKIES}; {returning_cookie()}",
         "naive": f"{OTHER_COOKIES}; {naive_cookie()}",
         "basehttp": f"{OTHER_COOKIES}; {naive_cookie()}",
     }
@@ -325,6 +327,8 @@ def under_uvicorn(rounds: int, seconds: int, stock: bool) -> None:
                 argv = ["bench_asgi", "--serve", kind, "--port", str(port)]
             path = os.pathsep.join([str(here), str(here.parent), os.environ.get("PYTHONPATH", "")])
             env = {**os.environ, "BENCH_APP": kind, "PYTHONPATH": path}
+            if kind == "canarymw-py":
+                env["CANARYMW_NO_EXTENSIONS"] = "1"  # the pure-Python request path
             bases[kind] = stack.enter_context(serve(argv, port, env=env, timeout=60))
             wrk(bases[kind] + "/", 1, cookies[kind], port)  # warm-up
         order = list(cookies)
