@@ -1,7 +1,7 @@
 """Build hook: compile canarymw's optional C speedups into the wheel.
 
-The extension only speeds up the WSGI adapter's per-request path; canarymw/wsgi.py has
-the same behaviour in Python. When no C compiler is available the build warns and
+The extension only speeds up the adapters' per-request paths; canarymw/wsgi.py and
+canarymw/asgi.py have the same behaviour in Python. When no C compiler is available the build warns and
 produces a pure-Python wheel instead of failing. ``CANARYMW_NO_EXTENSIONS=1`` skips
 the compilation on purpose.
 """
@@ -37,7 +37,11 @@ class SpeedupsBuildHook(BuildHookInterface):  # type: ignore[type-arg]
             # Editable installs import from src/, so the module goes next to its source;
             # a regular wheel takes it from there too (it is ignored by git, hence an artifact).
             target = Path(self.root) / "src" / "canarymw" / built.name
-            shutil.copyfile(built, target)
+            # Replaced by a rename, never rewritten in place: a process that has the old
+            # module loaded (a running dev server) keeps its mapping intact.
+            partial = target.with_name(f".{built.name}.partial")
+            shutil.copyfile(built, partial)
+            os.replace(partial, target)
         build_data["artifacts"].append(f"src/canarymw/{built.name}")
         build_data["pure_python"] = False
         build_data["infer_tag"] = True
