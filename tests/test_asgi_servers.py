@@ -1,4 +1,10 @@
-"""Through a real uvicorn with 2 workers: every worker, and the WSGI adapter, agree on each user."""
+"""Through real ASGI servers with 2 workers each (uvicorn, hypercorn, granian): every worker,
+and the WSGI adapter, agree on each user; streams, disconnects and errors are recorded.
+
+The three servers implement ``send`` and ``receive`` in different ways (Python
+coroutines on asyncio; granian's are awaitables from Rust), which the compiled request
+path drives directly.
+"""
 
 from __future__ import annotations
 
@@ -31,8 +37,22 @@ USERS = 200
 REQUESTS_PER_USER = 4
 
 
+SERVERS = ["uvicorn", "hypercorn", "granian"]
+
+
+def server_argv(server: str, factory: str, port: int) -> list[str]:
+    """The command line (after ``python -m``) serving ``factory()`` from this module."""
+    target = f"tests.test_asgi_servers:{factory}"
+    if server == "uvicorn":
+        return ["uvicorn", "--factory", target, "--workers", "2", "--host", "127.0.0.1", "--port", str(port)]
+    if server == "hypercorn":
+        return ["hypercorn", "--workers", "2", "--bind", f"127.0.0.1:{port}", f"{target}()"]
+    host = ["--host", "127.0.0.1", "--port", str(port)]
+    return ["granian", "--interface", "asgi", "--factory", "--workers", "2", *host, target]
+
+
 def make_app() -> Any:
-    """The served app (``uvicorn --factory``): Starlette blue (old) and FastAPI green (new).
+    """The served app (a factory): Starlette blue (old) and FastAPI green (new).
 
     Both have a lifespan that stores a value in the lifespan state, so each response
     also shows that both apps were started in that worker.
@@ -113,11 +133,10 @@ async def one_user(base: str, gate: asyncio.Semaphore) -> User:
 
 
 @pytest.mark.server
-def test_uvicorn_two_workers_agree_with_each_other_and_with_wsgi(asgi_impl: str) -> None:
+@pytest.mark.parametrize("server", SERVERS)
+def test_two_workers_agree_with_each_other_and_with_wsgi(server: str, asgi_impl: str) -> None:
     port = free_port()
-    argv = ["uvicorn", "--factory", "tests.test_asgi_uvicorn:make_app", "--workers", "2"]
-    argv += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
-    with serve(argv, port, ready_path="/healthz", timeout=30) as base:
+    with serve(server_argv(server, "make_app", port), port, ready_path="/healthz", timeout=40) as base:
 
         async def main() -> list[User]:
             gate = asyncio.Semaphore(16)
@@ -144,7 +163,7 @@ def test_uvicorn_two_workers_agree_with_each_other_and_with_wsgi(asgi_impl: str)
 
 
 def make_streaming_app() -> Any:
-    """The served app for the streaming test (``uvicorn --factory``): a slow event stream,
+    """The served app for the streaming test (a factory): a slow event stream,
     a failing view and a plain one, outcomes appended to ``$OUTCOMES`` (JSON lines)."""
     from starlette.responses import StreamingResponse
 
@@ -180,18 +199,18 @@ STREAM_PAUSE = 0.2  # the whole stream would take 10 s
 
 
 @pytest.mark.server
-def test_streams_disconnects_and_errors_through_uvicorn(asgi_impl: str, tmp_path: Any) -> None:
-    """Through a real uvicorn: an event stream reaches the client event by event, a client
+@pytest.mark.parametrize("server", SERVERS)
+def test_streams_disconnects_and_errors(server: str, asgi_impl: str, tmp_path: Any) -> None:
+    """Through a real server: an event stream reaches the client event by event, a client
     that leaves mid-stream is recorded as a disconnect, a failing view as its exception,
     and every request gives exactly one outcome."""
     from canarymw.jsonl import read_outcomes
 
     outcomes_dir = f"{tmp_path}/"
     port = free_port()
-    argv = ["uvicorn", "--factory", "tests.test_asgi_uvicorn:make_streaming_app", "--workers", "2"]
-    argv += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "critical"]
+    argv = server_argv(server, "make_streaming_app", port)
     leavers, failures, plains = 6, 4, 10
-    with serve(argv, port, env={"OUTCOMES": outcomes_dir}, ready_path="/healthz", timeout=30) as base:
+    with serve(argv, port, env={"OUTCOMES": outcomes_dir}, ready_path="/healthz", timeout=40) as base:
 
         async def leave_mid_stream(client: httpx.AsyncClient) -> float:
             started = asyncio.get_running_loop().time()
@@ -257,9 +276,7 @@ def test_hostile_cookie_headers_through_uvicorn(asgi_impl: str) -> None:
         [b"Cookie: " + bytes(rnd.choices(alphabet, k=rnd.randint(1, 300))) + b"\r\n"] for _ in range(30)
     ]
     port = free_port()
-    argv = ["uvicorn", "--factory", "tests.test_asgi_uvicorn:make_app", "--workers", "2"]
-    argv += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
-    with serve(argv, port, ready_path="/healthz", timeout=30):
+    with serve(server_argv("uvicorn", "make_app", port), port, ready_path="/healthz", timeout=30):
         answers = [_raw_get(port, headers) for headers in cases]
         after = _raw_get(port, [])
     assert answers == [b"HTTP/1.1 200 OK"] * len(cases)
