@@ -102,17 +102,40 @@ optional_attr(PyObject *obj, PyObject *name, PyObject **out)
 #endif
 }
 
+/* mapping.get(key, dflt) (a WSGI environ or an ASGI scope): a new reference. */
 static PyObject *
-env_get(PyObject *environ, PyObject *key)
+mapping_get(PyObject *mapping, PyObject *key, PyObject *dflt)
 {
     PyObject *v;
-    if (PyDict_CheckExact(environ)) {
-        v = PyDict_GetItemWithError(environ, key);
+    if (PyDict_CheckExact(mapping)) {
+        v = PyDict_GetItemWithError(mapping, key);
         if (v == NULL && PyErr_Occurred())
             return NULL;
-        return Py_NewRef(v ? v : Py_None);
+        return Py_NewRef(v ? v : dflt);
     }
-    return PyObject_CallMethodObjArgs(environ, s_get, key, Py_None, NULL);
+    return PyObject_CallMethodObjArgs(mapping, s_get, key, dflt, NULL);
+}
+
+/* obj.close() if it has one (None if not): the result, or NULL with an exception. */
+static PyObject *
+call_close(PyObject *obj)
+{
+    PyObject *meth, *res;
+    int found = optional_attr(obj, s_close, &meth);
+    if (found <= 0)
+        return found < 0 ? NULL : Py_NewRef(Py_None);
+    res = PyObject_CallNoArgs(meth);
+    Py_DECREF(meth);
+    return res;
+}
+
+/* The GC-tracked types' tp_dealloc: untrack, drop the references (tp_clear), free. */
+static void
+gc_dealloc(PyObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    Py_TYPE(self)->tp_clear(self);
+    Py_TYPE(self)->tp_free(self);
 }
 
 static PyObject *
@@ -208,7 +231,7 @@ finish(Response *self)
         goto failed;
     if (split_only) {
         int split;
-        flag = env_get(self->environ, s_split_key);
+        flag = mapping_get(self->environ, s_split_key, Py_None);
         if (flag == NULL)
             goto failed;
         split = PyObject_IsTrue(flag);
@@ -222,22 +245,14 @@ finish(Response *self)
         error = Py_NewRef(self->error);
     }
     else {
-        error = env_get(self->environ, s_error_key);
+        error = mapping_get(self->environ, s_error_key, Py_None);
         if (error == NULL)
             goto failed;
     }
-    if (PyDict_CheckExact(self->environ)) {
-        method = PyDict_GetItemWithError(self->environ, s_method_key);
-        if (method == NULL && PyErr_Occurred())
-            goto failed;
-        method = Py_NewRef(method ? method : s_get_method);
-    }
-    else {
-        method = PyObject_CallMethodObjArgs(self->environ, s_get, s_method_key, s_get_method, NULL);
-        if (method == NULL)
-            goto failed;
-    }
-    route = env_get(self->environ, s_route_key);
+    method = mapping_get(self->environ, s_method_key, s_get_method);
+    if (method == NULL)
+        goto failed;
+    route = mapping_get(self->environ, s_route_key, Py_None);
     if (route == NULL)
         goto failed;
     rollout = decision_field(self->decision, i_rollout, s_rollout);
@@ -466,20 +481,15 @@ Response_next(Response *self)
 static PyObject *
 Response_close(Response *self, PyObject *Py_UNUSED(ignored))
 {
-    PyObject *inner = self->inner, *close, *res;
+    PyObject *inner = self->inner, *res;
     if (inner == NULL)
         Py_RETURN_NONE;
     self->inner = NULL;
     Py_CLEAR(self->it);
-    if (optional_attr(inner, s_close, &close) < 0)
+    res = call_close(inner);
+    if (res == NULL)
         goto raised;
-    if (close != NULL) {
-        res = PyObject_CallNoArgs(close);
-        Py_DECREF(close);
-        if (res == NULL)
-            goto raised;
-        Py_DECREF(res);
-    }
+    Py_DECREF(res);
     Py_DECREF(inner);
     finish(self);
     Py_RETURN_NONE;
@@ -518,14 +528,6 @@ Response_clear(Response *self)
     return 0;
 }
 
-static void
-Response_dealloc(Response *self)
-{
-    PyObject_GC_UnTrack(self);
-    Response_clear(self);
-    Py_TYPE(self)->tp_free((PyObject *)self);
-}
-
 static PyMethodDef Response_methods[] = {
     {"start_response", (PyCFunction)(void (*)(void))Response_start_response,
      METH_FASTCALL | METH_KEYWORDS, "PEP 3333 start_response, passing our headers on to the server's."},
@@ -555,7 +557,7 @@ static PyTypeObject ResponseType = {
     .tp_basicsize = sizeof(Response),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "The WSGI adapter's response iterable for one request (C implementation).",
-    .tp_dealloc = (destructor)Response_dealloc,
+    .tp_dealloc = gc_dealloc,
     .tp_traverse = (traverseproc)Response_traverse,
     .tp_clear = (inquiry)Response_clear,
     .tp_iter = (getiterfunc)Response_iter,
@@ -642,16 +644,6 @@ wall_now(double *out)
     return (*out == -1.0 && PyErr_Occurred()) ? -1 : 0;
 }
 
-/* d.get(key, default) for the scope copy (always a dict): a new reference. */
-static PyObject *
-scope_get(PyObject *d, PyObject *key, PyObject *dflt)
-{
-    PyObject *v = PyDict_GetItemWithError(d, key);
-    if (v == NULL && PyErr_Occurred())
-        return NULL;
-    return Py_NewRef(v ? v : dflt);
-}
-
 /* Record the outcome once (ASGICanaryMiddleware._outcome); never raises, and the
  * pending exception, if any, stays pending. */
 static void
@@ -668,7 +660,7 @@ exchange_finish(Exchange *x, PyObject *error, int disconnected, double at)
         goto failed;
     if (record == Py_None)
         goto done;
-    route = scope_get(scope, s_route_key, Py_None);
+    route = mapping_get(scope, s_route_key, Py_None);
     if (route == NULL)
         goto failed;
     if (route == Py_None) {
@@ -686,10 +678,10 @@ exchange_finish(Exchange *x, PyObject *error, int disconnected, double at)
     if (error != NULL && error != Py_None) {
         err = Py_NewRef(error);
     }
-    else if ((err = scope_get(scope, s_error_key, Py_None)) == NULL) {
+    else if ((err = mapping_get(scope, s_error_key, Py_None)) == NULL) {
         goto failed;
     }
-    method = scope_get(scope, s_method, s_get_method);
+    method = mapping_get(scope, s_method, s_get_method);
     if (method == NULL)
         goto failed;
     rollout = decision_field(x->decision, i_rollout, s_rollout);
@@ -730,18 +722,32 @@ done:
     PyErr_Restore(type, value, tb);
 }
 
-/* The end of the response if it went out, else now; 0 on a clock failure (rare). */
+/* Now; the start of the request if the clock fails (reported, never raised), so an
+ * outcome is still recorded. Call with no exception pending. */
 static double
-end_or_now(Exchange *x)
+now_or_started(Exchange *x)
 {
     double t;
-    if (x->ended)
-        return x->ended;
     if (now(&t) < 0) {
         PyErr_WriteUnraisable((PyObject *)x);
         return x->started;
     }
     return t;
+}
+
+/* The end of the response if it went out, else now. */
+static double
+end_or_now(Exchange *x)
+{
+    return x->ended ? x->ended : now_or_started(x);
+}
+
+/* The app returned: the outcome, unless a disconnect already recorded it. */
+static void
+exchange_returned(Exchange *x)
+{
+    if (!x->done)
+        exchange_finish(x, NULL, 0, end_or_now(x));
 }
 
 /* The app raised (the exception is pending and stays so): an Exception is recorded by
@@ -768,15 +774,10 @@ static void
 record_disconnect(Exchange *x)
 {
     PyObject *type, *value, *tb;
-    double t;
     if (x->done)
         return;
     PyErr_Fetch(&type, &value, &tb);
-    if (now(&t) < 0) {
-        PyErr_WriteUnraisable((PyObject *)x);
-        t = x->started;
-    }
-    exchange_finish(x, NULL, 1, t);
+    exchange_finish(x, NULL, 1, now_or_started(x));
     PyErr_Restore(type, value, tb);
 }
 
@@ -982,13 +983,7 @@ Awaiter_throw(Awaiter *self, PyObject *args)
 static PyObject *
 Awaiter_close(Awaiter *self, PyObject *Py_UNUSED(ignored))
 {
-    PyObject *meth, *res;
-    int found = optional_attr(self->it, s_close, &meth);
-    if (found <= 0)
-        return found < 0 ? NULL : Py_NewRef(Py_None);
-    res = PyObject_CallNoArgs(meth);
-    Py_DECREF(meth);
-    return res;
+    return call_close(self->it);
 }
 
 static int
@@ -1007,14 +1002,6 @@ Awaiter_clear(Awaiter *self)
     return 0;
 }
 
-static void
-Awaiter_dealloc(Awaiter *self)
-{
-    PyObject_GC_UnTrack(self);
-    Awaiter_clear(self);
-    Py_TYPE(self)->tp_free((PyObject *)self);
-}
-
 static PyMethodDef Awaiter_methods[] = {
     {"send", (PyCFunction)step_send, METH_O, NULL},
     {"throw", (PyCFunction)Awaiter_throw, METH_VARARGS, NULL},
@@ -1029,7 +1016,7 @@ static PyTypeObject AwaiterType = {
     .tp_basicsize = sizeof(Awaiter),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "Awaits the server's send or receive for one call (C implementation).",
-    .tp_dealloc = (destructor)Awaiter_dealloc,
+    .tp_dealloc = gc_dealloc,
     .tp_traverse = (traverseproc)Awaiter_traverse,
     .tp_clear = (inquiry)Awaiter_clear,
     .tp_as_async = &Awaiter_async,
@@ -1060,6 +1047,16 @@ new_awaiter(Exchange *x, PyObject *aw, int last, int receiving)
 }
 
 /* ---- Sender and Receiver ---- */
+
+/* bool(message.get(key, False)) for an exact dict: 1, 0, or -1 with an exception. */
+static int
+dict_flag(PyObject *message, PyObject *key)
+{
+    PyObject *v = PyDict_GetItemWithError(message, key);
+    if (v == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    return PyObject_IsTrue(v);
+}
 
 /* 1: headers is a list of (bytes, bytes) tuples naming neither vary nor cache-control. */
 static int
@@ -1115,18 +1112,14 @@ Sender_call(PyObject *op, PyObject *const *args, size_t nargsf, PyObject *kwname
     if (!PyUnicode_CheckExact(kind))
         goto python;
     if (PyUnicode_Compare(kind, s_body_kind) == 0) {
-        PyObject *more = PyDict_GetItemWithError(message, s_more_body);
-        int more_body;
-        if (more == NULL && PyErr_Occurred())
-            return NULL;
-        more_body = more == NULL ? 0 : PyObject_IsTrue(more);
+        int more_body = dict_flag(message, s_more_body);
         if (more_body < 0)
             return NULL;
         last = !(x->ended || x->trailers || more_body);
         msg = Py_NewRef(message);
     }
     else if (PyUnicode_Compare(kind, s_start_kind) == 0) {
-        PyObject *headers = PyDict_GetItemWithError(message, s_headers), *status, *trailers, *merged;
+        PyObject *headers = PyDict_GetItemWithError(message, s_headers), *status, *merged;
         int has_trailers;
         if (headers == NULL) {
             if (PyErr_Occurred())
@@ -1138,10 +1131,7 @@ Sender_call(PyObject *op, PyObject *const *args, size_t nargsf, PyObject *kwname
         status = PyDict_GetItemWithError(message, s_status);
         if (status == NULL && PyErr_Occurred())
             return NULL;
-        trailers = PyDict_GetItemWithError(message, s_trailers);
-        if (trailers == NULL && PyErr_Occurred())
-            return NULL;
-        has_trailers = trailers == NULL ? 0 : PyObject_IsTrue(trailers);
+        has_trailers = dict_flag(message, s_trailers);
         if (has_trailers < 0)
             return NULL;
         Py_XSETREF(x->status, Py_NewRef(status ? status : Py_None));
@@ -1211,14 +1201,6 @@ Channel_clear(Channel *self)
     return 0;
 }
 
-static void
-Channel_dealloc(Channel *self)
-{
-    PyObject_GC_UnTrack(self);
-    Channel_clear(self);
-    Py_TYPE(self)->tp_free((PyObject *)self);
-}
-
 #ifndef Py_TPFLAGS_HAVE_VECTORCALL
 #define Py_TPFLAGS_HAVE_VECTORCALL _Py_TPFLAGS_HAVE_VECTORCALL
 #endif
@@ -1230,7 +1212,7 @@ Channel_dealloc(Channel *self)
         .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,         \
         .tp_vectorcall_offset = offsetof(Channel, vectorcall),                                    \
         .tp_doc = doc,                                                                            \
-        .tp_dealloc = (destructor)Channel_dealloc,                                                \
+        .tp_dealloc = gc_dealloc,                                                \
         .tp_traverse = (traverseproc)Channel_traverse,                                            \
         .tp_clear = (inquiry)Channel_clear,                                                       \
         .tp_call = PyVectorcall_Call,                                                             \
@@ -1273,8 +1255,7 @@ Exchange_am_send(PyObject *op, PyObject *value, PyObject **result)
     Py_DECREF(it);
     if (r == PYGEN_RETURN) {
         Py_DECREF(res);
-        if (!x->done)
-            exchange_finish(x, NULL, 0, end_or_now(x));
+        exchange_returned(x);
         *result = Py_NewRef(Py_None);
         return PYGEN_RETURN;
     }
@@ -1301,8 +1282,7 @@ Exchange_throw(Exchange *x, PyObject *args)
     res = take_stop_value();
     if (res != NULL) {
         Py_DECREF(res);
-        if (!x->done)
-            exchange_finish(x, NULL, 0, end_or_now(x));
+        exchange_returned(x);
         PyErr_SetNone(PyExc_StopIteration);
         return NULL;
     }
@@ -1313,22 +1293,17 @@ Exchange_throw(Exchange *x, PyObject *args)
 static PyObject *
 Exchange_close(Exchange *x, PyObject *Py_UNUSED(ignored))
 {
-    PyObject *it = x->it, *meth, *res = NULL;
-    int found;
+    PyObject *it = x->it, *res;
     if (it == NULL)
         Py_RETURN_NONE;
     x->it = NULL;
-    found = optional_attr(it, s_close, &meth);
-    if (found > 0) {
-        res = PyObject_CallNoArgs(meth);
-        Py_DECREF(meth);
-    }
+    res = call_close(it);
     Py_DECREF(it);
-    if (found < 0 || (found > 0 && res == NULL)) {
+    if (res == NULL) {
         exchange_raised(x);
         return NULL;
     }
-    Py_XDECREF(res);
+    Py_DECREF(res);
     /* As a coroutine closed while awaiting: GeneratorExit, not an Exception. */
     if (!x->done)
         exchange_finish(x, NULL, !x->ended, end_or_now(x));
@@ -1384,14 +1359,6 @@ Exchange_clear(Exchange *x)
     return 0;
 }
 
-static void
-Exchange_dealloc(Exchange *x)
-{
-    PyObject_GC_UnTrack(x);
-    Exchange_clear(x);
-    Py_TYPE(x)->tp_free((PyObject *)x);
-}
-
 static PyMethodDef Exchange_methods[] = {
     {"send", (PyCFunction)step_send, METH_O, NULL},
     {"throw", (PyCFunction)Exchange_throw, METH_VARARGS, NULL},
@@ -1426,7 +1393,7 @@ static PyTypeObject ExchangeType = {
     .tp_basicsize = sizeof(Exchange),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "One HTTP request through the ASGI adapter (C implementation of asgi._Exchange).",
-    .tp_dealloc = (destructor)Exchange_dealloc,
+    .tp_dealloc = gc_dealloc,
     .tp_traverse = (traverseproc)Exchange_traverse,
     .tp_clear = (inquiry)Exchange_clear,
     .tp_as_async = &Exchange_async,
@@ -1439,15 +1406,13 @@ static PyTypeObject ExchangeType = {
 /* ---- Router: ASGICanaryMiddleware.__call__ for one HTTP request ---- */
 
 /* The joined Cookie header of a list or tuple of (bytes, bytes) tuples: a new
- * reference, NULL with *plain set to 0 when the headers have another shape (the
- * caller then lets _decide read them), NULL with an exception on error, NULL and
- * *plain 1 when there is no cookie header. */
+ * reference; NULL with an exception on error, or without one when there is no cookie
+ * header or the headers have another shape (the caller then lets _decide read them). */
 static PyObject *
-cookie_of(PyObject *headers, int *plain)
+cookie_of(PyObject *headers)
 {
     PyObject *cookie = NULL, **items;
     Py_ssize_t n;
-    *plain = 0;
     if (PyList_CheckExact(headers)) {
         n = PyList_GET_SIZE(headers);
         items = ((PyListObject *)headers)->ob_item;
@@ -1483,7 +1448,6 @@ cookie_of(PyObject *headers, int *plain)
                 return NULL;
         }
     }
-    *plain = 1;
     return cookie;
 other:
     Py_XDECREF(cookie);
@@ -1514,11 +1478,10 @@ static PyObject *
 cached_decision(Router *self, PyObject *scope)
 {
     PyObject *headers, *cookie, *text, *decision;
-    int plain;
     headers = PyDict_GetItemWithError(scope, s_headers);
     if (headers == NULL)
         return PyErr_Occurred() ? NULL : Py_NewRef(Py_None);
-    cookie = cookie_of(headers, &plain);
+    cookie = cookie_of(headers);
     if (cookie == NULL)
         return PyErr_Occurred() ? NULL : Py_NewRef(Py_None);
     text = PyUnicode_DecodeLatin1(PyBytes_AS_STRING(cookie), PyBytes_GET_SIZE(cookie), NULL);
@@ -1675,21 +1638,13 @@ Router_clear(Router *self)
     return 0;
 }
 
-static void
-Router_dealloc(Router *self)
-{
-    PyObject_GC_UnTrack(self);
-    Router_clear(self);
-    Py_TYPE(self)->tp_free((PyObject *)self);
-}
-
 static PyTypeObject RouterType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "canarymw._speedups.Router",
     .tp_basicsize = sizeof(Router),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
     .tp_vectorcall_offset = offsetof(Router, vectorcall),
     .tp_doc = "The ASGI adapter's HTTP request path (C implementation of ASGICanaryMiddleware.__call__).",
-    .tp_dealloc = (destructor)Router_dealloc,
+    .tp_dealloc = gc_dealloc,
     .tp_traverse = (traverseproc)Router_traverse,
     .tp_clear = (inquiry)Router_clear,
     .tp_call = PyVectorcall_Call,
