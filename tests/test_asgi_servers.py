@@ -30,14 +30,21 @@ from canarymw.asgi import ASGICanaryMiddleware
 
 from .servers import free_port, serve
 
-NAME = "uvicorn-v2"
-KEY = "uvicorn-secret-key-0123456789abcdef"
+NAME = "servers-v2"
+KEY = "servers-secret-key-0123456789abcdef"
 PERCENT = 30
 USERS = 200
 REQUESTS_PER_USER = 4
 
 
 SERVERS = ["uvicorn", "hypercorn", "granian"]
+STREAM_EVENTS = 50
+STREAM_PAUSE = 0.2  # the whole stream would take 10 s
+
+
+def request_path(mw: ASGICanaryMiddleware) -> str:
+    """Which implementation of the request path serves ``mw`` in this worker."""
+    return "python" if mw._router is None else "compiled"
 
 
 def server_argv(server: str, factory: str, port: int) -> list[str]:
@@ -84,7 +91,7 @@ def make_app() -> Any:
 
     def served_by() -> dict[str, str]:
         # Which worker, and which implementation of the request path, served a response.
-        return {"x-pid": str(os.getpid()), "x-path": "python" if mw._router is None else "compiled"}
+        return {"x-pid": str(os.getpid()), "x-path": request_path(mw)}
 
     return mw
 
@@ -181,7 +188,7 @@ def make_streaming_app() -> Any:
         raise RuntimeError("the view failed")
 
     async def plain(request: Request) -> Response:
-        return PlainTextResponse("plain", headers={"x-path": "python" if mw._router is None else "compiled"})
+        return PlainTextResponse("plain", headers={"x-path": request_path(mw)})
 
     routes = [Route("/stream", stream), Route("/boom", boom), Route("/", plain), Route("/healthz", plain)]
     rollout = Rollout(NAME, percent=50, secret_key=KEY, exclude=["/healthz"])
@@ -192,10 +199,6 @@ def make_streaming_app() -> Any:
         sink=JSONLinesSink(os.environ["OUTCOMES"]),
     )
     return mw
-
-
-STREAM_EVENTS = 50
-STREAM_PAUSE = 0.2  # the whole stream would take 10 s
 
 
 @pytest.mark.server
