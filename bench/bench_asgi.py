@@ -131,7 +131,8 @@ def switch(old: App, new: App) -> App:
 
 
 def make_app(kind: str | None = None) -> App:
-    """One contender: ``bare``, ``canarymw``, ``canarymw-nosink``, ``naive`` or ``basehttp``.
+    """One contender: ``bare``, ``canarymw``, ``canarymw-nosink``, ``naive`` or ``basehttp``
+    (``canarymw-py`` is ``canarymw``, run in a server with CANARYMW_NO_EXTENSIONS=1).
 
     Under uvicorn the contender comes from the environment variable BENCH_APP.
     """
@@ -139,7 +140,7 @@ def make_app(kind: str | None = None) -> App:
     blue, green = hello("Blue"), hello("Green")
     if kind == "bare":
         return blue
-    if kind in ("canarymw", "canarymw-nosink", "canarymw-py"):  # -py: served with CANARYMW_NO_EXTENSIONS=1
+    if kind in ("canarymw", "canarymw-nosink", "canarymw-py"):
         rollout = Rollout(NAME, percent=PERCENT, secret_key=KEY)
         sink = MemorySink() if kind == "canarymw" else None
         return ASGICanaryMiddleware(blue, new=green, rollout=rollout, sink=sink)
