@@ -6,10 +6,11 @@ import re
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from canarymw import _h1
@@ -141,8 +142,28 @@ def test_transfer_encoding_wins_over_content_length_and_closes(serve: Callable[.
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nX: " + b"a" * 70_000 + b"\r\n\r\n",
         b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 300 + b"\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nConnection: close\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"HTTP/1.1 100 Continue\r\n\r\n" * 17 + b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
     ],
-    ids=["2-lengths", "negative", "space-in-name", "folding", "http2", "status", "101", "huge", "300"],
+    ids=[
+        "2-lengths",
+        "negative",
+        "space-in-name",
+        "folding",
+        "http2",
+        "status",
+        "101",
+        "huge",
+        "300",
+        "gzip-chunked",
+        "gzip",
+        "chunked-twice",
+        "two-te-fields",
+        "17-interim",
+    ],
 )
 def test_malformed_answers_are_protocol_errors(serve: Callable[..., Scripted], answer: bytes) -> None:
     def script(conn: socket.socket, index: int) -> None:
@@ -176,7 +197,9 @@ def test_broken_chunked_bodies_fail_while_streaming(serve: Callable[..., Scripte
 def test_interim_answers_are_skipped_and_head_has_no_body(serve: Callable[..., Scripted]) -> None:
     def script(conn: socket.socket, index: int) -> None:
         while request := server.read_request(conn):
-            conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n")
+            conn.sendall(
+                b"HTTP/1.1 100 Continue\r\n\r\n" * 15 + b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
+            )
             head = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"
             conn.sendall(head if request.startswith(b"HEAD") else head + b"hello")
 
@@ -249,6 +272,83 @@ def test_read_timeout(serve: Callable[..., Scripted]) -> None:
         get(server.pool(read_timeout=0.2))
 
 
+@pytest.fixture(params=["kernel", "python"])
+def timeouts(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Timeouts as socket options (Linux) and as Python's own socket timeouts (elsewhere, TLS)."""
+    if request.param == "python":
+        monkeypatch.setattr(_h1, "_KERNEL_TIMEOUTS", False)
+    elif not _h1._KERNEL_TIMEOUTS:  # pragma: no cover - not Linux
+        pytest.skip("kernel timeouts are Linux only")
+    return str(request.param)
+
+
+@pytest.mark.parametrize(
+    ("pieces", "end"),
+    [
+        pytest.param(
+            [b"HTTP/1.1 200 OK\r\n"] + [b"X-%d: y\r\n" % i for i in range(60)],
+            b"Content-Length: 2\r\n\r\nok",
+            id="trickled head",
+        ),
+        pytest.param(
+            [b"HTTP/1.1 100 Continue\r\n\r\n"] * 15,
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+            id="slow interim answers",
+        ),
+    ],
+)
+def test_the_head_timeout_bounds_all_reads_of_the_head(
+    serve: Callable[..., Scripted], timeouts: str, pieces: list[bytes], end: bytes
+) -> None:
+    def script(conn: socket.socket, index: int) -> None:
+        server.read_request(conn)
+        for piece in pieces:  # each read comes well within the read timeout
+            conn.sendall(piece)
+            threading.Event().wait(0.05)
+        conn.sendall(end)
+
+    server = serve(script)
+    started = time.monotonic()
+    with pytest.raises(_h1.TimedOut):
+        get(server.pool(read_timeout=1.0, head_timeout=0.3))
+    assert time.monotonic() - started < 0.6
+
+
+def test_a_read_timeout_longer_than_the_time_left_is_cut_to_it(
+    serve: Callable[..., Scripted], timeouts: str
+) -> None:
+    def script(conn: socket.socket, index: int) -> None:
+        server.read_request(conn)
+        conn.sendall(b"HTTP/1.1 200 OK\r\n")
+        threading.Event().wait(2)
+
+    server = serve(script)
+    started = time.monotonic()
+    with pytest.raises(_h1.TimedOut):
+        get(server.pool(read_timeout=5.0, head_timeout=0.3))
+    assert time.monotonic() - started < 1.0
+
+
+def test_the_body_gets_the_whole_read_timeout_after_a_slow_head(
+    serve: Callable[..., Scripted], timeouts: str
+) -> None:
+    def script(conn: socket.socket, index: int) -> None:
+        while server.read_request(conn):
+            conn.sendall(b"HTTP/1.1 200 OK\r\n")
+            threading.Event().wait(0.4)
+            conn.sendall(b"X-A: 1\r\n")
+            threading.Event().wait(0.05)  # the head's last read waited with about 0.15 s left
+            conn.sendall(b"Content-Length: 2\r\n\r\n")
+            threading.Event().wait(0.35)  # longer than that, shorter than the read timeout
+            conn.sendall(b"ok")
+
+    server = serve(script)
+    pool = server.pool(read_timeout=0.6, head_timeout=0.55)
+    assert get(pool)[:2] == (200, b"ok")
+    assert get(pool)[:2] == (200, b"ok")  # and so does the next request on the connection
+    assert server.connections == 1
+
+
 def test_fields_that_would_smuggle_a_request_are_refused_before_connecting(
     serve: Callable[..., Scripted],
 ) -> None:
@@ -310,6 +410,74 @@ def test_a_body_that_came_with_the_head_frees_the_connection_at_once(serve: Call
     second = pool.request(b"GET", b"/x", [(b"host", b"up")], b"")  # no wait for the first
     assert [first.body, second.body] == [b"hello", b"hello"]
     assert b"".join(first) == b"hello" and server.connections == 1
+
+
+# -- chunk sizes: the strict grammar, never int()'s ---------------------------------------------
+# chunk-size = 1*HEXDIG (16 at most here), then chunk extensions, which are ignored but may
+# hold no control byte other than HTAB. See: RFC 9112 §7.1, §7.1.1.
+_STRICT_CHUNK_LINE = re.compile(rb"[0-9A-Fa-f]{1,16}(?:[ \t]*;[^\x00-\x08\x0a-\x1f\x7f]*)?")
+
+
+def _stream_chunked(line: bytes, data: bytes) -> tuple[list[bytes], BaseException | None]:
+    """The body chunks a chunked response yields for one chunk-size line, and its error if any."""
+    ours, theirs = socket.socketpair()
+    chunks: list[bytes] = []
+    with ours, theirs:
+        theirs.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + line + b"\r\n" + data)
+        theirs.shutdown(socket.SHUT_WR)
+        ours.settimeout(1.0)
+        pool = make_pool(9, max_connections=1)
+        pool._active = 1  # the slot this exchange holds, as _take() would have taken it
+        conn = _h1.Connection(ours, kernel=False)
+        try:
+            status, reason, headers, http10 = _h1._parse_head(conn.read_head())
+            for chunk in _h1.Response(pool, conn, status, reason, headers, False, http10):
+                chunks.append(chunk)
+        except _h1.H1Error as exc:
+            return chunks, exc
+        finally:
+            pool.close()
+    return chunks, None
+
+
+@pytest.mark.parametrize(
+    "line",
+    [b"+5", b"-1", b"0x5", b"0X5", b"0_5", b" 5", b"5 ", b"\t5", b"5\x00", b"", b";x", b"1" * 17, b"5;\nx"],
+    ids=["plus", "minus", "0x", "0X", "underscore", "space-before", "space-after", "tab", "nul", "empty",
+         "ext-only", "17-digits", "lf-in-ext"],
+)  # fmt: skip
+def test_chunk_sizes_that_int_would_take_are_refused_before_any_body(line: bytes) -> None:
+    chunks, error = _stream_chunked(line, b"hello\r\n0\r\n\r\n")
+    assert isinstance(error, _h1.ProtocolFailed) and chunks == []
+
+
+@pytest.mark.parametrize("line", [b"5", b"05", b"0000000000000005", b"5;a=1", b'5 ;a="x y"', b"5\t;a"])
+def test_strict_chunk_sizes_and_extensions_are_read(line: bytes) -> None:
+    assert _stream_chunked(line, b"hello\r\n0\r\n\r\n") == ([b"hello"], None)
+
+
+_LINE_PIECES = [b"0", b"5", b"a", b"F", b"ffffffff", b"+", b"-", b"x", b"X", b"_", b" ", b"\t", b";"]
+_LINE_PIECES += [b"ext=1", b'"q;"', b"\x00", b"\r", b"\n", b"\x0b", b"\x7f", b"\xff", b"\xd9\xa5"]
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.one_of(st.lists(st.sampled_from(_LINE_PIECES), max_size=12).map(b"".join), st.binary(max_size=30)))
+def test_any_chunk_size_line_is_strict_or_refused_without_streaming(line: bytes) -> None:
+    assume(b"\r\n" not in line)  # a line ends at its first CRLF
+    size = 20
+    chunks, error = _stream_chunked(line, b"x" * size + b"\r\n0\r\n\r\n")
+    strict = _STRICT_CHUNK_LINE.fullmatch(line)
+    if strict is None:
+        assert isinstance(error, _h1.ProtocolFailed), (line, error)
+        assert chunks == [], (line, chunks)  # never a framing byte as body
+        return
+    declared = int(line.split(b";")[0], 16)
+    if declared == size:
+        assert (b"".join(chunks), error) == (b"x" * size, None)
+    elif declared == 0:
+        assert chunks == []  # a last-chunk: what follows is trailers, then nothing
+    else:  # the wrong length: the body breaks off, but only with the client's own error
+        assert isinstance(error, _h1.H1Error), (line, error)
 
 
 # -- hostile bytes: only this client's own errors, never a crash ----------------------------

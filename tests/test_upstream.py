@@ -358,12 +358,29 @@ def proxy(driver: Driver, url: str, *, fallback: bool = True, **kw: Any) -> Any:
         pytest.param("http://h", {"max_replay_body": -1}, "max_replay_body=-1", id="replay negative"),
         pytest.param("http://h", {"max_connections": 0}, "max_connections=0", id="connections zero"),
         pytest.param("http://h", {"fallback": "yes"}, "fallback='yes'", id="fallback str"),
+        pytest.param("http://h", {"head_timeout": 0}, "head_timeout=0", id="head timeout zero"),
+        pytest.param("http://h", {"head_timeout": "10"}, "head_timeout='10'", id="head timeout str"),
+        pytest.param("http://h", {"trust_forwarded": 1}, "trust_forwarded=1", id="trust forwarded int"),
     ],
 )
 def test_invalid_configuration_fails_at_construction(url: str, kw: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match="Upstream") as info:
         Upstream(url, **kw)
     assert message in str(info.value) and str(info.value).endswith(".")
+
+
+@pytest.mark.parametrize(
+    ("kw", "head"),
+    [
+        pytest.param({}, 60.0, id="twice the read timeout"),
+        pytest.param({"read_timeout": 5}, 10.0, id="follows the read timeout"),
+        pytest.param({"read_timeout": None}, None, id="long polls keep no limit"),
+        pytest.param({"head_timeout": 3}, 3.0, id="explicit"),
+        pytest.param({"head_timeout": None}, None, id="none"),
+    ],
+)
+def test_the_head_timeout_default(kw: dict[str, Any], head: float | None) -> None:
+    assert Upstream("http://h", **kw).head_timeout == head
 
 
 def test_importing_canarymw_imports_no_http_client() -> None:
@@ -533,6 +550,78 @@ def test_preserve_host_sends_the_client_host_to_the_configured_address(
     driver.request(app, "GET", "/echo", headers=[("Host", "evil.example:8080")])
     lines = request_lines(fault)  # it reached the configured upstream regardless
     assert "host: evil.example:8080" in lines and "x-forwarded-host: evil.example:8080" in lines
+
+
+_CLIENT_FORWARDING = [
+    ("Forwarded", "for=10.0.0.1;proto=https;host=admin.example"),
+    ("X-Real-IP", "10.0.0.1"),
+]
+
+
+def test_the_clients_forwarded_and_x_real_ip_never_reach_the_upstream(
+    driver: Driver, fault: FaultServer
+) -> None:
+    driver.request(proxy(driver, fault.url), "GET", "/echo", headers=_CLIENT_FORWARDING, client="10.1.2.3")
+    names = [line.split(":")[0] for line in request_lines(fault)[1:] if line]
+    assert "forwarded" not in names and "x-real-ip" not in names
+    assert "x-forwarded-for: 10.1.2.3" in request_lines(fault)  # the one forwarding rule still holds
+
+
+def test_trust_forwarded_passes_them_on_unchanged(driver: Driver, fault: FaultServer) -> None:
+    app = proxy(driver, fault.url, trust_forwarded=True)
+    driver.request(app, "GET", "/echo", headers=_CLIENT_FORWARDING, client="10.1.2.3")
+    lines = request_lines(fault)
+    assert "forwarded: for=10.0.0.1;proto=https;host=admin.example" in lines
+    assert "x-real-ip: 10.0.0.1" in lines
+    assert "x-forwarded-for: 10.1.2.3" in lines and "x-forwarded-proto: http" in lines
+
+
+@pytest.mark.parametrize("cl", ["2", "1000"], ids=["shorter", "longer"])
+def test_a_chunked_response_loses_the_content_length_it_also_claimed(
+    driver: Driver, fault: FaultServer, cl: str
+) -> None:
+    got = driver.request(proxy(driver, fault.url), "GET", "/te-and-cl", query=f"cl={cl}")
+    assert (got.status, got.body, got.error, got.complete) == (200, b"hello world", None, True)
+    assert got.header("content-length") == [] and got.header("transfer-encoding") == []
+    assert summary(driver) == [("new", 200, None)]
+
+
+def test_a_transfer_coding_other_than_chunked_is_a_protocol_error(driver: Driver, fault: FaultServer) -> None:
+    # gzip, chunked: passing the gzip bytes on as the body, with nothing to say so, is wrong.
+    assert driver.request(proxy(driver, fault.url), "GET", "/gzip-chunked").body == b"old GET "
+    got = driver.request(proxy(driver, fault.url, fallback=False), "GET", "/gzip-chunked")
+    assert got.status == 502 and got.body.startswith(b"Bad Gateway")
+    assert summary(driver) == [("new", 200, "UpstreamProtocolError"), ("new", 502, "UpstreamProtocolError")]
+
+
+@pytest.mark.parametrize(
+    ("path", "query"),
+    [
+        pytest.param("/trickle", "s=5", id="a head trickled a line at a time"),
+        pytest.param("/interim", "n=100&s=0.05", id="100 Continue again and again"),
+    ],
+)
+def test_the_head_timeout_bounds_the_whole_response_head(
+    driver: Driver, fault: FaultServer, path: str, query: str
+) -> None:
+    # Every read comes well within read_timeout; only the head deadline can end this.
+    app = proxy(driver, fault.url, read_timeout=2, head_timeout=0.4)
+    started = time.monotonic()
+    assert driver.request(app, "GET", path, query=query).body == b"old GET "
+    got = driver.request(app, "POST", path, query=query, body=b"order")
+    assert time.monotonic() - started < 2.5
+    assert got.status == 504 and got.body.startswith(b"Gateway Timeout")
+    assert summary(driver) == [("new", 200, "UpstreamTimeout"), ("new", 504, "UpstreamTimeout")]
+    assert driver.request(app, "GET", "/echo").status == 200  # the pool is still usable
+    assert all(c.is_idle() or c.is_closed() for c in _pool_connections(driver.upstreams[-1]))
+
+
+def test_a_head_within_the_head_timeout_is_not_cut(driver: Driver, fault: FaultServer) -> None:
+    app = proxy(driver, fault.url, read_timeout=2, head_timeout=1.5)
+    got = driver.request(app, "GET", "/trickle", query="s=0.3")
+    assert (got.status, got.body) == (200, b"late") and got.header("x-trickle-0") == ["0"]
+    got = driver.request(app, "GET", "/interim", query="n=3&s=0.05")
+    assert (got.status, got.body) == (200, b"ok")
 
 
 @pytest.mark.parametrize(
@@ -856,6 +945,56 @@ def test_served_proxy_closes_the_upstream_event_stream_when_the_client_leaves(
             assert time.monotonic() < deadline, "the upstream event stream was never closed"
             time.sleep(0.05)
     assert events == ["data: 0", "data: 1", "data: 2"]
+
+
+def _one_connection(base: str, targets: Sequence[str]) -> list[tuple[int, dict[str, str], bytes]]:
+    """GET each target in turn on one kept-alive client connection, read by h11 (a strict client)."""
+    import h11
+
+    port = int(base.rsplit(":", 1)[1])
+    answers: list[tuple[int, dict[str, str], bytes]] = []
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        client = h11.Connection(h11.CLIENT)
+        for i, target in enumerate(targets):
+            headers = [("Host", "front.example")]
+            if i == len(targets) - 1:
+                headers.append(("Connection", "close"))
+            data = client.send(h11.Request(method="GET", target=target, headers=headers))
+            sock.sendall(data + (client.send(h11.EndOfMessage()) or b""))
+            status, fields, body = 0, {}, b""
+            while True:
+                event = client.next_event()
+                if event is h11.NEED_DATA:
+                    client.receive_data(sock.recv(65536))
+                elif isinstance(event, h11.Response):
+                    status = event.status_code
+                    fields = {k.decode().lower(): v.decode() for k, v in event.headers}
+                elif isinstance(event, h11.Data):
+                    body += event.data
+                elif isinstance(event, h11.EndOfMessage):
+                    break
+                else:
+                    raise AssertionError(f"response {i} ({target}) ended with {event!r}")
+            answers.append((status, fields, body))
+            if i < len(targets) - 1:
+                client.start_next_cycle()
+    return answers
+
+
+@pytest.mark.server
+def test_served_proxy_keeps_a_kept_alive_connection_in_step_when_the_upstream_sends_te_and_cl(
+    served_proxy: str,
+) -> None:
+    # A Content-Length passed on next to chunked framing makes gunicorn cut the body to
+    # it (or the client wait for bytes that belong to the next response), and makes
+    # uvicorn tear the connection down. Each answer must be its own, whole.
+    answers = _one_connection(
+        served_proxy, ["/fault/te-and-cl?cl=2", "/fault/te-and-cl?cl=1000", "/fault/gzip-chunked", "/echo"]
+    )
+    assert [(status, body) for status, _, body in answers[:2]] == [(200, b"hello world")] * 2
+    assert all("content-length" not in fields for _, fields, _ in answers[:2])
+    assert answers[2][0] == 502 and answers[2][2].startswith(b"Bad Gateway")
+    assert answers[3][0] == 200 and json.loads(answers[3][2])["path"] == "/echo"
 
 
 @pytest.mark.server

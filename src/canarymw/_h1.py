@@ -25,11 +25,16 @@ if TYPE_CHECKING:
 _MAX_HEAD: Final = 64 * 1024
 _MAX_HEADERS: Final = 200
 _MAX_CHUNK_LINE: Final = 4096
+_MAX_INTERIM: Final = 16  # 1xx answers before the final one; more is a server stalling us
 _READ: Final = 64 * 1024
 IDEMPOTENT: Final = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
 """Methods that may be sent again (See: RFC 9110 §9.2.2)."""
 _TCHAR = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
 _is_token = re.compile(_TCHAR + rb"+").fullmatch
+# chunk-size [ chunk-ext ]: hex digits only (no sign, prefix, underscore or space, which
+# int(x, 16) would take), at most 16 of them; extensions are checked for stray control
+# bytes and ignored. See: RFC 9112 §7.1, §7.1.1.
+_chunk_size = re.compile(rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[\t\x20-\x7e\x80-\xff]*)?").fullmatch
 
 
 class H1Error(Exception):
@@ -79,12 +84,24 @@ def _timeval(seconds: float | None) -> bytes:
 class Connection:
     """One socket and its read buffer."""
 
-    __slots__ = ("_buf", "_closed", "_poller", "expires", "in_use", "kernel", "reused", "sock", "timeout")
+    __slots__ = (
+        "_buf",
+        "_closed",
+        "_poller",
+        "expires",
+        "in_use",
+        "kernel",
+        "rcvtimeo",
+        "reused",
+        "sock",
+        "timeout",
+    )
 
     def __init__(self, sock: socket.socket, kernel: bool) -> None:
         self.sock = sock
         self.kernel = kernel  # timeouts are socket options; the socket is blocking
         self.timeout: float | None = sock.gettimeout()
+        self.rcvtimeo: float | None = None  # kernel: the SO_RCVTIMEO in force
         self._buf = b""
         self._closed = False
         self._poller: select.poll | None = None
@@ -96,6 +113,13 @@ class Connection:
         if not self.kernel and seconds != self.timeout:
             self.sock.settimeout(seconds)
             self.timeout = seconds
+
+    def set_read_timeout(self, seconds: float | None) -> None:
+        if not self.kernel:
+            self.set_timeout(seconds)
+        elif seconds != self.rcvtimeo:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(seconds))
+            self.rcvtimeo = seconds
 
     def is_idle(self) -> bool:
         return not self.in_use and not self._closed
@@ -134,12 +158,15 @@ class Connection:
         try:
             data = self.sock.recv(_READ)
         except (TimeoutError, BlockingIOError):
-            raise TimedOut("the upstream did not answer within the read timeout") from None
+            raise TimedOut("the upstream did not answer within the read or head timeout") from None
         except OSError as exc:
             raise ProtocolFailed(f"the connection to the upstream broke: {exc!r}") from None
         return data
 
-    def read_head(self, limit: int = _MAX_HEAD) -> bytes:
+    def read_head(
+        self, limit: int = _MAX_HEAD, deadline: float | None = None, read_timeout: float | None = None
+    ) -> bytes:
+        """One head; with a ``deadline`` (monotonic), no read waits past it."""
         buf = self._buf
         start = 0
         while True:
@@ -152,6 +179,14 @@ class Connection:
             if len(buf) > limit:
                 raise ProtocolFailed("the upstream's response head is too large")
             start = len(buf)
+            if deadline is not None:
+                # read_timeout bounds each read, so a head sent a byte at a time would
+                # otherwise hold the request for as long as the upstream likes.
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimedOut("the upstream did not send its response head within the head timeout")
+                if read_timeout is None or left < read_timeout:
+                    self.set_read_timeout(left)
             try:
                 data = self._fill()
             except ProtocolFailed:
@@ -263,14 +298,15 @@ class Response:
         if head_only or status in (204, 304):
             pass
         elif encoding is not None:
-            # See: RFC 9112 §6.3: Transfer-Encoding wins over Content-Length; a final coding
-            # other than chunked is read to the close.
-            if encoding.rsplit(b",", 1)[-1].strip().lower() == b"chunked":
-                self._chunked = True
-                self._remaining = None
-            else:
-                self._remaining = None
-                keep = False
+            # See: RFC 9112 §6.3: Transfer-Encoding wins over Content-Length. Only chunked
+            # alone: a proxy cannot undo gzip or any other coding (its bytes would pass as
+            # the body with nothing to say so), and a repeated chunked is malformed.
+            if encoding.lower() != b"chunked":
+                raise ProtocolFailed(
+                    f"the upstream used a transfer coding other than chunked: {encoding[:40]!r}"
+                )
+            self._chunked = True
+            self._remaining = None
             if length is not None:
                 keep = False
         elif length is not None:
@@ -322,13 +358,10 @@ class Response:
     def _chunks(self, conn: Connection) -> Iterator[bytes]:
         while True:
             line = conn.read_line()
-            size_text = line.split(b";", 1)[0].strip()
-            try:
-                if not size_text or len(size_text) > 16:
-                    raise ValueError
-                size = int(size_text, 16)
-            except ValueError:
-                raise ProtocolFailed(f"the upstream sent an invalid chunk size {line[:40]!r}") from None
+            match = _chunk_size(line)
+            if match is None:
+                raise ProtocolFailed(f"the upstream sent an invalid chunk size line {line[:40]!r}")
+            size = int(match[1], 16)
             if size == 0:
                 for _ in range(_MAX_HEADERS):  # trailers are dropped: they are hop-by-hop for us
                     if not conn.read_line():
@@ -369,6 +402,7 @@ class Pool:
         read_timeout: float | None,
         write_timeout: float | None,
         pool_timeout: float,
+        head_timeout: float | None = None,
     ) -> None:
         self.host, self.port = host, port
         self.ssl_context = ssl_context
@@ -377,6 +411,8 @@ class Pool:
         self.read_timeout = read_timeout
         self.write_timeout = write_timeout
         self.pool_timeout = pool_timeout
+        self.head_timeout = head_timeout
+        """Seconds for the whole response head, interim answers included, once the request is sent."""
         self.max_connections = max_connections
         self._lock = threading.Lock()
         self._freed = threading.Condition(self._lock)
@@ -422,7 +458,9 @@ class Pool:
         except OSError as exc:  # ssl.SSLError is an OSError
             sock.close()
             raise ConnectFailed(f"the TLS handshake with {self.host}:{self.port} failed: {exc}") from None
-        return Connection(sock, kernel)
+        conn = Connection(sock, kernel)
+        conn.rcvtimeo = self.read_timeout
+        return conn
 
     def _take(self, fresh: bool = False) -> Connection:
         """A slot and a connection for it: a live idle one (unless ``fresh``), else a new one."""
@@ -557,10 +595,13 @@ class Pool:
             raise ProtocolFailed(f"the connection to the upstream broke: {exc!r}") from None
         except OSError as exc:
             raise ProtocolFailed(f"the connection to the upstream broke: {exc!r}") from None
-        conn.set_timeout(self.read_timeout)
-        while True:
+        read_timeout = self.read_timeout
+        conn.set_read_timeout(read_timeout)
+        head_timeout = self.head_timeout
+        deadline = None if head_timeout is None else time.monotonic() + head_timeout
+        for _ in range(_MAX_INTERIM + 1):
             try:
-                raw = conn.read_head()
+                raw = conn.read_head(_MAX_HEAD, deadline, read_timeout)
             except _Stale:
                 if reused:
                     raise
@@ -571,4 +612,6 @@ class Pool:
                 if status == 101:
                     raise ProtocolFailed("the upstream switched protocols, which a proxied request cannot")
                 continue  # interim answers (100 Continue, 103 Early Hints) are not forwarded
+            conn.set_read_timeout(read_timeout)  # the head may have shortened it; the body gets it whole
             return Response(self, conn, status, reason, headers, method == b"HEAD", http10)
+        raise ProtocolFailed(f"the upstream sent more than {_MAX_INTERIM} interim (1xx) responses")

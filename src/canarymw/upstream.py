@@ -59,10 +59,16 @@ Headers (both directions)
     target nor ``Host`` can point it elsewhere. ``X-Forwarded-For`` gets the
     client's address appended (the client's own value is kept but never trusted for
     anything), ``X-Forwarded-Proto`` and ``X-Forwarded-Host`` are set, and
-    ``Via`` gets ``1.1 canarymw`` (See: RFC 9110 §7.6.3). Repeated ``Cookie``
+    ``Via`` gets ``1.1 canarymw`` (See: RFC 9110 §7.6.3). The client's ``Forwarded``
+    (See: RFC 7239) and ``X-Real-IP`` are dropped, since anyone can send
+    ``Forwarded: for=10.0.0.1;proto=https``; ``trust_forwarded=True`` passes them on
+    unchanged, for a trusted front proxy that sets them. Repeated ``Cookie``
     headers (HTTP/2) are joined with ``"; "`` (See: RFC 9113 §8.2.3). Responses keep
     every ``Set-Cookie`` as its own header; the upstream's ``Date`` and ``Server``
-    are dropped because the front server sends its own.
+    are dropped because the front server sends its own, and so is its
+    ``Content-Length`` when ``Transfer-Encoding`` came too (the body is framed by
+    its chunks; See: RFC 9112 §6.3). A transfer coding other than ``chunked``
+    (``gzip, chunked``) cannot be undone by a proxy: it is a protocol error.
 
 Failures
     ======================================  ===========================  ==================
@@ -71,8 +77,8 @@ Failures
     refused, DNS, connect or pool timeout   old serves it (any method)   502, or 504 (timeouts)
     (nothing was sent)
     lost, malformed or timed out after the  old serves it if the method  502, or 504 (timeouts)
-    request was sent                        is idempotent and the body
-                                            was buffered (replayable)
+    request was sent (``head_timeout``      is idempotent and the body
+    included)                               was buffered (replayable)
     broke off after the response started    the client connection is aborted (never a
                                             truncated 200): WSGI raises from the body
                                             iterable, ASGI raises after the start message
@@ -103,7 +109,9 @@ Limits: HTTP/1.1 only (``http://`` and ``https://`` upstreams); WebSocket
 connections cannot be proxied: they go to the fallback when there is one (recorded
 as ``UpstreamWebSocketUnsupported``) and are refused otherwise, so exclude websocket
 routes from the rollout when the new variant is an upstream. On trio, long ASGI
-bodies are copied without the disconnect watcher. See also ``docs/upstreams.md``.
+bodies are copied without the disconnect watcher. The ASGI proxy's parser (h11) skips
+any number of interim ``1xx`` answers, where the WSGI one refuses a 17th: there only
+``head_timeout`` bounds them. See also ``docs/upstreams.md``.
 """
 
 from __future__ import annotations
@@ -118,7 +126,7 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, MutableMapping
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Literal
 from urllib.parse import quote_from_bytes, urlsplit
 
 from . import _h1
@@ -126,6 +134,7 @@ from . import _h1
 if TYPE_CHECKING:
     import ssl
 
+    import anyio
     import httpcore
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
@@ -195,6 +204,10 @@ class _IncompleteBody(Exception):
     """The client sent fewer body bytes than announced (it went away)."""
 
 
+class _HeadTimedOut(Exception):
+    """ASGI: the upstream's response head took longer than ``head_timeout``."""
+
+
 _H1_ERRORS: Final[dict[type[_h1.H1Error], type[UpstreamError]]] = {
     _h1.ConnectFailed: UpstreamConnectError,
     _h1.ConnectTimedOut: UpstreamConnectTimeout,
@@ -236,8 +249,20 @@ _REQUEST_DROP: Final = frozenset(
         "via",
     )
 )
+# Forwarding headers that only a proxy should set, and that a client can forge: the
+# upstream would take Forwarded: for=10.0.0.1;proto=https;host=admin at its word.
+# See: RFC 7239 §8.1.
+_CLIENT_FORWARDING: Final = frozenset(("forwarded", "x-real-ip"))
+
+
+def _request_drop(trust_forwarded: bool) -> frozenset[str]:
+    """The client's request headers that never reach the upstream: the rule for both proxies."""
+    return _REQUEST_DROP if trust_forwarded else _REQUEST_DROP | _CLIENT_FORWARDING
+
+
 _IDEMPOTENT: Final = frozenset(m.decode("ascii") for m in _h1.IDEMPOTENT)
 _NO_BODY_STATUS: Final = frozenset((204, 304))
+_FRAMED_BY_ENCODING: Final = frozenset((b"content-length",))
 
 # RFC 3986 pchar plus "/", and query characters plus "%" (escapes already present stay).
 _PATH_SAFE: Final = "/!$&'()*+,;=:@-._~"
@@ -294,6 +319,31 @@ def _connection_tokens(value: str) -> frozenset[bytes]:
     return frozenset(t.encode("latin-1") for t in tokens)
 
 
+def _response_headers(fields: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The upstream's response headers that go to the client, names as the upstream spelled them.
+
+    Hop-by-hop fields and those named in ``Connection`` go; so does ``Content-Length``
+    when ``Transfer-Encoding`` came too: the body was read by its chunks, and the front
+    server frames it again, so that length would make the client read too little, or
+    the next response as the rest of this one. See: RFC 9112 §6.3.
+    """
+    out: list[tuple[bytes, bytes]] = []
+    append = out.append
+    named: frozenset[bytes] = frozenset()
+    for name, value in fields:
+        lower = name.lower()
+        if lower in _RESPONSE_DROP:
+            if lower == b"connection":
+                named |= _connection_tokens(value.decode("latin-1"))
+            elif lower == b"transfer-encoding":
+                named |= _FRAMED_BY_ENCODING
+            continue
+        append((name, value))
+    if named:
+        out = [h for h in out if h[0].lower() not in named]
+    return out
+
+
 def _status_line(status: int, reason: bytes) -> str:
     phrase = reason.decode("latin-1").strip() if reason else ""
     if not phrase or not phrase.isprintable():
@@ -316,6 +366,8 @@ def _classify(exc: BaseException) -> type[UpstreamError] | None:
         return None
     if isinstance(exc, _h1.H1Error):
         return _H1_ERRORS.get(type(exc), UpstreamProtocolError)
+    if isinstance(exc, _HeadTimedOut):
+        return UpstreamTimeout
     try:
         import httpcore
     except ImportError:
@@ -373,6 +425,14 @@ class Upstream:
             connection sent nothing, so the request can fall back to old.
         read_timeout: Seconds to wait for each read: the response head, then each
             body chunk. ``None`` waits forever (long polls, quiet event streams).
+        head_timeout: Seconds for the whole response head, from the end of the request
+            to the last header line, interim ``1xx`` answers included. ``read_timeout``
+            bounds each read only, so without it an upstream that sends its head a byte
+            at a time (or ``100 Continue`` again and again) holds the request for as long
+            as it likes. ``"auto"``: twice ``read_timeout`` (60 s by default), which lets
+            an honest head that took almost ``read_timeout`` to start still arrive in
+            pieces, or no limit when ``read_timeout`` is ``None`` (a long poll's head
+            comes when its event does). ``None``: no limit.
         write_timeout: Seconds to wait for each write of the request.
         pool_timeout: Seconds to wait for a free pooled connection when all
             ``max_connections`` are busy.
@@ -381,6 +441,11 @@ class Upstream:
             outcome still records the failure against ``new``.
         preserve_host: Send the client's ``Host`` instead of the upstream's address
             (for upstreams that serve several virtual hosts or build absolute links).
+        trust_forwarded: Pass the client's ``Forwarded`` and ``X-Real-IP`` headers to
+            the upstream unchanged. Off by default: they are dropped, because any client
+            can claim ``Forwarded: for=10.0.0.1;proto=https``. Turn it on only behind a
+            front proxy that sets (and overwrites) them itself. ``X-Forwarded-*`` are
+            handled the same way either way.
         max_replay_body: Request bodies up to this many bytes are buffered before
             sending, so that an idempotent request can be replayed to old after the
             upstream failed mid-request; larger bodies are streamed and answered
@@ -400,8 +465,10 @@ class Upstream:
         read_timeout: float | None = 30.0,
         write_timeout: float | None = 30.0,
         pool_timeout: float = 5.0,
+        head_timeout: float | Literal["auto"] | None = "auto",
         fallback: bool = True,
         preserve_host: bool = False,
+        trust_forwarded: bool = False,
         max_replay_body: int = 64 * 1024,
         max_connections: int = 100,
         keepalive_expiry: float = 1.5,
@@ -440,10 +507,18 @@ class Upstream:
         self.read_timeout = _check_timeout("read_timeout", read_timeout)
         self.write_timeout = _check_timeout("write_timeout", write_timeout)
         self.pool_timeout = _check_seconds("pool_timeout", pool_timeout)
+        head: float | None = None
+        if head_timeout == "auto":
+            head = None if self.read_timeout is None else 2 * self.read_timeout
+        elif head_timeout is not None:
+            head = _check_seconds("head_timeout", head_timeout, ", None (no limit) or 'auto'")
+        self.head_timeout = head
         if not isinstance(fallback, bool):
             raise ValueError(f"Upstream got fallback={fallback!r}; use True or False.")
         if not isinstance(preserve_host, bool):
             raise ValueError(f"Upstream got preserve_host={preserve_host!r}; use True or False.")
+        if not isinstance(trust_forwarded, bool):
+            raise ValueError(f"Upstream got trust_forwarded={trust_forwarded!r}; use True or False.")
         if isinstance(max_replay_body, bool) or not isinstance(max_replay_body, int) or max_replay_body < 0:
             raise ValueError(
                 f"Upstream got max_replay_body={max_replay_body!r}; use a number of bytes, 0 or more."
@@ -455,6 +530,7 @@ class Upstream:
         self.keepalive_expiry = _check_seconds("keepalive_expiry", keepalive_expiry)
         self.fallback = fallback
         self.preserve_host = preserve_host
+        self.trust_forwarded = trust_forwarded
         self.max_replay_body = max_replay_body
         self.max_connections = max_connections
         self.ssl_context = ssl_context
@@ -544,6 +620,7 @@ class Upstream:
                         read_timeout=self.read_timeout,
                         write_timeout=self.write_timeout,
                         pool_timeout=self.pool_timeout,
+                        head_timeout=self.head_timeout,
                     )
         return pool
 
@@ -612,24 +689,6 @@ def _require_httpcore() -> None:
 
 
 # -- WSGI ------------------------------------------------------------------------
-_wsgi_names: dict[str, bytes | None] = {}
-"""environ key -> lower-case header name to forward, or None (not a header, or one we handle)."""
-
-
-def _learn_wsgi_name(key: str) -> bytes | None:
-    name: bytes | None = None
-    if key.startswith("HTTP_"):
-        text = key[5:].replace("_", "-").lower()
-        # Servers may also put the body headers under HTTP_; the CGI names are authoritative.
-        if text not in _REQUEST_DROP and not text.startswith("proxy-") and text != "content-type":
-            name = text.encode("latin-1")
-    elif key == "CONTENT_TYPE":
-        name = b"content-type"
-    if len(_wsgi_names) < _NAME_CACHE_MAX:
-        _wsgi_names[key] = name
-    return name
-
-
 class _Prefixed:
     """``wsgi.input`` for the fallback after we already read ``head`` from ``rest``."""
 
@@ -741,6 +800,7 @@ class _Proxy:
         self._prefix = upstream._prefix
         self._cap = upstream.max_replay_body
         self._preserve_host = upstream.preserve_host
+        self._drop = _request_drop(upstream.trust_forwarded)
         self._extensions = upstream._extensions
         self._scheme, self._host, self._port = upstream._scheme, upstream._host, upstream._port
 
@@ -753,9 +813,24 @@ class _WSGIProxy(_Proxy):
         self.fallback = fallback
         self._pool = upstream._sync_pool
         self._authority = upstream._authority
+        self._names: dict[str, bytes | None] = {}
+        """environ key -> lower-case header name to forward, or None (not a header, or one we handle)."""
 
     def __repr__(self) -> str:
         return f"<WSGI proxy to {self.upstream.url}>"
+
+    def _learn_name(self, key: str) -> bytes | None:
+        name: bytes | None = None
+        if key.startswith("HTTP_"):
+            text = key[5:].replace("_", "-").lower()
+            # Servers may also put the body headers under HTTP_; the CGI names are authoritative.
+            if text not in self._drop and not text.startswith("proxy-") and text != "content-type":
+                name = text.encode("latin-1")
+        elif key == "CONTENT_TYPE":
+            name = b"content-type"
+        if len(self._names) < _NAME_CACHE_MAX:
+            self._names[key] = name
+        return name
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD", "GET")
@@ -805,17 +880,10 @@ class _WSGIProxy(_Proxy):
             if cls is None:
                 raise
             return self._failed(cls, exc, environ, start_response, method, body)
-        headers_out: list[tuple[str, str]] = []
-        named: frozenset[bytes] | None = None
-        for name, value in response.headers:  # names as the upstream spelled them
-            lower = name.lower()
-            if lower in _RESPONSE_DROP:
-                if lower == b"connection":
-                    named = _connection_tokens(value.decode("latin-1"))
-                continue
-            headers_out.append((name.decode("latin-1"), value.decode("latin-1")))
-        if named:
-            headers_out = [h for h in headers_out if h[0].lower().encode("latin-1") not in named]
+        headers_out = [
+            (name.decode("latin-1"), value.decode("latin-1"))
+            for name, value in _response_headers(response.headers)
+        ]
         whole = response.body
         if whole is not None:
             # The whole body came with the head and the connection is already back in
@@ -832,7 +900,7 @@ class _WSGIProxy(_Proxy):
         return _WSGIBody(response, self.upstream._open)
 
     def _headers(self, environ: WSGIEnvironment) -> list[tuple[bytes, bytes]]:
-        names = _wsgi_names
+        names = self._names
         out: list[tuple[bytes, bytes]] = []
         append = out.append
         for key, value in environ.items():
@@ -840,7 +908,7 @@ class _WSGIProxy(_Proxy):
             if name is None:
                 continue
             if not name:
-                name = _learn_wsgi_name(key)
+                name = self._learn_name(key)
                 if name is None:
                     continue
             append((name, value.encode("latin-1")))
@@ -906,8 +974,6 @@ def _plain(start_response: StartResponse, status: str, text: bytes, method: str)
 
 
 # -- ASGI ------------------------------------------------------------------------
-# Request headers the ASGI proxy treats specially, by lower-case name.
-_ASGI_SPECIAL: Final = {name.encode(): name for name in (*_REQUEST_DROP, "cookie")}
 
 
 class _AsyncInput:
@@ -1081,10 +1147,16 @@ class _ASGIProxy(_Proxy):
         super().__init__(upstream)
         self.fallback = fallback
         self._authority = upstream._authority.encode("latin-1")
+        # Request headers treated specially (rewritten or dropped), by lower-case name.
+        self._special = {name.encode(): name for name in (*self._drop, "cookie")}
+        self._head_timeout = upstream.head_timeout
+        import anyio
         import httpcore
 
         self._Request = httpcore.Request
         self._URL = httpcore.URL
+        self._CancelScope = anyio.CancelScope
+        self._now = anyio.current_time
 
     def __repr__(self) -> str:
         return f"<ASGI proxy to {self.upstream.url}>"
@@ -1113,10 +1185,15 @@ class _ASGIProxy(_Proxy):
 
     def _headers(self, scope: Scope) -> tuple[list[tuple[bytes, bytes]], bytes | None]:
         """The headers to forward, and the client's Content-Length (None if it sent none)."""
-        special = _ASGI_SPECIAL
+        special = self._special
         out: list[tuple[bytes, bytes]] = []
         append = out.append
-        host = cookie = forwarded_for = via = connection = length = None
+        host = length = None
+        # Repeated fields are collected and joined once: linear however many a client sends.
+        cookies: list[bytes] = []
+        forwarded: list[bytes] = []
+        vias: list[bytes] = []
+        connection: list[bytes] = []
         for name, value in scope.get("headers", ()):
             which = special.get(name)
             if which is None:
@@ -1125,24 +1202,24 @@ class _ASGIProxy(_Proxy):
             elif which == "host":
                 host = value
             elif which == "cookie":
-                # See: RFC 9113 §8.2.3 (an HTTP/1.1 upstream wants one Cookie header)
-                cookie = value if cookie is None else cookie + b"; " + value
+                cookies.append(value)
             elif which == "x-forwarded-for":
-                forwarded_for = value if forwarded_for is None else forwarded_for + b", " + value
+                forwarded.append(value)
             elif which == "via":
-                via = value if via is None else via + b", " + value
+                vias.append(value)
             elif which == "connection":
-                connection = value if connection is None else connection + b", " + value
+                connection.append(value)
             elif which == "content-length":
                 length = value
-        if connection is not None:
-            named = _connection_tokens(connection.decode("latin-1"))
+        if connection:
+            named = _connection_tokens(b", ".join(connection).decode("latin-1"))
             if named:
                 out = [h for h in out if h[0] not in named]
                 if b"cookie" in named:
-                    cookie = None
-        if cookie is not None:
-            out.append((b"cookie", cookie))
+                    cookies = []
+        if cookies:
+            # See: RFC 9113 §8.2.3 (an HTTP/1.1 upstream wants one Cookie header)
+            out.append((b"cookie", b"; ".join(cookies)))
         if host is None:
             server = scope.get("server")
             if server:
@@ -1153,15 +1230,14 @@ class _ASGIProxy(_Proxy):
         out.append((b"host", host if self._preserve_host and host else self._authority))
         client = scope.get("client")
         if client:
-            address = str(client[0]).encode("latin-1")
-            forwarded_for = address if forwarded_for is None else forwarded_for + b", " + address
-        if forwarded_for is not None:
-            out.append((b"x-forwarded-for", forwarded_for))
+            forwarded.append(str(client[0]).encode("latin-1"))
+        if forwarded:
+            out.append((b"x-forwarded-for", b", ".join(forwarded)))
         out.append((b"x-forwarded-proto", b"https" if scope.get("scheme") == "https" else b"http"))
         if host:
             out.append((b"x-forwarded-host", host))
-        mine = f"{scope.get('http_version', '1.1')} {_VIA}".encode("latin-1")
-        out.append((b"via", mine if via is None else via + b", " + mine))
+        vias.append(f"{scope.get('http_version', '1.1')} {_VIA}".encode("latin-1"))
+        out.append((b"via", b", ".join(vias)))
         return out, length
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -1200,15 +1276,37 @@ class _ASGIProxy(_Proxy):
                 headers.append((b"content-length", length))
             else:
                 headers.append((b"transfer-encoding", b"chunked"))
+        extensions = self._extensions
+        head_timeout = self._head_timeout
+        head: anyio.CancelScope | None = None  # cut at the head deadline
+        if head_timeout is not None:
+            # httpcore's read timeout is per read and it skips any number of 1xx answers:
+            # a scope whose deadline starts once the request is out (a slow upload is the
+            # client's doing) bounds the whole head. Cancelling an anyio scope is safe
+            # here, unlike Task.cancel(): httpcore's cleanup shields hold against it.
+            head = self._CancelScope()
+            now = self._now
+
+            async def trace(event: str, info: object) -> None:
+                if event == "http11.receive_response_headers.started":
+                    head.deadline = now() + head_timeout
+
+            extensions = {**extensions, "trace": trace}
         request = self._Request(
             method,
             self._URL(scheme=self._scheme, host=self._host, port=self._port, target=target),
             headers=headers,
             content=body,
-            extensions=self._extensions,
+            extensions=extensions,
         )
         try:
-            response = await self.upstream._async_pool().handle_async_request(request)
+            if head is None:
+                response = await self.upstream._async_pool().handle_async_request(request)
+            else:
+                with head:
+                    response = await self.upstream._async_pool().handle_async_request(request)
+                if head.cancelled_caught:
+                    raise _HeadTimedOut("the upstream did not send its response head within the head timeout")
         except Exception as exc:
             if isinstance(exc, _IncompleteBody):
                 return  # the client went away while uploading; nobody is left to answer
@@ -1222,22 +1320,15 @@ class _ASGIProxy(_Proxy):
     async def _relay(self, response: httpcore.Response, method: str, receive: Receive, send: Send) -> None:
         status = response.status
         headers: list[tuple[bytes, bytes]] = []
-        named: frozenset[bytes] | None = None
         remaining: int | None = None
-        for name, value in response.headers:
+        for name, value in _response_headers(response.headers):
             lower = name.lower()
-            if lower in _RESPONSE_DROP:
-                if lower == b"connection":
-                    named = _connection_tokens(value.decode("latin-1"))
-                continue
             if lower == b"content-length":
                 try:
                     remaining = int(value)
                 except ValueError:
                     remaining = None
             headers.append((lower, value))
-        if named:
-            headers = [h for h in headers if h[0] not in named]
         if method == "HEAD" or status in _NO_BODY_STATUS or status < 200:
             remaining = 0
         open_ = self.upstream._open

@@ -10,6 +10,10 @@ The last path segment picks the behaviour; every request head is kept in ``heads
     close-before-response   reads the request, closes without answering
     reset-before-response   reads the request, resets
     delay?s=                answers after ``s`` seconds (or when the server stops)
+    te-and-cl?cl=           200, chunked "hello world" that also claims ``Content-Length: cl``
+    gzip-chunked            200 with ``Transfer-Encoding: gzip, chunked`` and a gzipped body
+    trickle?s=              a response head sent a header line every 50 ms, for ``s`` seconds
+    interim?n=&s=           ``n`` 100 Continue answers ``s`` seconds apart, then 200 "ok"
 
 :func:`blackhole` gives a loopback port whose accept queue is full, so a new
 connection attempt hangs until the client's connect timeout.
@@ -18,6 +22,7 @@ connection attempt hangs until the client's connect timeout.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import socket
 import struct
 import threading
@@ -126,6 +131,33 @@ class FaultServer:
             conn.shutdown(socket.SHUT_RDWR)
         elif name == "reset-before-response":
             _reset(conn)
+        elif name == "te-and-cl":
+            # See: RFC 9112 §6.3: chunked wins; a proxy must not pass the length on.
+            cl = query.get("cl", "2").encode()
+            conn.sendall(
+                ok + b"Content-Length: " + cl + b"\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+                b"6\r\nhello \r\n5\r\nworld\r\n0\r\n\r\n"
+            )
+        elif name == "gzip-chunked":
+            packed = gzip.compress(b"compressed body")
+            conn.sendall(
+                ok
+                + b"Transfer-Encoding: gzip, chunked\r\nConnection: close\r\n\r\n"
+                + b"%x\r\n%b\r\n0\r\n\r\n" % (len(packed), packed)
+            )
+        elif name == "trickle":
+            conn.sendall(b"HTTP/1.1 200 OK\r\n")
+            for i in range(int(float(query.get("s", "5")) / 0.05)):
+                if self._stop.wait(0.05):
+                    return
+                conn.sendall(b"X-Trickle-%d: %d\r\n" % (i, i))
+            conn.sendall(b"Content-Type: text/plain\r\nContent-Length: 4\r\nConnection: close\r\n\r\nlate")
+        elif name == "interim":
+            for _ in range(int(query.get("n", "1"))):
+                conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+                if self._stop.wait(float(query.get("s", "0"))):
+                    return
+            conn.sendall(ok + b"Content-Length: 2\r\nConnection: close\r\n\r\nok")
         elif name == "delay":
             if not self._stop.wait(float(query.get("s", "5"))):
                 conn.sendall(ok + b"Content-Length: 4\r\nConnection: close\r\n\r\nlate")
