@@ -238,7 +238,7 @@ def test_excluded_paths_are_never_routed_or_counted(kit: Kit, make_rollout: Make
 
 
 def test_forcing_with_the_secret_token(kit: Kit, make_rollout: MakeRollout) -> None:
-    rollout = make_rollout(0, force_token=TOKEN)
+    rollout = make_rollout(0, force_token=TOKEN, force_query=True)
     with kit.client(pair(kit, rollout)) as client:
         assert visit(client, headers={"x-canarymw-force": f"new:{TOKEN}"}).text == "new"
         assert visit(client, params={"canarymw_force": f"new:{TOKEN}"}).text == "new"

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from canarymw import Rollout
 from canarymw._cookie import find_values
+from canarymw._rollout import split_force_query
 
 KEY = "test-secret-key-0123456789abcdef"
 TOKEN = "force-token-0123456789"
@@ -58,6 +59,7 @@ def test_invalid_percent_is_rejected_with_a_sentence(bad: object) -> None:
         pytest.param({"cookie_max_age": 0}, "cookie_max_age", id="zero max age"),
         pytest.param({"exclude": ["health"]}, "exclude rule", id="relative exclude"),
         pytest.param({"cookie_path": "x"}, "cookie_path", id="bad path"),
+        pytest.param({"force_query": True}, "without a force_token", id="query form without token"),
     ],
 )
 def test_invalid_configuration_fails_at_construction(kwargs: dict[str, Any], match: str) -> None:
@@ -171,26 +173,50 @@ def test_allow_and_deny_lists() -> None:
 
 
 @pytest.mark.parametrize(
-    ("force", "query", "expected"),
+    ("force", "query", "force_query", "expected"),
     [
-        pytest.param(f"new:{TOKEN}", "", "new", id="header new"),
-        pytest.param(f"old:{TOKEN}", "", "old", id="header old"),
-        pytest.param(None, f"canarymw_force=new:{TOKEN}", "new", id="query"),
-        pytest.param("new", "", None, id="no token"),
-        pytest.param("new:wrong-token-0123456", "", None, id="wrong token"),
-        pytest.param(None, "canarymw_force=new", None, id="plain query"),
-        pytest.param(None, "canarymw=new", None, id="guessable query"),
-        pytest.param(f"blue:{TOKEN}", "", None, id="unknown variant"),
+        pytest.param(f"new:{TOKEN}", "", False, "new", id="header new"),
+        pytest.param(f"old:{TOKEN}", "", False, "old", id="header old"),
+        pytest.param(None, f"canarymw_force=new:{TOKEN}", True, "new", id="query"),
+        pytest.param(None, f"a=1&canarymw_force=new%3A{TOKEN}&b=2", True, "new", id="encoded query"),
+        pytest.param(None, f"canarymw_force=new:{TOKEN}", False, None, id="query form off"),
+        pytest.param(None, f"canarymw%5Fforce=new:{TOKEN}", True, None, id="encoded name"),
+        pytest.param("new", "", False, None, id="no token"),
+        pytest.param("new:wrong-token-0123456", "", False, None, id="wrong token"),
+        pytest.param(None, "canarymw_force=new", True, None, id="plain query"),
+        pytest.param(None, "canarymw=new", True, None, id="guessable query"),
+        pytest.param(f"blue:{TOKEN}", "", False, None, id="unknown variant"),
     ],
 )
-def test_forcing_needs_the_token(force: str | None, query: str, expected: str | None) -> None:
-    r = Rollout("r", percent=0, secret_key=KEY, force_token=TOKEN)
+def test_forcing_needs_the_token(
+    force: str | None, query: str, force_query: bool, expected: str | None
+) -> None:
+    r = Rollout("r", percent=0, secret_key=KEY, force_token=TOKEN, force_query=force_query)
     base = r.decide(None)
     d = r.decide(cookie_of(base), False, force, query)
     if expected is None:
         assert d.variant == "old" and d.reason == "bucket"
     else:
         assert d.variant == expected and d.reason == "forced"
+
+
+@pytest.mark.parametrize(
+    ("query", "values", "rest"),
+    [
+        pytest.param("", [], "", id="empty"),
+        pytest.param("a=1&b=2", [], "a=1&b=2", id="none"),
+        pytest.param("canarymw_force=new:x", ["new:x"], "", id="alone"),
+        pytest.param(
+            "a=1&canarymw_force=new%3Ax&b=%20&a=3", ["new:x"], "a=1&b=%20&a=3", id="kept byte for byte"
+        ),
+        pytest.param("canarymw_force=a&canarymw_force=b+c", ["a", "b c"], "", id="twice"),
+        pytest.param(
+            "xcanarymw_force=1&canarymw_forced=2", [], "xcanarymw_force=1&canarymw_forced=2", id="lookalikes"
+        ),
+    ],
+)
+def test_split_force_query(query: str, values: list[str], rest: str) -> None:
+    assert split_force_query(query) == (values, rest)
 
 
 def test_forcing_is_ignored_without_configured_token() -> None:

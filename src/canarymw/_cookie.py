@@ -53,18 +53,19 @@ def normalise_keys(secret_key: object, owner: str) -> list[bytes]:
     return out
 
 
-def find_values(header: str, name: str) -> list[str]:
-    """Return every value of cookie ``name`` in a ``Cookie`` header, in header order.
+def find_values(header: str, name: str, limit: int | None = None) -> list[str]:
+    """Return the values of cookie ``name`` in a ``Cookie`` header, in header order.
 
     Lenient and linear: other cookies are never parsed, so one malformed neighbour
     (which makes ``http.cookies.SimpleCookie`` drop everything) cannot hide ours.
     Values are cut at ``;`` or ``,`` (two headers joined by a comma), stripped of
-    blanks and optional double quotes. See: RFC 6265 §5.4 (order), §4.1.1 (syntax).
+    blanks and optional double quotes. At most ``limit`` values are returned (all if
+    None), and the search stops there. See: RFC 6265 §5.4 (order), §4.1.1 (syntax).
     """
     needle = name + "="
     out: list[str] = []
     start = header.find(needle)
-    while start != -1:
+    while start != -1 and len(out) != limit:
         if start == 0 or header[start - 1] in " ;,\t":
             begin = start + len(needle)
             end = len(header)

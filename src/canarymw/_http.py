@@ -1,4 +1,4 @@
-"""Response header edits shared by the WSGI and ASGI adapters (str or bytes headers)."""
+"""Header rules shared by the WSGI and ASGI adapters and proxies (str or bytes headers)."""
 
 from __future__ import annotations
 
@@ -24,6 +24,18 @@ def check_adapter_args(
         raise ValueError(
             f"{owner} got cache_control={cache_control!r}; use an ASCII directive such as 'private', or None."
         )
+
+
+def joined_cookie(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
+    """The ASGI request's ``cookie`` headers joined with ``"; "``, or None if it has none.
+
+    One join, linear however many headers there are.
+    See: RFC 9113 §8.2.3 (HTTP/2 splits cookies; rejoin with "; ")
+    """
+    values = [value for name, value in headers if name == b"cookie"]
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else b"; ".join(values)
 
 
 def caching_headers(

@@ -10,12 +10,14 @@ import re
 import threading
 import weakref
 from collections.abc import Callable, Iterable
+from itertools import islice
 from time import time as _time
-from typing import Any, Literal, NamedTuple
-from urllib.parse import parse_qsl
+from typing import Any, Literal, NamedTuple, TypeVar
+from urllib.parse import unquote_plus
 
 from ._bucketing import BUCKETS, bucketer
 from ._cookie import (
+    MAX_VALUE_LENGTH,
     CookieCodec,
     find_values,
     new_ids,
@@ -31,8 +33,20 @@ KeyFunc = Callable[[Any], "str | int | None"]
 log = logging.getLogger("canarymw")
 
 _CACHE_SIZE = 20_000
-# A cohort value is verified once, then served from this cache; the cap bounds memory
-# under a flood of distinct forged values (each costs one HMAC, then is forgotten).
+_CACHE_CHARS = 4 << 20
+_HEADER_KEY_MAX = 4096
+# Caches of what a client sends are bounded in entries and in key characters, so memory
+# stays bounded whatever the header sizes: each of the three caches of a rollout holds at
+# most _CACHE_CHARS key characters. Whole Cookie headers longer than _HEADER_KEY_MAX are
+# not cached at all; their cohort value still is.
+_MAX_CHECKS = 2
+# Cohort values (and query force tokens) checked per request: a header stuffed with
+# hundreds of forged values costs at most this many HMAC checks. Browsers send the most
+# specific cookie first. See: RFC 6265 §5.4 (cookie order).
+FORCE_HEADER = "x-canarymw-force"
+"""The request header that forces a variant: ``X-Canarymw-Force: new:<token>``."""
+FORCE_PARAM = "canarymw_force="
+"""The query field that forces a variant when ``force_query`` is on (with its ``=``)."""
 _FRESH_BATCH = 64
 # First visits take ids made, hashed and signed ahead in batches: in one tight loop each
 # costs a fraction of what it costs cold between two requests of a web app.
@@ -78,6 +92,47 @@ class Decision(NamedTuple):
     def is_new(self) -> bool:
         """True when the request goes to the new implementation."""
         return self.variant == "new"
+
+
+V = TypeVar("V")
+
+
+class _Cache(dict[str, V]):
+    """A dict bounded in entries and in key characters that evicts its oldest eighth.
+
+    A flood of new keys (forged or farmed cookies, junk neighbour cookies) only ever
+    pushes out the oldest entries, never the whole cache at once; a miss costs the
+    client a re-check, never correctness. Reads are plain ``dict.get``; writes go
+    through :meth:`put` under a lock.
+    """
+
+    __slots__ = ("_chars", "_lock", "max_chars", "max_items", "max_key")
+
+    def __init__(self, max_items: int, max_chars: int, max_key: int) -> None:
+        super().__init__()
+        self.max_items = max_items
+        self.max_chars = max_chars
+        self.max_key = max_key
+        self._chars = 0
+        self._lock = threading.Lock()
+
+    def put(self, key: str, value: V) -> None:
+        size = len(key)
+        if size > self.max_key:
+            return
+        with self._lock:
+            if self.pop(key, None) is None:
+                self._chars += size
+            self[key] = value  # (re)inserted last: recently used entries go last
+            while len(self) > self.max_items or self._chars > self.max_chars:
+                for old in list(islice(self, max(1, len(self) // 8))):
+                    del self[old]
+                    self._chars -= len(old)
+
+    def clear(self) -> None:
+        with self._lock:
+            super().clear()
+            self._chars = 0
 
 
 class _Entry:
@@ -126,6 +181,23 @@ class _PathMatcher:
         )
 
 
+def split_force_query(query: str) -> tuple[list[str], str]:
+    """Split the ``canarymw_force`` fields off a query string: ``(values, the rest)``.
+
+    The rest keeps every other field byte for byte, so the adapters can hand the app
+    (and an upstream) the query without the token. Only the literal field name counts,
+    for forcing and for removal alike.
+    """
+    values: list[str] = []
+    kept: list[str] = []
+    for field in query.split("&"):
+        if field.startswith(FORCE_PARAM):
+            values.append(unquote_plus(field[len(FORCE_PARAM) :]))
+        else:
+            kept.append(field)
+    return values, "&".join(kept)
+
+
 def _check_percent(value: object, owner: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(
@@ -161,8 +233,13 @@ class Rollout:
             ``0 < percent``.
         deny: Cohort keys always kept on ``old`` while ``percent < 100``.
         force_token: Secret enabling a per-request override: header
-            ``X-Canarymw-Force: new:<token>`` or query ``canarymw_force=new:<token>``
-            (``old`` works too). Without the token nobody can choose a variant.
+            ``X-Canarymw-Force: new:<token>`` (``old`` works too). Without the token
+            nobody can choose a variant. The adapters remove the header (and any
+            ``canarymw_force`` query field) before the app or an upstream sees the
+            request, so the token never reaches their logs.
+        force_query: Also accept the token in the query, ``?canarymw_force=new:<token>``.
+            Off by default: a token in a URL lands in browser history, in the access
+            logs of every server in front of this one and in ``Referer`` headers.
         exclude: Paths that are never routed, never get a cookie and never count
             (health checks, static files, metrics). ``"/static"`` covers ``/static``
             and everything below it; a compiled regex is matched against the path.
@@ -189,6 +266,7 @@ class Rollout:
         allow: Iterable[str] = (),
         deny: Iterable[str] = (),
         force_token: str | None = None,
+        force_query: bool = False,
         exclude: Iterable[str | re.Pattern[str]] = (),
         cookie_name: str = "canarymw",
         cookie_max_age: int | None = 30 * 24 * 3600,
@@ -216,6 +294,10 @@ class Rollout:
                 f"{owner} needs force_token to be a string of at least 16 characters, "
                 "so that nobody can guess their way into a variant."
             )
+        if not isinstance(force_query, bool):
+            raise TypeError(f"{owner} got force_query={force_query!r}; pass True or False.")
+        if force_query and force_token is None:
+            raise ValueError(f"{owner} sets force_query without a force_token; set both or neither.")
         validate_cookie_settings(owner, cookie_name, cookie_samesite, cookie_secure, cookie_max_age)
         if not isinstance(cookie_path, str) or not cookie_path.startswith("/"):
             raise ValueError(f"{owner} got cookie_path {cookie_path!r}; it must start with '/'.")
@@ -230,6 +312,7 @@ class Rollout:
         self.allow = frozenset(str(k) for k in allow)
         self.deny = frozenset(str(k) for k in deny)
         self.force_token = force_token
+        self.force_query = force_query
         self.is_excluded = _PathMatcher(exclude, owner)
         self.cookie_name = cookie_name
         self.cookie_max_age = cookie_max_age
@@ -244,9 +327,11 @@ class Rollout:
         self._fresh_until = 0.0
         self._fresh_ttl = min(60.0, self._refresh_after / 8)
         _live.add(self)
-        self._seen: dict[str, _Entry] = {}
-        self._by_header: dict[str, _Entry] = {}
-        self._keys: dict[str, int] = {}
+        # Cohort value -> entry (verified once); whole Cookie header -> entry (the
+        # returning visitor's one dict lookup); user key -> bucket.
+        self._seen: _Cache[_Entry] = _Cache(_CACHE_SIZE, _CACHE_CHARS, MAX_VALUE_LENGTH)
+        self._by_header: _Cache[_Entry] = _Cache(_CACHE_SIZE, _CACHE_CHARS, _HEADER_KEY_MAX)
+        self._keys: _Cache[int] = _Cache(_CACHE_SIZE, _CACHE_CHARS, _HEADER_KEY_MAX)
         self.counters: dict[str, int] = dict.fromkeys(
             ("assigned", "cookie_rejected", "cookie_reissued", "key_errors", "forced", "exposure_errors"), 0
         )
@@ -314,8 +399,8 @@ class Rollout:
             cookie_header: The request's ``Cookie`` header (several joined by ``"; "``).
             https: Whether the request came over https (sets ``Secure`` when auto).
             force: The ``X-Canarymw-Force`` header value, if any.
-            query: The raw query string, searched for ``canarymw_force`` only when a
-                ``force_token`` is configured.
+            query: The raw query string, searched for ``canarymw_force`` only when
+                ``force_token`` and ``force_query`` are configured.
             request: The WSGI environ or ASGI scope, handed to the ``key`` callable.
         """
         if cookie_header and self.key is None and (self.force_token is None or not (force or query)):
@@ -346,10 +431,8 @@ class Rollout:
                     decision = Decision(self.name, variant, reason, entry.id, entry.bucket)
                     entry.decision, entry.gen = decision, gen
                 if self.key is None:
-                    if len(self._by_header) >= _CACHE_SIZE:
-                        self._by_header.clear()
-                    self._by_header[cookie_header] = entry  # type: ignore[index]
-        if self.force_token is not None and (force or "canarymw_force=" in query):
+                    self._by_header.put(cookie_header, entry)  # type: ignore[arg-type]
+        if self.force_token is not None and (force or (self.force_query and FORCE_PARAM in query)):
             forced = self._forced(force, query)
             if forced is not None:
                 self._count("forced")
@@ -382,9 +465,7 @@ class Rollout:
         bkt = self._keys.get(user)
         if bkt is None:
             bkt = self.bucket_of(user)
-            if len(self._keys) >= _CACHE_SIZE:
-                self._keys.clear()
-            self._keys[user] = bkt
+            self._keys.put(user, bkt)
             variant, reason = self._choose(user, bkt)
             decision = Decision(self.name, variant, reason, user, bkt)
             if self.on_exposure is not None:
@@ -394,20 +475,25 @@ class Rollout:
         return Decision(self.name, variant, reason, user, bkt)
 
     def _lookup(self, header: str) -> _Entry | None:
-        for value in find_values(header, self.cookie_name):
+        # The first verifying value of the first _MAX_CHECKS wins; one rejection
+        # is counted per request, however many forged values it carried.
+        rejected = False
+        entry = None
+        for value in find_values(header, self.cookie_name, _MAX_CHECKS):
             entry = self._seen.get(value)
             if entry is None:
                 verified = self._codec.verify(value)
                 if verified is None:
-                    self._count("cookie_rejected")
+                    rejected = True
                     continue
                 cid, issued, newest = verified
                 entry = _Entry(cid, self.bucket_of(cid), issued + self._refresh_after if newest else 0.0)
-                if len(self._seen) >= _CACHE_SIZE:
-                    self._seen.clear()
-                self._seen[value] = entry
-            return entry
-        return None
+            # Put back last (also on a hit): a visitor who keeps coming back outlives a flood.
+            self._seen.put(value, entry)
+            break
+        if rejected:
+            self._count("cookie_rejected")
+        return entry
 
     def _attributes(self, https: bool) -> tuple[str, str, str]:
         secure = https if self.cookie_secure is None else self.cookie_secure
@@ -476,11 +562,8 @@ class Rollout:
 
     def _forced(self, header: str | None, query: str) -> Variant | None:
         candidates = [header] if header else []
-        if "canarymw_force=" in query:
-            try:
-                candidates += [v for k, v in parse_qsl(query, max_num_fields=64) if k == "canarymw_force"]
-            except ValueError:
-                pass
+        if self.force_query and FORCE_PARAM in query:
+            candidates += split_force_query(query)[0][:_MAX_CHECKS]
         token = self.force_token
         assert token is not None
         for raw in candidates:

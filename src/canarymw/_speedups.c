@@ -175,35 +175,65 @@ hand_over(PyObject *mw, PyObject *fields)
     return 0;
 }
 
-/* Recording an outcome raised. As in Python: an Exception is counted (sink_failed);
- * anything else is not ours to swallow, but recording must not raise, so it is
- * reported as unraisable. Nothing stays pending. */
-static void
+/* Recording an outcome raised (pending). As in Python (_outcomes.deliver): an
+ * Exception is a failing sink, counted by sink_failed and cleared: 0. Anything else
+ * (KeyboardInterrupt, SystemExit, cancellation) is not the sink's to swallow and stays
+ * pending: -1. */
+static int
 outcome_failed(PyObject *mw)
 {
     PyObject *t2, *v2, *tb2, *res;
+    if (!PyErr_ExceptionMatches(PyExc_Exception))
+        return -1;
     PyErr_Fetch(&t2, &v2, &tb2);
     PyErr_NormalizeException(&t2, &v2, &tb2);
-    if (v2 != NULL && tb2 != NULL)
+    if (tb2 != NULL)
         PyException_SetTraceback(v2, tb2);
-    if (v2 != NULL && PyObject_IsInstance(v2, PyExc_Exception) == 1) {
-        res = PyObject_CallFunctionObjArgs(sink_failed, mw, v2, NULL);
-        if (res == NULL)
-            PyErr_WriteUnraisable(mw);
-        Py_XDECREF(res);
-    }
-    else if (t2 != NULL) {
-        PyErr_Restore(t2, v2, tb2);
-        t2 = v2 = tb2 = NULL;
+    res = PyObject_CallFunctionObjArgs(sink_failed, mw, v2, NULL);
+    if (res == NULL)
         PyErr_WriteUnraisable(mw);
-    }
+    Py_XDECREF(res);
     Py_XDECREF(t2);
     Py_XDECREF(v2);
     Py_XDECREF(tb2);
+    return 0;
 }
 
-/* Record the outcome once. Never raises: a failing sink is counted by sink_failed. */
-static void
+/* End an outcome's recording: (type, value, tb), the exception that was pending when it
+ * began (stolen; may be NULL), is pending again, unless recording itself left one
+ * pending (a sink's BaseException), which then propagates in its place with it as its
+ * __context__, as when Python code raises in an except block. -1 in that case. */
+static int
+outcome_done(PyObject *type, PyObject *value, PyObject *tb)
+{
+    PyObject *t2, *v2, *tb2;
+    if (!PyErr_Occurred()) {
+        PyErr_Restore(type, value, tb);
+        return 0;
+    }
+    if (type == NULL)
+        return -1;
+    PyErr_Fetch(&t2, &v2, &tb2);
+    PyErr_NormalizeException(&t2, &v2, &tb2);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (tb != NULL)
+        PyException_SetTraceback(value, tb);
+    if (v2 != NULL && value != NULL && v2 != value) {
+        PyObject *context = PyException_GetContext(v2);
+        if (context == NULL)
+            PyException_SetContext(v2, Py_NewRef(value));
+        Py_XDECREF(context);
+    }
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(tb);
+    PyErr_Restore(t2, v2, tb2);
+    return -1;
+}
+
+/* Record the outcome once. A failing sink is counted by sink_failed; -1 only when a
+ * sink raised something other than an Exception, which is then pending. */
+static int
 finish(Response *self)
 {
     PyObject *mw = self->mw, *record = NULL, *error = NULL, *method = NULL, *route = NULL,
@@ -213,7 +243,7 @@ finish(Response *self)
     int split_only, disconnected;
 
     if (self->finished || mw == NULL || self->environ == NULL || self->decision == NULL)
-        return;
+        return 0;
     self->finished = 1;
     /* Keep the exception being raised (if any) while the outcome is recorded. */
     PyErr_Fetch(&type, &value, &tb);
@@ -305,7 +335,7 @@ done:
     Py_XDECREF(rollout);
     Py_XDECREF(variant);
     Py_XDECREF(fields);
-    PyErr_Restore(type, value, tb);
+    return outcome_done(type, value, tb);
 }
 
 /* ASCII case-insensitive: is name "vary" or "cache-control"? (No other str lowers to
@@ -491,7 +521,8 @@ Response_close(Response *self, PyObject *Py_UNUSED(ignored))
         goto raised;
     Py_DECREF(res);
     Py_DECREF(inner);
-    finish(self);
+    if (finish(self) < 0)
+        return NULL;
     Py_RETURN_NONE;
 raised:
     Py_DECREF(inner);
@@ -580,7 +611,7 @@ static PyTypeObject ResponseType = {
 
 static PyObject *s_type, *s_body_kind, *s_start_kind, *s_more_body, *s_headers, *s_status, *s_trailers,
     *s_throw, *s_decide, *s_pick, *s_old_app, *s_decision_key, *s_method, *s_route, *s_path, *s_new,
-    *s_disconnect_kind, *b_set_cookie, *b_cookie_sep;
+    *s_disconnect_kind, *b_set_cookie;
 static PyObject *py_send;   /* asgi._Exchange.send */
 static PyObject *wall_time; /* time.time */
 
@@ -644,16 +675,17 @@ wall_now(double *out)
     return (*out == -1.0 && PyErr_Occurred()) ? -1 : 0;
 }
 
-/* Record the outcome once (ASGICanaryMiddleware._outcome); never raises, and the
- * pending exception, if any, stays pending. */
-static void
+/* Record the outcome once (ASGICanaryMiddleware._outcome); the pending exception, if
+ * any, stays pending. -1 only when a sink raised something other than an Exception,
+ * which is then pending instead (see outcome_done). */
+static int
 exchange_finish(Exchange *x, PyObject *error, int disconnected, double at)
 {
     PyObject *mw = x->mw, *scope = x->scope, *record = NULL, *route = NULL, *err = NULL, *method = NULL,
              *rollout = NULL, *variant = NULL, *fields = NULL, *type, *value, *tb;
     x->done = 1;
     if (mw == NULL || scope == NULL || x->decision == NULL)
-        return;
+        return 0;
     PyErr_Fetch(&type, &value, &tb);
     record = PyObject_GetAttr(mw, s_record);
     if (record == NULL)
@@ -719,7 +751,7 @@ done:
     Py_XDECREF(rollout);
     Py_XDECREF(variant);
     Py_XDECREF(fields);
-    PyErr_Restore(type, value, tb);
+    return outcome_done(type, value, tb);
 }
 
 /* Now; the start of the request if the clock fails (reported, never raised), so an
@@ -743,11 +775,10 @@ end_or_now(Exchange *x)
 }
 
 /* The app returned: the outcome, unless a disconnect already recorded it. */
-static void
+static int
 exchange_returned(Exchange *x)
 {
-    if (!x->done)
-        exchange_finish(x, NULL, 0, end_or_now(x));
+    return x->done ? 0 : exchange_finish(x, NULL, 0, end_or_now(x));
 }
 
 /* The app raised (the exception is pending and stays so): an Exception is recorded by
@@ -758,15 +789,17 @@ exchange_raised(Exchange *x)
 {
     PyObject *name = NULL, *type, *value, *tb;
     int error;
+    double at;
     if (x->done)
         return;
     error = PyErr_ExceptionMatches(PyExc_Exception);
     if (error)
         name = pending_error_name();
     PyErr_Fetch(&type, &value, &tb); /* nothing pending while the clock is read */
-    exchange_finish(x, name, error ? 0 : !x->ended, end_or_now(x));
-    Py_XDECREF(name);
+    at = end_or_now(x);
     PyErr_Restore(type, value, tb);
+    exchange_finish(x, name, error ? 0 : !x->ended, at);
+    Py_XDECREF(name);
 }
 
 /* A send that raised OSError (pending, stays so): the client is gone. */
@@ -774,11 +807,13 @@ static void
 record_disconnect(Exchange *x)
 {
     PyObject *type, *value, *tb;
+    double at;
     if (x->done)
         return;
     PyErr_Fetch(&type, &value, &tb);
-    exchange_finish(x, NULL, 1, now_or_started(x));
+    at = now_or_started(x);
     PyErr_Restore(type, value, tb);
+    exchange_finish(x, NULL, 1, at);
 }
 
 /* The iterator to drive for an awaitable (coroutines directly, no wrapper); steals aw. */
@@ -931,7 +966,10 @@ Awaiter_complete(Awaiter *self, PyObject *res)
                     Py_DECREF(res);
                     return NULL;
                 }
-                exchange_finish(x, NULL, 1, t);
+                if (exchange_finish(x, NULL, 1, t) < 0) {
+                    Py_DECREF(res);
+                    return NULL;
+                }
             }
         }
         return res;
@@ -1255,7 +1293,10 @@ Exchange_am_send(PyObject *op, PyObject *value, PyObject **result)
     Py_DECREF(it);
     if (r == PYGEN_RETURN) {
         Py_DECREF(res);
-        exchange_returned(x);
+        if (exchange_returned(x) < 0) {
+            *result = NULL;
+            return PYGEN_ERROR;
+        }
         *result = Py_NewRef(Py_None);
         return PYGEN_RETURN;
     }
@@ -1282,8 +1323,8 @@ Exchange_throw(Exchange *x, PyObject *args)
     res = take_stop_value();
     if (res != NULL) {
         Py_DECREF(res);
-        exchange_returned(x);
-        PyErr_SetNone(PyExc_StopIteration);
+        if (exchange_returned(x) == 0)
+            PyErr_SetNone(PyExc_StopIteration);
         return NULL;
     }
     exchange_raised(x);
@@ -1305,8 +1346,8 @@ Exchange_close(Exchange *x, PyObject *Py_UNUSED(ignored))
     }
     Py_DECREF(res);
     /* As a coroutine closed while awaiting: GeneratorExit, not an Exception. */
-    if (!x->done)
-        exchange_finish(x, NULL, !x->ended, end_or_now(x));
+    if (!x->done && exchange_finish(x, NULL, !x->ended, end_or_now(x)) < 0)
+        return NULL;
     Py_RETURN_NONE;
 }
 
@@ -1325,7 +1366,8 @@ Exchange_finish_method(Exchange *x, PyObject *const *args, Py_ssize_t nargs)
     at = PyFloat_AsDouble(args[2]);
     if (at == -1.0 && PyErr_Occurred())
         return NULL;
-    exchange_finish(x, args[0], disconnected, at);
+    if (exchange_finish(x, args[0], disconnected, at) < 0)
+        return NULL;
     Py_RETURN_NONE;
 }
 
@@ -1407,12 +1449,15 @@ static PyTypeObject ExchangeType = {
 
 /* The joined Cookie header of a list or tuple of (bytes, bytes) tuples: a new
  * reference; NULL with an exception on error, or without one when there is no cookie
- * header or the headers have another shape (the caller then lets _decide read them). */
+ * header or the headers have another shape (the caller then lets _decide read them).
+ * Joined in one allocation: linear however many cookie headers there are.
+ * See: RFC 9113 §8.2.3 (HTTP/2 splits cookies; rejoin with "; ") */
 static PyObject *
 cookie_of(PyObject *headers)
 {
-    PyObject *cookie = NULL, **items;
-    Py_ssize_t n;
+    PyObject *first = NULL, *out, **items;
+    Py_ssize_t n, count = 0, size = 0;
+    char *p;
     if (PyList_CheckExact(headers)) {
         n = PyList_GET_SIZE(headers);
         items = ((PyListObject *)headers)->ob_item;
@@ -1427,31 +1472,40 @@ cookie_of(PyObject *headers)
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *item = items[i], *name, *value;
         if (!PyTuple_CheckExact(item) || PyTuple_GET_SIZE(item) != 2)
-            goto other;
+            return NULL;
         name = PyTuple_GET_ITEM(item, 0);
         if (!PyBytes_CheckExact(name))
-            goto other;
+            return NULL;
         if (PyBytes_GET_SIZE(name) != 6 || memcmp(PyBytes_AS_STRING(name), "cookie", 6) != 0)
             continue;
         value = PyTuple_GET_ITEM(item, 1);
         if (!PyBytes_CheckExact(value))
-            goto other;
-        if (cookie == NULL) {
-            cookie = Py_NewRef(value);
-        }
-        else {
-            /* See: RFC 9113 §8.2.3 (HTTP/2 splits cookies; rejoin with "; ") */
-            PyBytes_Concat(&cookie, b_cookie_sep);
-            if (cookie != NULL)
-                PyBytes_Concat(&cookie, value);
-            if (cookie == NULL)
-                return NULL;
-        }
+            return NULL;
+        if (count++ == 0)
+            first = value;
+        size += PyBytes_GET_SIZE(value) + 2;
     }
-    return cookie;
-other:
-    Py_XDECREF(cookie);
-    return NULL;
+    if (count <= 1)
+        return first == NULL ? NULL : Py_NewRef(first);
+    /* No Python code ran since the first pass: the same items, all well formed. */
+    out = PyBytes_FromStringAndSize(NULL, size - 2);
+    if (out == NULL)
+        return NULL;
+    p = PyBytes_AS_STRING(out);
+    count = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *name = PyTuple_GET_ITEM(items[i], 0), *value;
+        if (PyBytes_GET_SIZE(name) != 6 || memcmp(PyBytes_AS_STRING(name), "cookie", 6) != 0)
+            continue;
+        value = PyTuple_GET_ITEM(items[i], 1);
+        if (count++ > 0) {
+            memcpy(p, "; ", 2);
+            p += 2;
+        }
+        memcpy(p, PyBytes_AS_STRING(value), (size_t)PyBytes_GET_SIZE(value));
+        p += PyBytes_GET_SIZE(value);
+    }
+    return out;
 }
 
 /* Headers given as another iterable than a list or tuple (a generator, say) become a
@@ -1811,7 +1865,7 @@ PyInit__speedups(void)
     INTERN(s_path, "path");
     INTERN(s_new, "new");
     INTERN(s_disconnect_kind, "http.disconnect");
-    if ((b_set_cookie = PyBytes_FromString("set-cookie")) == NULL || (b_cookie_sep = PyBytes_FromString("; ")) == NULL)
+    if ((b_set_cookie = PyBytes_FromString("set-cookie")) == NULL)
         return NULL;
     if (PyType_Ready(&ResponseType) < 0 || PyType_Ready(&SenderType) < 0 || PyType_Ready(&ReceiverType) < 0
         || PyType_Ready(&AwaiterType) < 0 || PyType_Ready(&ExchangeType) < 0 || PyType_Ready(&RouterType) < 0)

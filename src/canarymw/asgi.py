@@ -88,9 +88,9 @@ import traceback
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
 from typing import Any, Literal, Protocol, TypeVar, cast
 
-from ._http import check_adapter_args, finish_headers
+from ._http import check_adapter_args, finish_headers, joined_cookie
 from ._outcomes import Sink, as_sink, deliver, direct_queue
-from ._rollout import Decision, Rollout
+from ._rollout import FORCE_HEADER, FORCE_PARAM, Decision, Rollout, split_force_query
 from .sinks import background_sinks
 from .upstream import Upstream
 from .wsgi import accelerated
@@ -112,6 +112,7 @@ _perf = time.perf_counter
 _wall = time.time
 _NAMES = (b"vary", b"cache-control", b"set-cookie")
 _SECURE = ("https", "wss")
+_FORCE = FORCE_HEADER.encode("ascii")
 _new_exchange = object.__new__
 # The compiled HTTP request path (canarymw._speedups.Router): __call__ and _Exchange
 # in C for the common case. None: the Python code below serves every request.
@@ -270,21 +271,20 @@ class ASGICanaryMiddleware:
     def _decide(self, scope: Scope) -> Decision:
         """Decide from the request or handshake headers, in one pass over ``scope["headers"]``."""
         rollout = self.rollout
-        cookie: bytes | None = None
+        headers = scope.get("headers", ())
+        cookie = joined_cookie(headers)
         force: str | None = None
         query = ""
-        if rollout.force_token is None:
-            for name, value in scope.get("headers", ()):
-                if name == b"cookie":
-                    # See: RFC 9113 §8.2.3 (HTTP/2 splits cookies; rejoin with "; ")
-                    cookie = value if cookie is None else cookie + b"; " + value
-        else:
-            for name, value in scope.get("headers", ()):
-                if name == b"cookie":
-                    cookie = value if cookie is None else cookie + b"; " + value
-                elif name == b"x-canarymw-force":
-                    force = value.decode("latin-1")
+        if rollout.force_token is not None:
+            # Read, then removed from our scope copy: the token never reaches the app,
+            # an upstream or their logs.
+            forced = [value for name, value in headers if name == _FORCE]
+            if forced:
+                force = forced[0].decode("latin-1")
+                scope["headers"] = [h for h in headers if h[0] != _FORCE]
             query = scope.get("query_string", b"").decode("latin-1")
+            if FORCE_PARAM in query:
+                scope["query_string"] = split_force_query(query)[1].encode("latin-1")
         # On the fast path __call__ just consulted the cache (or there is no cookie).
         return (rollout._decide_uncached if self._fast else rollout.decide)(
             None if cookie is None else cookie.decode("latin-1"),
@@ -397,10 +397,7 @@ class ASGICanaryMiddleware:
         decision = None
         if self._fast:
             # A returning visitor: one pass for the cookie, one dict lookup, no parsing.
-            cookie_header: bytes | None = None
-            for name, value in headers:
-                if name == b"cookie":
-                    cookie_header = value if cookie_header is None else cookie_header + b"; " + value
+            cookie_header = joined_cookie(headers)
             if cookie_header is not None:
                 decision = self.rollout.cached(cookie_header.decode("latin-1"))
         if decision is None:

@@ -30,6 +30,7 @@ Configuration (used when no :class:`~canarymw.Rollout` is passed in)::
     CANARYMW_EXCLUDE        paths never routed (default: [app.static_url_path])
     CANARYMW_COOKIE_NAME    cohort cookie name (default "canarymw")
     CANARYMW_FORCE_TOKEN    secret enabling per-request forcing (default None)
+    CANARYMW_FORCE_QUERY    also accept the token in the query (default False)
     CANARYMW_CACHE_CONTROL  directive for routed responses (default "private")
     CANARYMW_RECORD         "split" or "all" (default "split")
 
@@ -206,4 +207,5 @@ def _rollout_from_config(app: Flask) -> Rollout:
         exclude=exclude,
         cookie_name=cfg.get("CANARYMW_COOKIE_NAME", "canarymw"),
         force_token=cfg.get("CANARYMW_FORCE_TOKEN"),
+        force_query=cfg.get("CANARYMW_FORCE_QUERY", False),
     )

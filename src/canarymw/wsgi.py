@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._http import check_adapter_args, finish_headers
 from ._outcomes import _BATCH, MemorySink, Sink, as_sink, deliver, direct_queue
-from ._rollout import Decision, Rollout
+from ._rollout import FORCE_HEADER, FORCE_PARAM, Decision, Rollout, split_force_query
 from .upstream import Upstream
 
 if TYPE_CHECKING:
@@ -45,6 +45,7 @@ _WATCHED = frozenset(("vary", "cache-control"))
 _perf = time.perf_counter
 _wall = time.time
 _new_response = object.__new__
+_FORCE = "HTTP_" + FORCE_HEADER.upper().replace("-", "_")
 _codes: dict[str, int] = {}  # status line -> code: most apps send a handful of them
 
 
@@ -123,10 +124,12 @@ class WSGICanaryMiddleware:
             decision = (rollout._decide_uncached if self._fast else rollout.decide)(
                 cookie,
                 environ.get("wsgi.url_scheme") == "https",
-                environ.get("HTTP_X_CANARYMW_FORCE"),
+                environ.get(_FORCE),
                 environ.get("QUERY_STRING", ""),
                 environ,
             )
+        if not self._fast and rollout.force_token is not None:
+            _drop_force(environ)
         environ["canarymw.decision"] = decision
         return _respond(
             self,
@@ -254,6 +257,17 @@ class _Response:
             None,
         )
         deliver(mw, fields)
+
+
+def _drop_force(environ: WSGIEnvironment) -> None:
+    # The force token never reaches the app or an upstream (nor their logs).
+    environ.pop(_FORCE, None)
+    for key in ("QUERY_STRING", "RAW_URI", "REQUEST_URI"):
+        value = environ.get(key)
+        if value and FORCE_PARAM in value:
+            head, mark, query = value.partition("?") if key != "QUERY_STRING" else ("", "", value)
+            rest = split_force_query(query)[1]
+            environ[key] = head + (mark if rest else "") + rest
 
 
 def _parse_status(line: str) -> int | None:
