@@ -13,7 +13,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from canarymw import _h1
+from canarymw.upstream import _h1
 
 Script = Callable[[socket.socket, int], None]
 """Serves one accepted connection; gets the connection's index."""

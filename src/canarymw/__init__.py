@@ -20,6 +20,9 @@ Integrations and optional sinks live in submodules that import their dependency:
 ``canarymw.upstream`` holds the upstream exceptions (httpx is imported only when used).
 """
 
+from typing import TYPE_CHECKING as _TYPE_CHECKING
+from typing import Any as _Any
+
 from ._background import BackgroundSink
 from ._bucketing import BUCKETS, bucket
 from ._outcomes import FanoutSink, LoggingSink, MemorySink, Outcome, Sink, VariantStats
@@ -27,8 +30,10 @@ from ._rollout import Decision, Rollout
 from ._version import __version__
 from .asgi import ASGICanaryMiddleware
 from .sinks import CallableSink
-from .upstream import Upstream
 from .wsgi import WSGICanaryMiddleware
+
+if _TYPE_CHECKING:
+    from .upstream import Upstream
 
 __all__ = [
     "BUCKETS",
@@ -48,3 +53,18 @@ __all__ = [
     "__version__",
     "bucket",
 ]
+
+
+for _name in __all__:
+    # Public names are documented, pickled and shown as canarymw.Name, wherever they live.
+    if _name in globals() and hasattr(globals()[_name], "__module__"):
+        globals()[_name].__module__ = __name__
+
+
+def __getattr__(name: str) -> _Any:
+    # The proxy (and its HTTP client) loads on first use, not with the package.
+    if name == "Upstream":
+        from .upstream import Upstream
+
+        return Upstream
+    raise AttributeError(f"module 'canarymw' has no attribute {name!r}")

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable
-from typing import TypeVar
+from typing import Any, Literal, TypeVar
 
 T = TypeVar("T", str, bytes)
 
@@ -24,6 +25,21 @@ def check_adapter_args(
         raise ValueError(
             f"{owner} got cache_control={cache_control!r}; use an ASCII directive such as 'private', or None."
         )
+
+
+def resolve_upstreams(old: Any, new: Any, protocol: Literal["wsgi", "asgi"]) -> tuple[Any, Any]:
+    """``old`` and ``new`` with each :class:`~canarymw.Upstream` turned into its proxy app.
+
+    An Upstream can exist only once ``canarymw.upstream`` was imported, so the adapters
+    never import it themselves: ``import canarymw`` loads no proxy.
+    """
+    module = sys.modules.get("canarymw.upstream")
+    if module is not None:
+        if isinstance(old, module.Upstream):
+            old = getattr(old, f"{protocol}_app")()
+        if isinstance(new, module.Upstream):
+            new = getattr(new, f"{protocol}_app")(fallback=old)
+    return old, new
 
 
 def joined_cookie(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:

@@ -85,22 +85,18 @@ import inspect
 import logging
 import time
 import traceback
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
-from typing import Any, Literal, Protocol, TypeVar, cast
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, cast
 
-from ._http import check_adapter_args, finish_headers, joined_cookie
+from ._http import check_adapter_args, finish_headers, joined_cookie, resolve_upstreams
 from ._outcomes import Sink, as_sink, deliver, direct_queue
 from ._rollout import FORCE_HEADER, FORCE_PARAM, Decision, Rollout, split_force_query
+from ._types import ASGIApp, Message, Receive, Scope, Send
 from .sinks import background_sinks
-from .upstream import Upstream
 from .wsgi import accelerated
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-"""The same shapes as ``starlette.types``, so Starlette and FastAPI apps type-check."""
+if TYPE_CHECKING:
+    from .upstream import Upstream
 
 StartupFailurePolicy = Literal["fail", "disable"]
 
@@ -226,10 +222,7 @@ class ASGICanaryMiddleware:
         shutdown_flush_timeout: float = 2.0,
     ) -> None:
         # Upstreams become plain ASGI apps here, once, so the request path never checks.
-        if isinstance(old_app, Upstream):
-            old_app = old_app.asgi_app()
-        if isinstance(new, Upstream):
-            new = new.asgi_app(fallback=old_app)
+        old_app, new = resolve_upstreams(old_app, new, "asgi")
         check_adapter_args("ASGICanaryMiddleware", "an ASGI", old_app, new, rollout, cache_control)
         old_app = _asgi3(old_app)
         new = None if new is None else _asgi3(new)

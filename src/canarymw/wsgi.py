@@ -28,15 +28,13 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from ._http import check_adapter_args, finish_headers
+from ._http import check_adapter_args, finish_headers, resolve_upstreams
 from ._outcomes import _BATCH, MemorySink, Sink, as_sink, deliver, direct_queue
 from ._rollout import FORCE_HEADER, FORCE_PARAM, Decision, Rollout, split_force_query
-from .upstream import Upstream
+from ._types import StartResponse, WSGIApplication, WSGIEnvironment
 
 if TYPE_CHECKING:
-    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
-else:
-    StartResponse = WSGIApplication = WSGIEnvironment = Any
+    from .upstream import Upstream
 
 ExcInfo = tuple[type[BaseException], BaseException, TracebackType] | tuple[None, None, None]
 
@@ -81,13 +79,12 @@ class WSGICanaryMiddleware:
         cache_control: str | None = "private",
     ) -> None:
         # Upstreams become plain WSGI apps here, once, so the request path never checks.
-        if isinstance(old_app, Upstream):
-            old_app = old_app.wsgi_app()
-        if isinstance(new, Upstream):
-            new = new.wsgi_app(fallback=old_app)
-        check_adapter_args("WSGICanaryMiddleware", "a WSGI", old_app, new, rollout, cache_control)
-        self.old_app = old_app
-        self.new_app = old_app if new is None else new
+        old: WSGIApplication
+        new_app: WSGIApplication | None
+        old, new_app = resolve_upstreams(old_app, new, "wsgi")
+        check_adapter_args("WSGICanaryMiddleware", "a WSGI", old, new_app, rollout, cache_control)
+        self.old_app = old
+        self.new_app = old if new_app is None else new_app
         self.rollout = rollout
         self.sink = as_sink(sink)
         self._record = self.sink.sink.record if self.sink is not None else None
