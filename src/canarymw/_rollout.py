@@ -209,12 +209,38 @@ def _check_percent(value: object, owner: str) -> float:
     return pct
 
 
+_CONFIG = frozenset(
+    (
+        "name",
+        "salt",
+        "key",
+        "allow",
+        "deny",
+        "force_token",
+        "force_query",
+        "is_excluded",
+        "cookie_name",
+        "cookie_max_age",
+        "cookie_path",
+        "cookie_domain",
+        "cookie_secure",
+        "cookie_samesite",
+        "cookie_httponly",
+        "on_exposure",
+        "counters",
+    )
+)
+
+
 class Rollout:
     """One canary rollout: its name, live percentage, cohort cookie and overrides.
 
     ``Rollout`` is sans-IO: the WSGI and ASGI middlewares and the framework
     integrations all call :meth:`decide`, so every adapter assigns a visitor the same
     way. It is safe to share between threads and to change :attr:`percent` at run time.
+    Everything else is fixed at construction (the adapters read it once): assigning
+    ``key``, ``force_token``, a ``cookie_*`` attribute and the like raises
+    ``AttributeError``; make a new ``Rollout`` instead.
 
     Args:
         name: Identifies the rollout in outcomes and metrics; also the default hash salt.
@@ -341,6 +367,21 @@ class Rollout:
 
     def __repr__(self) -> str:
         return f"Rollout({self.name!r}, percent={self.percent!r})"
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Configuration is read once by the adapters: a later change would look live and
+        # not be. Reads stay plain attribute reads; only writes pay for this check.
+        if name in _CONFIG and name in self.__dict__:
+            raise AttributeError(
+                f"Rollout {self.name!r} has {name} fixed at construction (the middlewares read it "
+                f"once); only percent changes at run time, so make a new Rollout for another {name}."
+            )
+        object.__setattr__(self, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        if name in _CONFIG:
+            raise AttributeError(f"Rollout {self.name!r} cannot lose its {name}.")
+        object.__delattr__(self, name)
 
     # -- percent ---------------------------------------------------------------
     @property
