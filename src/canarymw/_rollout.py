@@ -5,10 +5,8 @@ from __future__ import annotations
 import hmac
 import logging
 import math
-import os
 import re
 import threading
-import weakref
 from collections.abc import Callable, Iterable
 from itertools import islice
 from time import time as _time
@@ -25,6 +23,7 @@ from ._cookie import (
     render_set_cookie,
     validate_cookie_settings,
 )
+from ._runtime import reset_after_fork
 
 Variant = Literal["old", "new"]
 Reason = Literal["bucket", "allowlist", "denylist", "forced"]
@@ -50,18 +49,6 @@ FORCE_PARAM = "canarymw_force="
 _FRESH_BATCH = 64
 # First visits take ids made, hashed and signed ahead in batches: in one tight loop each
 # costs a fraction of what it costs cold between two requests of a web app.
-_live: weakref.WeakSet[Rollout] = weakref.WeakSet()
-
-
-def _after_fork() -> None:
-    # A forked worker must never hand out an id its parent or a sibling also holds.
-    for rollout in list(_live):
-        rollout._fresh = []
-        rollout._fresh_until = 0.0
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork)
 _tuple_new = tuple.__new__
 
 
@@ -352,7 +339,7 @@ class Rollout:
         self._fresh: list[tuple[str, int, str]] = []
         self._fresh_until = 0.0
         self._fresh_ttl = min(60.0, self._refresh_after / 8)
-        _live.add(self)
+        reset_after_fork(self, Rollout._forget_fresh)
         # Cohort value -> entry (verified once); whole Cookie header -> entry (the
         # returning visitor's one dict lookup); user key -> bucket.
         self._seen: _Cache[_Entry] = _Cache(_CACHE_SIZE, _CACHE_CHARS, MAX_VALUE_LENGTH)
@@ -367,6 +354,11 @@ class Rollout:
 
     def __repr__(self) -> str:
         return f"Rollout({self.name!r}, percent={self.percent!r})"
+
+    def _forget_fresh(self) -> None:
+        # A forked worker must never hand out an id its parent or a sibling also holds.
+        self._fresh = []
+        self._fresh_until = 0.0
 
     def __setattr__(self, name: str, value: Any) -> None:
         # Configuration is read once by the adapters: a later change would look live and

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
-import time
 import weakref
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
+from .._runtime import RateLimit, reset_after_fork
 from .._types import ASGIApp
 
 if TYPE_CHECKING:
@@ -37,20 +36,6 @@ def _check_timeout(name: str, value: object) -> float | None:
 
 
 # -- the public configuration object ---------------------------------------------------
-_LIVE: weakref.WeakSet[Upstream] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    # A pool made before the fork belongs to the parent: its sockets and locks are
-    # shared state. Forget it (no I/O, no locking); the child makes its own.
-    for upstream in list(_LIVE):
-        upstream._forget_pools()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
 class Upstream:
     """Another server that a variant's requests are proxied to (HTTP/1.1, pooled, streamed).
 
@@ -200,8 +185,10 @@ class Upstream:
         ] = weakref.WeakKeyDictionary()
         self._other_pool: httpcore.AsyncConnectionPool | None = None  # trio and other non-asyncio loops
         self._open: set[object] = set()
-        self._logged = 0.0
-        _LIVE.add(self)
+        self._log_due = RateLimit(_LOG_EVERY)
+        # A pool made before a fork belongs to the parent: its sockets and locks are
+        # shared state. The child forgets it (no I/O, no locking) and makes its own.
+        reset_after_fork(self, Upstream._forget_pools)
 
     def __repr__(self) -> str:
         return f"Upstream({self.url!r})"
@@ -317,9 +304,7 @@ class Upstream:
 
     def _fail(self, cls: type[UpstreamError], exc: BaseException, fell_back: bool) -> str:
         """Log (rate-limited) and return the name recorded for the outcome."""
-        now = time.monotonic()
-        if now - self._logged >= _LOG_EVERY:
-            self._logged = now
+        if self._log_due.due():
             then = "served by the fallback" if fell_back else f"answered {cls.status}"
             log.warning("canarymw: upstream %s failed (%s, %r); %s", self.url, cls.__name__, exc, then)
         return cls.__name__
