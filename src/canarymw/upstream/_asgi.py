@@ -8,15 +8,15 @@ from typing import TYPE_CHECKING
 
 from .._types import ASGIApp, Message, Receive, Scope, Send
 from ._config import Upstream
-from ._errors import UpstreamAborted, UpstreamError, UpstreamUnavailable, _HeadTimedOut, _IncompleteBody
+from ._errors import UpstreamAborted, UpstreamError, _HeadTimedOut, _IncompleteBody
 from ._forward import (
-    _IDEMPOTENT,
     _NO_BODY_STATUS,
-    _VIA,
     _WATCH_ABOVE,
     _classify,
     _connection_tokens,
     _error_body,
+    _forwarding,
+    _may_fall_back,
     _Proxy,
     _response_headers,
     _target,
@@ -199,7 +199,6 @@ class _ASGIProxy(_Proxy):
     def __init__(self, upstream: Upstream, fallback: ASGIApp | None) -> None:
         super().__init__(upstream)
         self.fallback = fallback
-        self._authority = upstream._authority.encode("latin-1")
         # Request headers treated specially (rewritten or dropped), by lower-case name.
         self._special = {name.encode(): name for name in (*self._drop, "cookie")}
         self._head_timeout = upstream.head_timeout
@@ -273,24 +272,16 @@ class _ASGIProxy(_Proxy):
         if cookies:
             # See: RFC 9113 §8.2.3 (an HTTP/1.1 upstream wants one Cookie header)
             out.append((b"cookie", b"; ".join(cookies)))
+        https = scope.get("scheme") == "https"
         if host is None:
             server = scope.get("server")
             if server:
                 server_host, port = server[0], server[1]
-                default = 443 if scope.get("scheme") == "https" else 80
-                text = server_host if port in (None, default) else f"{server_host}:{port}"
+                text = server_host if port in (None, 443 if https else 80) else f"{server_host}:{port}"
                 host = str(text).encode("latin-1")
-        out.append((b"host", host if self._preserve_host and host else self._authority))
         client = scope.get("client")
-        if client:
-            forwarded.append(str(client[0]).encode("latin-1"))
-        if forwarded:
-            out.append((b"x-forwarded-for", b", ".join(forwarded)))
-        out.append((b"x-forwarded-proto", b"https" if scope.get("scheme") == "https" else b"http"))
-        if host:
-            out.append((b"x-forwarded-host", host))
-        vias.append(f"{scope.get('http_version', '1.1')} {_VIA}".encode("latin-1"))
-        out.append((b"via", b", ".join(vias)))
+        address = str(client[0]).encode("latin-1") if client else None
+        out += _forwarding(self, host, forwarded, address, https, scope.get("http_version", "1.1"), vias)
         return out, length
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -418,14 +409,13 @@ class _ASGIProxy(_Proxy):
     ) -> None:
         fallback = self.fallback
         if fallback is not None:
-            if isinstance(body, bytes):
-                if issubclass(cls, UpstreamUnavailable) or (method in _IDEMPOTENT and len(body) <= self._cap):
-                    scope.setdefault("canarymw.error", self.upstream._fail(cls, exc, True))
-                    await fallback(scope, _replaying([body], False, receive), send)
-                    return
-            elif issubclass(cls, UpstreamUnavailable) and not body.started:
+            replay = body if isinstance(body, bytes) else None
+            if _may_fall_back(cls, method, replay, not isinstance(body, bytes) and body.started, self._cap):
                 scope.setdefault("canarymw.error", self.upstream._fail(cls, exc, True))
-                await fallback(scope, _replaying(body.head, True, receive), send)
+                if isinstance(body, bytes):
+                    await fallback(scope, _replaying([body], False, receive), send)
+                else:
+                    await fallback(scope, _replaying(body.head, True, receive), send)
                 return
         scope.setdefault("canarymw.error", self.upstream._fail(cls, exc, False))
         text = _error_body(cls)

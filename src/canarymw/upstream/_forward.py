@@ -16,6 +16,7 @@ from ._errors import (
     UpstreamPoolTimeout,
     UpstreamProtocolError,
     UpstreamTimeout,
+    UpstreamUnavailable,
     _HeadTimedOut,
 )
 
@@ -158,6 +159,46 @@ def _response_headers(fields: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes
     return out
 
 
+def _forwarding(
+    proxy: _Proxy,
+    host: bytes | None,
+    prior_for: list[bytes],
+    client: bytes | None,
+    https: bool,
+    version: str,
+    prior_via: list[bytes],
+) -> list[tuple[bytes, bytes]]:
+    """The fields a proxy sets for the upstream: Host, X-Forwarded-*, Via (both proxies).
+
+    ``host`` is the client's (its Host, else the server's name); ``prior_for`` and
+    ``prior_via`` are the client's X-Forwarded-For and Via values, kept and appended to.
+    See: RFC 9110 §7.2 (Host), §7.6.3 (Via).
+    """
+    out = [(b"host", host if proxy._preserve_host and host else proxy._authority)]
+    forwarded = [*prior_for, client] if client else prior_for
+    if forwarded:
+        out.append((b"x-forwarded-for", b", ".join(forwarded)))
+    out.append((b"x-forwarded-proto", b"https" if https else b"http"))
+    if host:
+        out.append((b"x-forwarded-host", host))
+    out.append((b"via", b", ".join([*prior_via, f"{version} {_VIA}".encode("latin-1")])))
+    return out
+
+
+def _may_fall_back(
+    cls: type[UpstreamError], method: str, replay: bytes | None, started: bool, cap: int
+) -> bool:
+    """Whether old may serve a request the upstream failed (both proxies).
+
+    Always when nothing reached the upstream (it was unavailable and no body was sent);
+    after sending, only an idempotent request whose body was buffered (``replay``,
+    at most ``cap`` bytes), since old then gets exactly the same request.
+    """
+    if replay is None:
+        return issubclass(cls, UpstreamUnavailable) and not started
+    return issubclass(cls, UpstreamUnavailable) or (method in _IDEMPOTENT and len(replay) <= cap)
+
+
 def _status_line(status: int, reason: bytes) -> str:
     phrase = reason.decode("latin-1").strip() if reason else ""
     if not phrase or not phrase.isprintable():
@@ -210,3 +251,4 @@ class _Proxy:
         self._drop = _request_drop(upstream.trust_forwarded)
         self._extensions = upstream._extensions
         self._scheme, self._host, self._port = upstream._scheme, upstream._host, upstream._port
+        self._authority = upstream._authority.encode("latin-1")

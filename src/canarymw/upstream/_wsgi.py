@@ -8,15 +8,15 @@ from typing import TYPE_CHECKING, Any
 
 from . import _h1
 from ._config import Upstream
-from ._errors import UpstreamAborted, UpstreamError, UpstreamUnavailable, _IncompleteBody
+from ._errors import UpstreamAborted, UpstreamError, _IncompleteBody
 from ._forward import (
     _CHUNK,
-    _IDEMPOTENT,
     _NAME_CACHE_MAX,
-    _VIA,
     _classify,
     _connection_tokens,
     _error_body,
+    _forwarding,
+    _may_fall_back,
     _Proxy,
     _response_headers,
     _status_line,
@@ -138,7 +138,6 @@ class _WSGIProxy(_Proxy):
         super().__init__(upstream)
         self.fallback = fallback
         self._pool = upstream._sync_pool
-        self._authority = upstream._authority
         self._names: dict[str, bytes | None] = {}
         """environ key -> lower-case header name to forward, or None (not a header, or one we handle)."""
 
@@ -243,24 +242,22 @@ class _WSGIProxy(_Proxy):
             named = _connection_tokens(connection)
             if named:
                 out = [h for h in out if h[0] not in named]
-        client_host = environ.get("HTTP_HOST")
-        if not client_host:
+        https = environ.get("wsgi.url_scheme") == "https"
+        host = environ.get("HTTP_HOST")
+        if not host:
             server, port = environ.get("SERVER_NAME", ""), environ.get("SERVER_PORT", "")
-            default = "443" if environ.get("wsgi.url_scheme") == "https" else "80"
-            client_host = server if not port or port == default else f"{server}:{port}"
-        out.append((b"host", (client_host if self._preserve_host else self._authority).encode("latin-1")))
+            host = server if not port or port == ("443" if https else "80") else f"{server}:{port}"
         remote = environ.get("REMOTE_ADDR")
-        prior = environ.get("HTTP_X_FORWARDED_FOR")
-        forwarded_for = (f"{prior}, {remote}" if prior else remote) if remote else prior
-        if forwarded_for:
-            out.append((b"x-forwarded-for", forwarded_for.encode("latin-1")))
-        out.append((b"x-forwarded-proto", environ.get("wsgi.url_scheme", "http").encode("latin-1")))
-        if client_host:
-            out.append((b"x-forwarded-host", client_host.encode("latin-1")))
         protocol = environ.get("SERVER_PROTOCOL", "HTTP/1.1")
-        via = f"{protocol[5:] if protocol.startswith('HTTP/') else protocol} {_VIA}"
-        prior_via = environ.get("HTTP_VIA")
-        out.append((b"via", (f"{prior_via}, {via}" if prior_via else via).encode("latin-1")))
+        out += _forwarding(
+            self,
+            host.encode("latin-1") or None,
+            _latin1_list(environ.get("HTTP_X_FORWARDED_FOR")),
+            remote.encode("latin-1") if remote else None,
+            https,
+            protocol[5:] if protocol.startswith("HTTP/") else protocol,
+            _latin1_list(environ.get("HTTP_VIA")),
+        )
         return out
 
     def _failed(
@@ -274,22 +271,23 @@ class _WSGIProxy(_Proxy):
     ) -> Iterable[bytes]:
         fallback = self.fallback
         if fallback is not None:
-            if isinstance(body, bytes):
-                # Nothing sent, or sent but replayable: old gets the same body again.
-                if issubclass(cls, UpstreamUnavailable) or (method in _IDEMPOTENT and len(body) <= self._cap):
-                    environ.setdefault("canarymw.error", self.upstream._fail(cls, exc, True))
+            replay = body if isinstance(body, bytes) else None
+            if _may_fall_back(cls, method, replay, not isinstance(body, bytes) and body.started, self._cap):
+                environ.setdefault("canarymw.error", self.upstream._fail(cls, exc, True))
+                if isinstance(body, bytes):  # old gets the same body again
                     environ["wsgi.input"] = io.BytesIO(body)
                     if body or environ.get("CONTENT_LENGTH"):
                         environ["CONTENT_LENGTH"] = str(len(body))
-                    return fallback(environ, start_response)
-            elif issubclass(cls, UpstreamUnavailable) and not body.started:
-                environ.setdefault("canarymw.error", self.upstream._fail(cls, exc, True))
-                if body.head:
+                elif body.head:
                     environ["wsgi.input"] = _Prefixed(body.head, body.stream)
                 return fallback(environ, start_response)
         environ.setdefault("canarymw.error", self.upstream._fail(cls, exc, False))
         status = "504 Gateway Timeout" if cls.status == 504 else "502 Bad Gateway"
         return _plain(start_response, status, _error_body(cls), method)
+
+
+def _latin1_list(value: str | None) -> list[bytes]:
+    return [value.encode("latin-1")] if value else []
 
 
 def _plain(start_response: StartResponse, status: str, text: bytes, method: str) -> list[bytes]:
