@@ -27,6 +27,7 @@ FIXED = [
     ("cookie_httponly", False),
     ("on_exposure", print),
     ("counters", {}),
+    ("cookie_only", False),
 ]
 
 
@@ -50,6 +51,14 @@ def test_the_percent_stays_live_and_the_middleware_follows_it() -> None:
     WSGICanaryMiddleware(app, new=app, rollout=rollout)
     rollout.percent = 100
     assert rollout.percent == 100.0 and rollout.decide(None).variant == "new"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "cookie_only"),
+    [({}, True), ({"key": lambda request: None}, False), ({"force_token": TOKEN}, False)],
+)
+def test_cookie_only_says_whether_the_cache_may_decide(kwargs: dict[str, object], cookie_only: bool) -> None:
+    assert Rollout("fixed", percent=10, secret_key=KEY, **kwargs).cookie_only is cookie_only  # type: ignore[arg-type]
 
 
 def test_counters_stay_mutable_for_the_adapters() -> None:

@@ -215,6 +215,7 @@ _CONFIG = frozenset(
         "cookie_httponly",
         "on_exposure",
         "counters",
+        "cookie_only",
     )
 )
 
@@ -326,6 +327,9 @@ class Rollout:
         self.deny = frozenset(str(k) for k in deny)
         self.force_token = force_token
         self.force_query = force_query
+        self.cookie_only = key is None and force_token is None
+        """True when a decision depends on the cohort cookie alone (no ``key`` callable, no
+        force token): a returning visitor's decision may then come from :meth:`cached`."""
         self.is_excluded = _PathMatcher(exclude, owner)
         self.cookie_name = cookie_name
         self.cookie_max_age = cookie_max_age

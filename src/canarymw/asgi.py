@@ -246,13 +246,13 @@ class ASGICanaryMiddleware:
             self._extra.append((b"cache-control", self.cache_control.encode("ascii")))
         # Rollout.is_excluded is fixed at construction; skip the call when it is empty.
         self._excluded: Callable[[str], bool] | None = rollout.is_excluded if rollout.is_excluded else None
-        # Returning visitors skip decide() when no per-request input can change the answer.
-        self._fast = rollout.key is None and rollout.force_token is None
         self._record = self.sink.sink.record if self.sink is not None else None
         self._memory = direct_queue(self.sink)
         self._new_state: dict[str, Any] | None = None
         self._router = (
-            None if _router is None else _router(self, rollout.cached if self._fast else None, self._extra)
+            None
+            if _router is None
+            else _router(self, rollout.cached if rollout.cookie_only else None, self._extra)
         )
 
     @property
@@ -279,7 +279,7 @@ class ASGICanaryMiddleware:
             if FORCE_PARAM in query:
                 scope["query_string"] = split_force_query(query)[1].encode("latin-1")
         # On the fast path __call__ just consulted the cache (or there is no cookie).
-        return (rollout._decide_uncached if self._fast else rollout.decide)(
+        return (rollout._decide_uncached if rollout.cookie_only else rollout.decide)(
             None if cookie is None else cookie.decode("latin-1"),
             scope.get("scheme") in _SECURE,
             force,
@@ -388,7 +388,7 @@ class ASGICanaryMiddleware:
         if type(headers) is not list and type(headers) is not tuple:
             headers = _own_headers(scope)["headers"]
         decision = None
-        if self._fast:
+        if self.rollout.cookie_only:
             # A returning visitor: one pass for the cookie, one dict lookup, no parsing.
             cookie_header = joined_cookie(headers)
             if cookie_header is not None:

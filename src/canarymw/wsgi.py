@@ -90,8 +90,6 @@ class WSGICanaryMiddleware:
         self._record = self.sink.sink.record if self.sink is not None else None
         self._memory = direct_queue(self.sink)
         self._excluded = rollout.is_excluded if rollout.is_excluded else None
-        # Returning visitors skip decide() when no per-request input can change the answer.
-        self._fast = rollout.key is None and rollout.force_token is None
         self.cache_control = cache_control
         self.extra_headers: list[tuple[str, str]] = [("Vary", "Cookie")]
         if cache_control:
@@ -111,21 +109,19 @@ class WSGICanaryMiddleware:
         cookie = environ.get("HTTP_COOKIE")
         decision = None
         wall = _wall()
-        if cookie and self._fast:
-            # Rollout.cached() inlined: this is the path of nearly every request.
-            entry = rollout._by_header.get(cookie)
-            if entry is not None and entry.gen == rollout._gen and entry.refresh_at > wall:
-                decision = entry.decision
+        fast = rollout.cookie_only
+        if cookie and fast:
+            decision = rollout.cached(cookie)
         if decision is None:
             # On the fast path the cache was just consulted (or there is no cookie).
-            decision = (rollout._decide_uncached if self._fast else rollout.decide)(
+            decision = (rollout._decide_uncached if fast else rollout.decide)(
                 cookie,
                 environ.get("wsgi.url_scheme") == "https",
                 environ.get(_FORCE),
                 environ.get("QUERY_STRING", ""),
                 environ,
             )
-        if not self._fast and rollout.force_token is not None:
+        if not fast and rollout.force_token is not None:
             _drop_force(environ)
         environ["canarymw.decision"] = decision
         return _respond(
