@@ -379,7 +379,11 @@ def test_flask_demo_app_in_process() -> None:
     with client.get("/healthz") as health:
         assert health.status_code == 200 and "Set-Cookie" not in health.headers  # excluded
     with client.get("/_canarymw/stats") as stats:
-        assert stats.json == {"pid": os.getpid(), "requests": {"new": 1}, "errors": {"new": 1}}
+        assert stats.json == {
+            "pid": os.getpid(),
+            "requests": {"new": 1, "old": 0},
+            "errors": {"new": 1, "old": 0},
+        }
 
 
 def test_starlette_demo_app_in_process() -> None:
@@ -394,4 +398,4 @@ def test_starlette_demo_app_in_process() -> None:
         assert hello.text == "Hello, Blue World!\n" and hello.headers["x-canary-variant"] == "old"
         assert "canarymw=" in hello.headers["set-cookie"]
         assert client.get("/").headers.get("set-cookie") is None  # the cookie came back: no new one
-        assert client.get("/_canarymw/stats").json()["requests"] == {"old": 2}
+        assert client.get("/_canarymw/stats").json()["requests"] == {"new": 0, "old": 2}

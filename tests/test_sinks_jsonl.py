@@ -64,6 +64,35 @@ def test_one_json_object_per_line_that_reads_back_exactly(tmp_path: Path) -> Non
     assert repr(sink) == f"JSONLinesSink({str(tmp_path / 'out.jsonl')!r})"
 
 
+def test_websocket_close_code_reads_back(tmp_path: Path) -> None:
+    written = [
+        outcome("new", 101, method="WEBSOCKET", close_code=1000),
+        outcome("old", 403, method="WEBSOCKET", close_code=1008, disconnected=True),
+        outcome("new", 101, method="WEBSOCKET", close_code=None),
+    ]
+    sink = JSONLinesSink(tmp_path / "ws.jsonl")
+    sink.record_many(written)
+    sink.close()
+    assert [r["close_code"] for r in lines(tmp_path / "ws.jsonl")] == [1000, 1008, None]
+    assert list(read_outcomes(tmp_path / "ws.jsonl", strict=True)) == written
+
+
+@pytest.mark.parametrize(
+    "close_code",
+    [
+        pytest.param('"1000"', id="string"),
+        pytest.param("true", id="boolean"),
+        pytest.param("1.5", id="float"),
+    ],
+)
+def test_a_close_code_that_is_not_an_integer_is_malformed(tmp_path: Path, close_code: str) -> None:
+    good = encode(outcome(method="WEBSOCKET", close_code=1000), 1)
+    path = tmp_path / "c.jsonl"
+    path.write_bytes(good + good.replace(b'"close_code":1000', b'"close_code":' + close_code.encode()))
+    with pytest.raises(ValueError, match=r"c\.jsonl:2.*close_code"):
+        list(read_outcomes(path, strict=True))
+
+
 def test_a_directory_gets_the_default_file_name(tmp_path: Path) -> None:
     sink = JSONLinesSink(tmp_path)
     sink.record(outcome())
@@ -269,6 +298,20 @@ def test_read_stats_matches_memory_sink(tmp_path: Path) -> None:
     for o in batch[500:]:
         later.record(o)
     assert read_stats(tmp_path, since=1500.0) == later.snapshot()
+
+
+def test_read_stats_always_has_both_variants(tmp_path: Path) -> None:
+    empty = MemorySink().snapshot()["new"]
+    assert empty.requests == 0 and empty.latency_p50 is None
+    sink = JSONLinesSink(tmp_path)
+    for _ in range(5):
+        sink.record(outcome("old"))
+    sink.close()
+    stats = read_stats(tmp_path)
+    assert sorted(stats) == ["new", "old"]
+    assert stats["old"].requests == 5 and stats["new"] == empty
+    assert read_stats(tmp_path, since=2e9) == {"old": empty, "new": empty}
+    assert read_stats(tmp_path, rollout="other") == {"old": empty, "new": empty}
 
 
 def test_through_a_background_sink(tmp_path: Path) -> None:

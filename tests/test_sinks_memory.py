@@ -5,10 +5,24 @@ from __future__ import annotations
 import math
 import random
 import threading
+from collections.abc import Callable
 
 import pytest
 
-from canarymw import MemorySink, Outcome
+from canarymw import MemorySink, Outcome, Rollout, VariantStats, WSGICanaryMiddleware
+
+EMPTY = VariantStats(
+    requests=0,
+    errors=0,
+    exceptions=0,
+    disconnects=0,
+    statuses={},
+    latency_mean=None,
+    latency_p50=None,
+    latency_p95=None,
+    latency_p99=None,
+    latency_max=None,
+)
 
 
 def _outcomes(n: int, seed: int, mix: str = "mixed") -> list[Outcome]:
@@ -41,6 +55,7 @@ def _reference(outcomes: list[Outcome], rollout: str | None) -> dict[str, dict[s
     for variant in ("new", "old"):
         mine = [o for o in outcomes if o.variant == variant and rollout in (None, o.rollout)]
         if not mine:
+            ref[variant] = {"requests": 0, "errors": 0, "exceptions": 0, "disconnects": 0, "statuses": {}}
             continue
         statuses: dict[int, int] = {}
         for o in mine:
@@ -82,6 +97,9 @@ def test_snapshot_matches_a_reference_from_many_threads(n: int, mix: str) -> Non
             assert stats.exceptions == want["exceptions"]
             assert stats.disconnects == want["disconnects"]
             assert stats.statuses == want["statuses"]
+            if not want["requests"]:
+                assert stats == EMPTY
+                continue
             assert stats.latency_mean == pytest.approx(want["mean"], rel=1e-9)
             assert stats.latency_max == want["max"]
             # Quantiles come from a log histogram with 4% buckets: each lies between the
@@ -106,4 +124,42 @@ def test_recording_after_a_snapshot_adds_up() -> None:
     total = sum(s.requests for s in sink.snapshot().values())
     assert total == 1000
     sink.reset()
-    assert sink.snapshot() == {}
+    assert sink.snapshot() == {"old": EMPTY, "new": EMPTY}
+
+
+def test_a_variant_without_traffic_is_in_the_snapshot_with_zeros() -> None:
+    # A dashboard reads snapshot()["new"] from the first second of a rollout at 0%.
+    sink = MemorySink()
+    assert sink.snapshot() == {"old": EMPTY, "new": EMPTY}
+    for o in _outcomes(300, seed=3, mix="one variant"):
+        sink.record(o)
+    snap = sink.snapshot()
+    assert sorted(snap) == ["new", "old"]
+    assert snap["old"].requests == 300 and snap["new"] == EMPTY
+    assert snap["new"].error_rate == 0.0 and snap["new"].latency_p95 is None
+    assert sink.snapshot("checkout-v2")["new"] == EMPTY
+    assert sink.snapshot("not-seen-yet") == {"old": EMPTY, "new": EMPTY}
+
+
+def test_a_variant_without_traffic_with_a_custom_classifier() -> None:
+    sink = MemorySink(classify=lambda o: o.status == 200)
+    sink.record(Outcome("r", "new", 404, 0.01, None, False, "GET", None, 1.0))
+    snap = sink.snapshot()
+    assert snap["new"].errors == 1 and snap["old"] == EMPTY
+
+
+def test_a_rollout_at_zero_percent_reports_new_with_zeros() -> None:
+    sink = MemorySink()
+    rollout = Rollout("zero", percent=0, secret_key="test-secret-key-0123456789abcdef")
+
+    def app(environ: dict[str, object], start_response: Callable[..., object]) -> list[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"old"]
+
+    mw = WSGICanaryMiddleware(app, new=None, rollout=rollout, sink=sink)
+    for _ in range(3):
+        body = mw({"REQUEST_METHOD": "GET", "PATH_INFO": "/"}, lambda *a: None)
+        list(body)
+        body.close()  # type: ignore[attr-defined]
+    snap = sink.snapshot()
+    assert snap["old"].requests == 3 and snap["new"].requests == 0

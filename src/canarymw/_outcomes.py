@@ -83,6 +83,7 @@ _BOUNDS = [_LOW * _GROWTH**i for i in range(_SIZE - 1)]  # upper bound of bucket
 _BATCH = 256
 _COMPACT = 1 << 16
 _RV = itemgetter(0, 1)
+_VARIANTS = frozenset(("old", "new"))  # always in a snapshot, with or without traffic
 
 
 def _bucket_bounds(i: int) -> tuple[float, float]:
@@ -122,6 +123,7 @@ class VariantStats:
     statuses: dict[int, int]
     """Count per status class: ``{2: 950, 4: 12, 5: 3}`` means 2xx, 4xx, 5xx."""
     latency_mean: float | None
+    """Seconds; the latency fields are None when the variant has no requests."""
     latency_p50: float | None
     latency_p95: float | None
     latency_p99: float | None
@@ -246,8 +248,11 @@ class MemorySink:
     def snapshot(self, rollout: str | None = None) -> dict[str, VariantStats]:
         """Per-variant statistics, for one rollout or summed over all of them.
 
-        Returns a dict keyed ``"old"`` and ``"new"`` (only variants that have seen
-        traffic). The result is a copy; later outcomes do not change it.
+        Returns a dict with both ``"old"`` and ``"new"`` keys, always: a variant that
+        has seen no traffic (``new`` at 0%, a rollout not seen yet) has zero counts,
+        empty ``statuses``, ``error_rate`` 0.0 and every latency field None ("no
+        data", which a 0 would misreport as an instant response). The result is a
+        copy; later outcomes do not change it.
         """
         self._fold(blocking=True)
         with self._lock:
@@ -273,7 +278,11 @@ class MemorySink:
             if status is not None:
                 a["classes"][status // 100] = a["classes"].get(status // 100, 0) + n
         out: dict[str, VariantStats] = {}
-        for variant, a in sorted(acc.items()):
+        for variant in sorted(acc.keys() | _VARIANTS):
+            if variant not in acc:
+                out[variant] = VariantStats(0, 0, 0, 0, {}, None, None, None, None, None)
+                continue
+            a = acc[variant]
             keys = [rv for rv in hists if rv[1] == variant and rollout in (None, rv[0])]
             hist = [sum(col) for col in zip(*(hists[rv] for rv in keys), strict=True)]
             total = sum(ranges[rv][0] for rv in keys)

@@ -12,10 +12,11 @@
 or from a shell: ``python -m canarymw.jsonl /var/log/myapp/canary/``.
 
 Each outcome is one line, a JSON object with the :class:`~canarymw.Outcome` fields
-plus ``pid``::
+plus ``pid`` (``close_code`` is null except for websockets)::
 
     {"rollout":"checkout-v2","variant":"new","status":200,"duration":0.0123,"error":null,
-     "disconnected":false,"method":"GET","route":"/cart/<id>","timestamp":1717000000.5,"pid":4242}
+     "disconnected":false,"method":"GET","route":"/cart/<id>","timestamp":1717000000.5,
+     "close_code":null,"pid":4242}
 
 Why several processes can share one file: it is opened with ``O_APPEND`` and every
 write is one ``write()`` of whole lines totalling at most ``PIPE_BUF`` bytes (4096 on
@@ -277,9 +278,7 @@ def _files(path: str | os.PathLike[str]) -> list[Path]:
 def _outcome(obj: Any) -> Outcome:
     if not isinstance(obj, dict):
         raise TypeError("not a JSON object")
-    status = obj.get("status")
-    if status is not None and (isinstance(status, bool) or not isinstance(status, int)):
-        raise TypeError("status is not an integer")
+    status = _int_or_none(obj, "status")
     return Outcome(
         rollout=str(obj["rollout"]),
         variant=str(obj["variant"]),
@@ -290,7 +289,15 @@ def _outcome(obj: Any) -> Outcome:
         method=str(obj.get("method", "GET")),
         route=None if obj.get("route") is None else str(obj["route"]),
         timestamp=float(obj.get("timestamp", 0.0)),
+        close_code=_int_or_none(obj, "close_code"),
     )
+
+
+def _int_or_none(obj: dict[str, Any], name: str) -> int | None:
+    value = obj.get(name)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise TypeError(f"{name} is not an integer")
+    return value
 
 
 def read_outcomes(path: str | os.PathLike[str], *, strict: bool = False) -> Iterator[Outcome]:
@@ -330,7 +337,8 @@ def read_stats(
 
     The whole-service counterpart of :meth:`MemorySink.snapshot
     <canarymw.MemorySink.snapshot>`: same numbers, computed the same way, over every
-    process that wrote there.
+    process that wrote there, and likewise always with both ``"old"`` and ``"new"``
+    (zero counts and None latencies for a variant with no outcomes).
 
     Args:
         path: A file, or a directory whose ``*.jsonl`` files are all read.
@@ -372,7 +380,7 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], object] = print
     parser.add_argument("rollout", nargs="?", help="only this rollout (default: all)")
     args = parser.parse_args(argv)
     stats = read_stats(args.path, rollout=args.rollout)
-    out(_format(stats) if stats else "no outcomes")
+    out(_format(stats) if any(st.requests for st in stats.values()) else "no outcomes")
     return 0
 
 
