@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Mount, Route
 
-from canarymw import Rollout
+from canarymw import Decision, Rollout
 from canarymw.asgi import ASGICanaryMiddleware
 from canarymw.starlette import CanaryRoute, SplitEndpoint, get_decision, get_variant, split
 
@@ -63,6 +63,45 @@ def test_split_route_is_sticky_and_only_it_gets_a_cookie(make_rollout: MakeRollo
             seen.add(first.text)
     assert seen == {"old checkout 7 old", "new checkout 7 new"}
     assert len(sink.outcomes) == 120 and {o.route for o in sink.outcomes} == {"/checkout/{cart}"}
+
+
+def marks(response: Any) -> tuple[bool, bool, bool]:
+    """(a cohort cookie was set, Vary has Cookie, Cache-Control has private)."""
+    vary = {v.strip().lower() for v in response.headers.get("vary", "").split(",")}
+    cache = {d.strip().lower() for d in response.headers.get("cache-control", "").split(",")}
+    cookie = any(c.startswith("canarymw=") for c in response.headers.get_list("set-cookie"))
+    return cookie, "cookie" in vary, "private" in cache
+
+
+async def cart(request: Request) -> Response:
+    return PlainTextResponse(f"cart {get_variant(request)}")
+
+
+@pytest.mark.parametrize("percent", [0, 50, 100])
+def test_only_split_routes_are_marked_and_assign_a_cohort(make_rollout: MakeRollout, percent: float) -> None:
+    exposed: list[Decision] = []
+    rollout = make_rollout(percent, on_exposure=exposed.append)
+    app = Starlette(
+        routes=[
+            CanaryRoute("/checkout/{cart}", checkout, checkout_v2, rollout=rollout),
+            Route("/cart", split(cart, cart, rollout=rollout), methods=["GET"]),
+            Route("/about", about),  # reads get_variant: None outside a split route
+        ]
+    )
+    with TestClient(app) as client:
+        for _ in range(2):
+            plain = client.get("/about")
+            assert plain.text == "about None" and marks(plain) == (False, False, False)
+        assert rollout.counters["assigned"] == 0 and exposed == []  # no cohort before a split route
+        first = client.get("/checkout/1")
+        assert marks(first) == (True, True, True)
+        assert rollout.counters["assigned"] == 1 and len(exposed) == 1
+        assert first.text.endswith(exposed[0].variant)
+        assert marks(client.get("/about")) == (False, False, False)  # still unmarked, cookie or not
+        other = client.get("/cart")
+        assert other.text == f"cart {exposed[0].variant}" and marks(other) == (False, True, True)
+        assert marks(client.get("/missing")) == (False, False, False)
+    assert rollout.counters["assigned"] == 1
 
 
 def test_canary_route_defaults_like_route(make_rollout: MakeRollout) -> None:

@@ -25,7 +25,10 @@ new apps are the two endpoints, so a split route behaves exactly like the whole-
 middleware: same sticky cohort cookie, ``Vary``/``Cache-Control``, one outcome per
 request (with the route's path template), and the decision in
 ``request.scope["canarymw.decision"]``. Only requests to split routes get a cohort
-cookie and count. Endpoints may be anything ``Route`` accepts: ``async def`` or plain
+cookie, ``Vary: Cookie`` and ``Cache-Control: private``, and count: every other route
+keeps its shared caching, :func:`get_variant` is None there, and a visitor is assigned
+(``counters["assigned"]``, ``on_exposure``) on their first split route, not on their
+first page. Endpoints may be anything ``Route`` accepts: ``async def`` or plain
 functions taking a ``Request`` (run like Starlette runs them, plain ones in a thread),
 ``HTTPEndpoint`` classes, or ASGI apps.
 

@@ -30,6 +30,11 @@ def greet(name: str) -> str:
     return f"v1 {name} {current_variant()} {os.getpid()}"
 
 
+@app.route("/about")
+def about() -> str:
+    return f"about {os.getpid()}"
+
+
 @app.route("/stats")
 def stats() -> object:
     return jsonify({v: s.requests for v, s in sink.snapshot().items()} | {"pid": os.getpid()})
