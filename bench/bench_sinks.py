@@ -34,8 +34,8 @@ from collections.abc import Callable
 from typing import Any
 
 from canarymw import MemorySink, Outcome
-from canarymw.jsonl import JSONLinesSink
 from canarymw.sinks import BackgroundSink
+from canarymw.sinks.jsonl import JSONLinesSink
 
 OUTCOMES = [
     Outcome("checkout-v2", "new" if i % 3 else "old", (200, 200, 200, 404, 500)[i % 5], 0.0005 * (i % 200),
@@ -134,7 +134,7 @@ def prometheus_figures(n: int, rounds: int) -> dict[str, float]:
     """Run in a child process: the multiprocess switch is read when prometheus_client is imported."""
     from prometheus_client import CollectorRegistry
 
-    from canarymw.prometheus import PrometheusSink
+    from canarymw.sinks.prometheus import PrometheusSink
 
     sink = PrometheusSink(registry=CollectorRegistry())
     direct = statistics.median(per_record_ns(sink.record, n // 4) for _ in range(rounds))
@@ -201,7 +201,7 @@ def main() -> None:
         from opentelemetry.sdk.metrics import MeterProvider
         from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-        from canarymw.otel import OpenTelemetrySink
+        from canarymw.sinks.otel import OpenTelemetrySink
     except ImportError:
         print("  OpenTelemetrySink skipped: install the otel extra and opentelemetry-sdk")
     else:

@@ -174,7 +174,7 @@ def make_streaming_app() -> Any:
     a failing view and a plain one, outcomes appended to ``$OUTCOMES`` (JSON lines)."""
     from starlette.responses import StreamingResponse
 
-    from canarymw.jsonl import JSONLinesSink
+    from canarymw.sinks.jsonl import JSONLinesSink
 
     async def stream(request: Request) -> Response:
         async def events() -> AsyncIterator[bytes]:
@@ -207,7 +207,7 @@ def test_streams_disconnects_and_errors(server: str, asgi_impl: str, tmp_path: A
     """Through a real server: an event stream reaches the client event by event, a client
     that leaves mid-stream is recorded as a disconnect, a failing view as its exception,
     and every request gives exactly one outcome."""
-    from canarymw.jsonl import read_outcomes
+    from canarymw.sinks.jsonl import read_outcomes
 
     outcomes_dir = f"{tmp_path}/"
     port = free_port()

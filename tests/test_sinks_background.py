@@ -576,7 +576,7 @@ def test_background_sinks_reachable_from_a_middleware() -> None:
 
 def test_consumer_is_gone_once_close_returns(monkeypatch: pytest.MonkeyPatch) -> None:
     """close() returning True means the thread has exited, not merely been told to."""
-    import canarymw._background as background
+    import canarymw.sinks.background as background
 
     class SlowToLeave(threading.Event):
         # The consumer lingers after marking the stop, as a preempted thread may.

@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 
 from canarymw import MemorySink, Outcome
-from canarymw.jsonl import (
+from canarymw.sinks import BackgroundSink
+from canarymw.sinks.jsonl import (
     DEFAULT_FILENAME,
     LINE_LIMIT,
     JSONLinesSink,
@@ -25,7 +26,6 @@ from canarymw.jsonl import (
     read_outcomes,
     read_stats,
 )
-from canarymw.sinks import BackgroundSink
 
 
 def outcome(variant: str = "new", status: int | None = 200, **kw: Any) -> Outcome:
@@ -226,7 +226,7 @@ def test_forked_children_append_to_the_same_file(tmp_path: Path) -> None:
         """
         import os, sys
         from canarymw import Outcome
-        from canarymw.jsonl import JSONLinesSink
+        from canarymw.sinks.jsonl import JSONLinesSink
 
         def o(route):
             return Outcome("r", "new", 200, 0.01, None, False, "GET", route, 1.0)

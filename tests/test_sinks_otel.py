@@ -14,8 +14,8 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from canarymw import Outcome, Rollout
-from canarymw.otel import OpenTelemetrySink
 from canarymw.sinks import DEFAULT_BUCKETS, BackgroundSink
+from canarymw.sinks.otel import OpenTelemetrySink
 
 KEY = "test-secret-key-0123456789abcdef"
 

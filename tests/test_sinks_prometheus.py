@@ -21,8 +21,8 @@ from prometheus_client import CollectorRegistry, generate_latest  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from canarymw import MemorySink, Outcome, Rollout, WSGICanaryMiddleware  # noqa: E402
-from canarymw.prometheus import PrometheusSink  # noqa: E402
 from canarymw.sinks import DEFAULT_BUCKETS, BackgroundSink, CallableSink  # noqa: E402
+from canarymw.sinks.prometheus import PrometheusSink  # noqa: E402
 
 from .harness import WSGITransport  # noqa: E402
 from .servers import ROOT, free_port, serve  # noqa: E402

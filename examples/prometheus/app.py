@@ -19,8 +19,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, 
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from canarymw import Rollout, WSGICanaryMiddleware
-from canarymw.prometheus import PrometheusSink
 from canarymw.sinks import BackgroundSink
+from canarymw.sinks.prometheus import PrometheusSink
 
 StartResponse = Callable[..., Any]
 

@@ -16,20 +16,27 @@ Public names (everything else is private)::
 
 Integrations and optional sinks live in submodules that import their dependency:
 ``canarymw.flask`` (Canary), ``canarymw.starlette`` (split, CanaryRoute),
-``canarymw.prometheus``, ``canarymw.otel``, ``canarymw.jsonl``, ``canarymw.sinks``;
+``canarymw.sinks.prometheus``, ``canarymw.sinks.otel``, ``canarymw.sinks.jsonl``, ``canarymw.sinks``;
 ``canarymw.upstream`` holds the upstream exceptions (httpx is imported only when used).
 """
 
 from typing import TYPE_CHECKING as _TYPE_CHECKING
 from typing import Any as _Any
 
-from ._background import BackgroundSink
 from ._bucketing import BUCKETS, bucket
-from ._outcomes import FanoutSink, LoggingSink, MemorySink, Outcome, Sink, VariantStats
 from ._rollout import Decision, Rollout
 from ._version import __version__
 from .asgi import ASGICanaryMiddleware
-from .sinks import CallableSink
+from .sinks import (
+    BackgroundSink,
+    CallableSink,
+    FanoutSink,
+    LoggingSink,
+    MemorySink,
+    Outcome,
+    Sink,
+    VariantStats,
+)
 from .wsgi import WSGICanaryMiddleware
 
 if _TYPE_CHECKING:

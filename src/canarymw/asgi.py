@@ -89,10 +89,11 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, cast
 
 from ._http import check_adapter_args, finish_headers, joined_cookie, resolve_upstreams
-from ._outcomes import Sink, as_sink, deliver, direct_queue
 from ._rollout import FORCE_HEADER, FORCE_PARAM, Decision, Rollout, split_force_query
 from ._types import ASGIApp, Message, Receive, Scope, Send
-from .sinks import background_sinks
+from .sinks._base import Sink
+from .sinks._dispatch import as_sink, deliver, direct_queue
+from .sinks.background import background_sinks
 from .wsgi import accelerated
 
 if TYPE_CHECKING:

@@ -69,8 +69,8 @@ from flask import Flask, current_app, has_request_context, request
 from werkzeug.local import LocalProxy
 
 from ._http import finish_headers
-from ._outcomes import Sink
 from ._rollout import Decision, Rollout, _Cache
+from .sinks import Sink
 from .wsgi import _FORCE, WSGICanaryMiddleware, _drop_force
 
 if TYPE_CHECKING:

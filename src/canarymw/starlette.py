@@ -49,9 +49,9 @@ from typing import Any
 
 from starlette.routing import Route, request_response
 
-from ._outcomes import Sink
 from ._rollout import Decision, Rollout, Variant
 from .asgi import ASGIApp, ASGICanaryMiddleware, Receive, Scope, Send
+from .sinks import Sink
 
 __all__ = ["CanaryRoute", "SplitEndpoint", "get_decision", "get_variant", "split"]
 

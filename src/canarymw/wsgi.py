@@ -29,9 +29,11 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from ._http import check_adapter_args, finish_headers, resolve_upstreams
-from ._outcomes import _BATCH, MemorySink, Sink, as_sink, deliver, direct_queue
 from ._rollout import FORCE_HEADER, FORCE_PARAM, Decision, Rollout, split_force_query
 from ._types import StartResponse, WSGIApplication, WSGIEnvironment
+from .sinks._base import Sink
+from .sinks._dispatch import as_sink, deliver, direct_queue
+from .sinks.memory import _BATCH, MemorySink
 
 if TYPE_CHECKING:
     from .upstream import Upstream

@@ -12,8 +12,8 @@ import os
 
 from flask import Flask, Response, jsonify, request
 
-from .._outcomes import MemorySink
 from .._rollout import Decision
+from ..sinks import MemorySink
 from ..wsgi import WSGICanaryMiddleware
 from .settings import (
     BLUE_BODY,

@@ -23,7 +23,7 @@ SIGMAS = 4.0
 NOTE = (
     "MemorySink numbers are per worker process; this table is computed client-side over the whole "
     "service. In production, get whole-service numbers from PrometheusSink in multiprocess mode or "
-    "JSONLinesSink + `python -m canarymw.jsonl DIR` (docs/outcomes.md)."
+    "JSONLinesSink + `python -m canarymw.sinks.jsonl DIR` (docs/outcomes.md)."
 )
 VARIANTS = ("old", "new")
 LABELS = {"old": "old (blue)", "new": "new (green)", "all": "all"}

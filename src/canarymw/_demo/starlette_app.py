@@ -15,9 +15,9 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from .._outcomes import MemorySink
 from .._rollout import Decision
 from ..asgi import ASGICanaryMiddleware
+from ..sinks import MemorySink
 from .settings import (
     BLUE_BODY,
     FAILURE_BODY,

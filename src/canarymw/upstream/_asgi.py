@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from .._types import ASGIApp, Message, Receive, Scope, Send
-from ._config import Upstream
 from ._errors import UpstreamAborted, UpstreamError, _HeadTimedOut, _IncompleteBody
 from ._forward import (
     _NO_BODY_STATUS,
@@ -25,6 +24,8 @@ from ._forward import (
 if TYPE_CHECKING:
     import anyio
     import httpcore
+
+    from ._config import Upstream
 
 # -- ASGI ------------------------------------------------------------------------
 

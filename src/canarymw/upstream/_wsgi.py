@@ -7,7 +7,6 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from . import _h1
-from ._config import Upstream
 from ._errors import UpstreamAborted, UpstreamError, _IncompleteBody
 from ._forward import (
     _CHUNK,
@@ -25,6 +24,8 @@ from ._forward import (
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+    from ._config import Upstream
 
 
 # -- WSGI ------------------------------------------------------------------------

@@ -3,13 +3,13 @@
 ::
 
     from canarymw.sinks import BackgroundSink
-    from canarymw.jsonl import JSONLinesSink, read_stats
+    from canarymw.sinks.jsonl import JSONLinesSink, read_stats
 
     sink = BackgroundSink(JSONLinesSink("/var/log/myapp/canary/"))
     ...
     read_stats("/var/log/myapp/canary/")   # {"old": VariantStats(...), "new": ...}
 
-or from a shell: ``python -m canarymw.jsonl /var/log/myapp/canary/``.
+or from a shell: ``python -m canarymw.sinks.jsonl /var/log/myapp/canary/``.
 
 Each outcome is one line, a JSON object with the :class:`~canarymw.Outcome` fields
 plus ``pid`` (``close_code`` is null except for websockets)::
@@ -42,12 +42,13 @@ import math
 import os
 import select
 import threading
-import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from ._outcomes import Classifier, MemorySink, Outcome, VariantStats, default_classifier
+from .._runtime import reset_after_fork
+from ._base import Classifier, Outcome, default_classifier
+from .memory import MemorySink, VariantStats
 
 try:
     import fcntl
@@ -143,8 +144,7 @@ class JSONLinesSink:
         self.mode = mode
         self._counter = itertools.count(1)
         self._after_fork()
-        _forkable.add(self)
-        _install_fork_hook()
+        reset_after_fork(self, JSONLinesSink._after_fork)
 
     def _after_fork(self) -> None:
         # In a forked child the inherited descriptor still appends correctly (the open
@@ -249,22 +249,6 @@ class JSONLinesSink:
 
     def __repr__(self) -> str:
         return f"JSONLinesSink({str(self.path)!r})"
-
-
-_forkable: weakref.WeakSet[JSONLinesSink] = weakref.WeakSet()
-_fork_hook = False
-
-
-def _install_fork_hook() -> None:
-    global _fork_hook
-    if not _fork_hook and hasattr(os, "register_at_fork"):
-        _fork_hook = True
-        os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def _after_fork_in_child() -> None:
-    for sink in list(_forkable):
-        sink._after_fork()
 
 
 # -- reading -----------------------------------------------------------------------
@@ -372,10 +356,10 @@ def _format(stats: dict[str, VariantStats]) -> str:
 
 
 def main(argv: Sequence[str] | None = None, out: Callable[[str], object] = print) -> int:
-    """``python -m canarymw.jsonl PATH [ROLLOUT]``: print per-variant stats of a JSON lines store."""
+    """``python -m canarymw.sinks.jsonl PATH [ROLLOUT]``: print per-variant stats of a JSON lines store."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m canarymw.jsonl", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m canarymw.sinks.jsonl", description=main.__doc__)
     parser.add_argument("path", help="a .jsonl file or a directory of them")
     parser.add_argument("rollout", nargs="?", help="only this rollout (default: all)")
     args = parser.parse_args(argv)

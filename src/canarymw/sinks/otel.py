@@ -3,7 +3,7 @@
 ::
 
     from canarymw.sinks import BackgroundSink
-    from canarymw.otel import OpenTelemetrySink
+    from canarymw.sinks.otel import OpenTelemetrySink
 
     otel = OpenTelemetrySink()          # uses the global MeterProvider
     sink = BackgroundSink(otel)
@@ -33,9 +33,9 @@ from collections.abc import Iterable, Sequence
 
 from opentelemetry import metrics
 
-from ._outcomes import Outcome
-from ._version import __version__
-from .sinks import DEFAULT_BUCKETS, HealthSnapshot, HealthSources, outcome_class
+from .._version import __version__
+from ._base import DEFAULT_BUCKETS, Outcome, outcome_class
+from ._health import HealthSnapshot, HealthSources
 
 __all__ = ["DEFAULT_BUCKETS", "OpenTelemetrySink"]
 

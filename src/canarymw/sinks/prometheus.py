@@ -4,7 +4,7 @@
 
     from canarymw import Rollout, WSGICanaryMiddleware
     from canarymw.sinks import BackgroundSink
-    from canarymw.prometheus import PrometheusSink
+    from canarymw.sinks.prometheus import PrometheusSink
 
     prom = PrometheusSink()
     sink = BackgroundSink(prom)
@@ -42,8 +42,8 @@ from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
-from ._outcomes import Outcome
-from .sinks import DEFAULT_BUCKETS, OUTCOME_CLASSES, HealthSources, outcome_class
+from ._base import DEFAULT_BUCKETS, OUTCOME_CLASSES, Outcome, outcome_class
+from ._health import HealthSources
 
 __all__ = ["DEFAULT_BUCKETS", "PrometheusSink"]
 

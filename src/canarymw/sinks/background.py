@@ -17,14 +17,14 @@ from __future__ import annotations
 import atexit
 import logging
 import math
-import os
 import threading
 import time
 import weakref
 from collections import deque
 from collections.abc import Callable
 
-from ._outcomes import Outcome, Sink
+from .._runtime import RateLimit, reset_after_fork
+from ._base import Outcome, Sink
 
 log = logging.getLogger("canarymw")
 
@@ -167,8 +167,8 @@ class BackgroundSink:
         self.dropped = 0
         self.errors = 0
         self.processed = 0
-        self._last_drop_log = -math.inf
-        self._last_error_log = -math.inf
+        self._drop_log_due = RateLimit(self.log_interval)
+        self._error_log_due = RateLimit(self.log_interval)
 
     # -- the request path --------------------------------------------------------
     def record(self, outcome: Outcome) -> None:
@@ -211,14 +211,10 @@ class BackgroundSink:
                 log.warning("canarymw: %r could not start its consumer thread", self, exc_info=True)
 
     def _drop(self) -> None:
-        now = _monotonic()
         with self._lock:
             self.dropped += 1
             dropped = self.dropped
-            due = now - self._last_drop_log >= self.log_interval
-            if due:
-                self._last_drop_log = now
-        if due:
+        if self._drop_log_due.due():
             if self._closing is not None:
                 log.warning("canarymw: %r is closed; %d outcomes dropped so far", self, dropped)
             else:
@@ -309,9 +305,7 @@ class BackgroundSink:
 
     def _failed(self, sink: Sink, exc: BaseException) -> None:
         self.errors += 1
-        now = _monotonic()
-        if now - self._last_error_log >= self.log_interval:
-            self._last_error_log = now
+        if self._error_log_due.due():
             log.error(
                 "canarymw: sink %r failed in the background (%d failures so far); responses are unaffected",
                 sink,
@@ -405,34 +399,56 @@ class BackgroundSink:
 
 
 # -- process-wide hooks ------------------------------------------------------------
-# Installed once, on the first BackgroundSink, never at import. Instances are held
-# weakly so that a discarded sink (and its thread, once idle) is not kept alive here.
+# The exit hook is installed once, on the first BackgroundSink, never at import.
+# Instances are held weakly so that a discarded sink (and its thread, once idle) is not
+# kept alive here.
 _instances: weakref.WeakSet[BackgroundSink] = weakref.WeakSet()
-_hooks_lock = threading.Lock()
-_hooks_installed = False
+_exit_hook = threading.Lock()
 
 
 def _track(sink: BackgroundSink) -> None:
-    global _hooks_installed
-    with _hooks_lock:
-        _instances.add(sink)
-        if _hooks_installed:
-            return
-        _hooks_installed = True
-    if hasattr(os, "register_at_fork"):
-        os.register_at_fork(after_in_child=_after_fork_in_child)
-    atexit.register(_close_all_at_exit)
-
-
-def _after_fork_in_child() -> None:
-    global _hooks_lock
-    # Only the forking thread survives: locks another thread held are held forever.
-    _hooks_lock = threading.Lock()
-    for sink in list(_instances):
-        sink._reset()
+    reset_after_fork(sink, BackgroundSink._reset)
+    _instances.add(sink)
+    if _exit_hook.acquire(blocking=False):  # never released: the hook is installed once
+        atexit.register(_close_all_at_exit)
 
 
 def _close_all_at_exit() -> None:
     for sink in list(_instances):
         if sink._thread is not None and sink._closing is None:
             sink.close(sink.exit_timeout)
+
+
+def background_sinks(obj: object) -> list[BackgroundSink]:
+    """The :class:`BackgroundSink` objects reachable from ``obj``.
+
+    ``obj`` may be a middleware (its ``sink``), a sink guard, a ``FanoutSink``, a
+    ``BackgroundSink`` or any other sink. For shutdown code that must flush or close
+    whatever a middleware feeds::
+
+        for sink in background_sinks(app.wsgi_app):
+            sink.close(timeout=2)
+    """
+    if hasattr(obj, "sink_errors") and hasattr(obj, "sink"):
+        obj = obj.sink
+    return _unwrap(obj)
+
+
+def _unwrap(sink: object) -> list[BackgroundSink]:
+    """BackgroundSinks reachable from a sink, through guards and fan-outs."""
+    found: list[BackgroundSink] = []
+    seen: set[int] = set()
+    todo = [sink]
+    while todo:
+        s = todo.pop()
+        if id(s) in seen:
+            continue
+        seen.add(id(s))
+        if isinstance(s, BackgroundSink):
+            found.append(s)
+        elif s is not None:
+            inner = getattr(s, "sink", None)  # SinkGuard
+            if inner is not None:
+                todo.append(inner)
+            todo.extend(getattr(s, "sinks", ()))  # FanoutSink
+    return found

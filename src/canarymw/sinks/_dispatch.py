@@ -1,0 +1,70 @@
+"""How the adapters hand an outcome to the sink they were given (one function for both)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+from ._base import CallableSink, FanoutSink, Outcome, Sink, SinkGuard
+from .memory import _BATCH, MemorySink
+
+_new_tuple = tuple.__new__
+
+
+def direct_queue(guard: SinkGuard | None) -> MemorySink | None:
+    """The MemorySink behind ``guard`` if outcomes may skip its ``record()`` call.
+
+    :func:`deliver` then appends a plain field tuple to its queue and folds at
+    ``_BATCH``: the work of ``record()`` without building an ``Outcome``. Not for
+    subclasses, which may override ``record()``.
+    """
+    inner = guard.sink if guard is not None else None
+    return inner if type(inner) is MemorySink else None
+
+
+class _Adapter(Protocol):
+    @property
+    def _memory(self) -> MemorySink | None: ...
+    @property
+    def _record(self) -> Callable[[Outcome], None] | None: ...
+    @property
+    def sink(self) -> SinkGuard | None: ...
+
+
+def deliver(adapter: _Adapter, fields: tuple[Any, ...]) -> None:
+    """Hand one outcome's fields (in ``Outcome`` order) to an adapter's sink.
+
+    Straight into a MemorySink's queue (see :func:`direct_queue`), else as an
+    ``Outcome`` to the sink's ``record()``. A sink that raises is counted, never raised.
+    """
+    try:
+        memory = adapter._memory
+        if memory is None:
+            # tuple.__new__ skips _make's length check: callers pass all the fields.
+            adapter._record(_new_tuple(Outcome, fields))  # type: ignore[misc]
+        else:
+            pending = memory._pending
+            pending.append(fields)
+            if len(pending) >= _BATCH:
+                memory._fold(blocking=False)
+    except Exception:
+        adapter.sink.failed()  # type: ignore[union-attr]
+
+
+def as_sink(sink: Sink | Sequence[Sink] | None) -> SinkGuard | None:
+    """Normalise the ``sink=`` argument of the middlewares (one sink, a list, or None)."""
+    if sink is None:
+        return None
+    if isinstance(sink, (list, tuple)):
+        if not sink:
+            return None
+        inner: Sink = sink[0] if len(sink) == 1 else FanoutSink(*sink)
+    else:
+        inner = sink  # type: ignore[assignment]
+    if not callable(getattr(inner, "record", None)):
+        if not callable(inner):
+            raise TypeError(
+                f"sink {inner!r} has no record(outcome) method and is not callable; see canarymw.Sink."
+            )
+        inner = CallableSink(inner)
+    return SinkGuard(inner)
