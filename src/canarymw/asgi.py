@@ -92,7 +92,7 @@ from ._http import check_adapter_args, finish_headers, joined_cookie, resolve_up
 from ._rollout import FORCE_HEADER, FORCE_PARAM, Decision, Rollout, split_force_query
 from ._types import ASGIApp, Message, Receive, Scope, Send
 from .sinks._base import Sink
-from .sinks._dispatch import as_sink, deliver, direct_queue
+from .sinks._dispatch import as_sink, direct_queue, record
 from .sinks.background import background_sinks
 from .wsgi import accelerated
 
@@ -350,19 +350,7 @@ class ASGICanaryMiddleware:
             if not isinstance(route, str):
                 route = None
         error = error or scope.get("canarymw.error")
-        fields = (
-            decision.rollout,
-            decision.variant,
-            status,
-            duration,
-            error,
-            disconnected,
-            method,
-            route,
-            wall,
-            close_code,
-        )
-        deliver(self, fields)
+        record(self, decision, status, duration, error, disconnected, method, route, wall, close_code)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

@@ -32,7 +32,7 @@ from ._http import check_adapter_args, finish_headers, resolve_upstreams
 from ._rollout import FORCE_HEADER, FORCE_PARAM, Decision, Rollout, split_force_query
 from ._types import StartResponse, WSGIApplication, WSGIEnvironment
 from .sinks._base import Sink
-from .sinks._dispatch import as_sink, deliver, direct_queue
+from .sinks._dispatch import as_sink, deliver, direct_queue, record
 from .sinks.memory import _BATCH, MemorySink
 
 if TYPE_CHECKING:
@@ -239,9 +239,9 @@ class _Response:
         error = self.error or env.get("canarymw.error")
         decision = self.decision
         method = env.get("REQUEST_METHOD", "GET")
-        fields = (
-            decision.rollout,
-            decision.variant,
+        record(
+            mw,
+            decision,
             self.status,
             _perf() - self.started,
             error,
@@ -249,9 +249,7 @@ class _Response:
             method,
             env.get("canarymw.route"),
             self.wall,
-            None,
         )
-        deliver(mw, fields)
 
 
 def _drop_force(environ: WSGIEnvironment) -> None:

@@ -51,6 +51,39 @@ def deliver(adapter: _Adapter, fields: tuple[Any, ...]) -> None:
         adapter.sink.failed()  # type: ignore[union-attr]
 
 
+def record(
+    adapter: _Adapter,
+    decision: Any,
+    status: int | None,
+    duration: float,
+    error: str | None,
+    disconnected: bool,
+    method: str,
+    route: str | None,
+    wall: float,
+    close_code: int | None = None,
+) -> None:
+    """Build one request's outcome from its :class:`~canarymw.Decision` and hand it over.
+
+    The one place the adapters' Python paths put the fields in ``Outcome`` order.
+    """
+    deliver(
+        adapter,
+        (
+            decision.rollout,
+            decision.variant,
+            status,
+            duration,
+            error,
+            disconnected,
+            method,
+            route,
+            wall,
+            close_code,
+        ),
+    )
+
+
 def as_sink(sink: Sink | Sequence[Sink] | None) -> SinkGuard | None:
     """Normalise the ``sink=`` argument of the middlewares (one sink, a list, or None)."""
     if sink is None:
