@@ -83,6 +83,31 @@ def caching_headers(
     return new_vary, new_cc
 
 
+def with_ours(
+    headers: Iterable[tuple[T, T]],
+    ours: list[tuple[T, T]],
+    set_cookie: T | None,
+    policy: str | None,
+    names: tuple[T, T, T],
+    dec: Callable[[T], str],
+    enc: Callable[[str], T],
+    watched: Callable[[T], bool],
+) -> list[tuple[T, T]]:
+    """A new list: the app's response headers with ours added (the rule of both adapters).
+
+    ``ours`` are the pairs to append as they are (``Vary: Cookie``, ``Cache-Control``,
+    and the ``Set-Cookie`` when there is one) when the app set neither ``Vary`` nor
+    ``Cache-Control``: the common case. Otherwise the values are merged by
+    :func:`finish_headers`. ``watched(name)`` says whether a name is one of those two.
+    """
+    for name, _ in headers:
+        if watched(name):
+            return finish_headers(headers, set_cookie, policy, names, dec, enc)
+    out = list(headers)
+    out += ours
+    return out
+
+
 def finish_headers(
     headers: Iterable[tuple[T, T]],
     set_cookie: T | None,

@@ -88,7 +88,7 @@ import traceback
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, cast
 
-from ._http import check_adapter_args, finish_headers, joined_cookie, resolve_upstreams
+from ._http import check_adapter_args, joined_cookie, resolve_upstreams, with_ours
 from ._rollout import FORCE_HEADER, FORCE_PARAM, Decision, Rollout, split_force_query
 from ._types import ASGIApp, Message, Receive, Scope, Send
 from .sinks._base import Sink
@@ -124,6 +124,11 @@ def _dec(value: bytes) -> str:
 
 def _enc(value: str) -> bytes:
     return value.encode("latin-1")
+
+
+def _watched(name: bytes) -> bool:
+    # ASGI response header names are lower case (the spec requires it).
+    return name == b"vary" or name == b"cache-control"
 
 
 def _own_headers(scope: Scope) -> Scope:
@@ -309,22 +314,17 @@ class ASGICanaryMiddleware:
             headers = ()
         elif not isinstance(headers, (list, tuple)):
             headers = list(headers)  # a one-shot iterable is read twice below
-        for name, _ in headers:
-            if name == b"vary" or name == b"cache-control":
-                merged = finish_headers(
-                    cast("Iterable[tuple[bytes, bytes]]", headers),
-                    cookie,
-                    self.cache_control,
-                    _NAMES,
-                    _dec,
-                    _enc,
-                )
-                break
-        else:
-            # Common case: the app set neither header, so ours are appended as they are.
-            merged = [*headers, *extra]
         out = dict(message)
-        out["headers"] = merged
+        out["headers"] = with_ours(
+            cast("Iterable[tuple[bytes, bytes]]", headers),
+            extra,
+            cookie,
+            self.cache_control,
+            _NAMES,
+            _dec,
+            _enc,
+            _watched,
+        )
         return out
 
     # -- HTTP ----------------------------------------------------------------------
@@ -617,17 +617,7 @@ class _Exchange:
         elif kind == "http.response.start":
             self.status = message.get("status")
             self.trailers = bool(message.get("trailers", False))
-            headers = message.get("headers")
-            if type(headers) is list:
-                for name, _ in headers:
-                    if name == b"vary" or name == b"cache-control":
-                        message = self.mw._start(message, self.cookie, self.extra)
-                        break
-                else:
-                    # Common case: the app set neither header, so ours are appended.
-                    message = {**message, "headers": [*headers, *self.extra]}
-            else:
-                message = self.mw._start(message, self.cookie, self.extra)
+            message = self.mw._start(message, self.cookie, self.extra)
         elif kind == "http.response.trailers":
             # See: https://asgi.readthedocs.io/en/latest/extensions.html#http-trailers
             last = not (self.ended or message.get("more_trailers", False))

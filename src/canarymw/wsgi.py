@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from ._http import check_adapter_args, finish_headers, resolve_upstreams
+from ._http import check_adapter_args, resolve_upstreams, with_ours
 from ._rollout import FORCE_HEADER, FORCE_PARAM, Decision, Rollout, split_force_query
 from ._types import StartResponse, WSGIApplication, WSGIEnvironment
 from .sinks._base import Sink
@@ -51,6 +51,11 @@ _codes: dict[str, int] = {}  # status line -> code: most apps send a handful of 
 
 def _same(value: str) -> str:
     return value
+
+
+def _watched(name: str) -> bool:
+    # len() first: most names can be ruled out without building a lower-case copy.
+    return (len(name) == 4 or len(name) == 13) and name.lower() in _WATCHED
 
 
 class WSGICanaryMiddleware:
@@ -185,16 +190,8 @@ class _Response:
         self.status = _parse_status(status) if code is None else code
         cookie = self.decision.set_cookie
         mw = self.mw
-        for name, _ in headers:
-            # len() first: most names can be ruled out without building a lower-case copy.
-            if (len(name) == 4 or len(name) == 13) and name.lower() in _WATCHED:
-                headers = finish_headers(headers, cookie, mw.cache_control, _NAMES, _same, _same)
-                break
-        else:
-            # Common case: the app set neither header, so ours are appended as they are.
-            headers = headers + mw.extra_headers
-            if cookie is not None:
-                headers.append(("Set-Cookie", cookie))
+        ours = mw.extra_headers if cookie is None else [*mw.extra_headers, ("Set-Cookie", cookie)]
+        headers = with_ours(headers, ours, cookie, mw.cache_control, _NAMES, _same, _same, _watched)
         if exc_info is not None:
             return self.server_start_response(status, headers, exc_info)
         return self.server_start_response(status, headers)
