@@ -88,8 +88,9 @@ import traceback
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, cast
 
-from ._http import check_adapter_args, joined_cookie, resolve_upstreams, with_ours
+from ._headers import joined_cookie, with_ours
 from ._rollout import FORCE_HEADER, FORCE_PARAM, Decision, Rollout, split_force_query
+from ._setup import check_adapter_args, resolve_upstreams
 from ._types import ASGIApp, Message, Receive, Scope, Send
 from .sinks._base import Sink
 from .sinks._dispatch import as_sink, direct_queue, record

@@ -68,7 +68,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 from flask import Flask, current_app, has_request_context, request
 from werkzeug.local import LocalProxy
 
-from ._http import finish_headers
+from ._headers import finish_headers
 from ._rollout import Decision, Rollout, _Cache
 from .sinks import Sink
 from .wsgi import _FORCE, WSGICanaryMiddleware, _drop_force

@@ -28,8 +28,9 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from ._http import check_adapter_args, resolve_upstreams, with_ours
+from ._headers import with_ours
 from ._rollout import FORCE_HEADER, FORCE_PARAM, Decision, Rollout, split_force_query
+from ._setup import check_adapter_args, resolve_upstreams
 from ._types import StartResponse, WSGIApplication, WSGIEnvironment
 from .sinks._base import Sink
 from .sinks._dispatch import as_sink, deliver, direct_queue, record
