@@ -57,17 +57,21 @@ def with_ours(
     names: tuple[T, T, T],
     dec: Callable[[T], str],
     enc: Callable[[str], T],
-    watched: Callable[[T], bool],
+    fold: bool,
 ) -> list[tuple[T, T]]:
     """A new list: the app's response headers with ours added (the rule of both adapters).
 
     ``ours`` are the pairs to append as they are (``Vary: Cookie``, ``Cache-Control``,
     and the ``Set-Cookie`` when there is one) when the app set neither ``Vary`` nor
     ``Cache-Control``: the common case. Otherwise the values are merged by
-    :func:`finish_headers`. ``watched(name)`` says whether a name is one of those two.
+    :func:`finish_headers`. ``fold``: compare names case-insensitively (WSGI); ASGI
+    response header names are lower case by the spec.
     """
+    vary, cache_control = names[0].lower(), names[1].lower()
     for name, _ in headers:
-        if watched(name):
+        if fold:
+            name = name.lower()
+        if name in (vary, cache_control):
             return finish_headers(headers, set_cookie, policy, names, dec, enc)
     out = list(headers)
     out += ours

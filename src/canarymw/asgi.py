@@ -127,11 +127,6 @@ def _enc(value: str) -> bytes:
     return value.encode("latin-1")
 
 
-def _watched(name: bytes) -> bool:
-    # ASGI response header names are lower case (the spec requires it).
-    return name == b"vary" or name == b"cache-control"
-
-
 def _own_headers(scope: Scope) -> Scope:
     # Headers given as another iterable than a list or tuple (a generator, say) become a
     # list in our scope copy: the decision reads them once and the app again.
@@ -324,7 +319,7 @@ class ASGICanaryMiddleware:
             _NAMES,
             _dec,
             _enc,
-            _watched,
+            False,
         )
         return out
 

@@ -42,7 +42,6 @@ if TYPE_CHECKING:
 ExcInfo = tuple[type[BaseException], BaseException, TracebackType] | tuple[None, None, None]
 
 _NAMES = ("Vary", "Cache-Control", "Set-Cookie")
-_WATCHED = frozenset(("vary", "cache-control"))
 _perf = time.perf_counter
 _wall = time.time
 _new_response = object.__new__
@@ -52,11 +51,6 @@ _codes: dict[str, int] = {}  # status line -> code: most apps send a handful of 
 
 def _same(value: str) -> str:
     return value
-
-
-def _watched(name: str) -> bool:
-    # len() first: most names can be ruled out without building a lower-case copy.
-    return (len(name) == 4 or len(name) == 13) and name.lower() in _WATCHED
 
 
 class WSGICanaryMiddleware:
@@ -192,7 +186,7 @@ class _Response:
         cookie = self.decision.set_cookie
         mw = self.mw
         ours = mw.extra_headers if cookie is None else [*mw.extra_headers, ("Set-Cookie", cookie)]
-        headers = with_ours(headers, ours, cookie, mw.cache_control, _NAMES, _same, _same, _watched)
+        headers = with_ours(headers, ours, cookie, mw.cache_control, _NAMES, _same, _same, True)
         if exc_info is not None:
             return self.server_start_response(status, headers, exc_info)
         return self.server_start_response(status, headers)
