@@ -14,10 +14,17 @@ def joined_cookie(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
     One join, linear however many headers there are.
     See: RFC 9113 §8.2.3 (HTTP/2 splits cookies; rejoin with "; ")
     """
-    values = [value for name, value in headers if name == b"cookie"]
-    if not values:
-        return None
-    return values[0] if len(values) == 1 else b"; ".join(values)
+    found: bytes | None = None
+    more: list[bytes] | None = None
+    for name, value in headers:  # a loop, not a comprehension: one frame less per request
+        if name == b"cookie":
+            if found is None:
+                found = value
+            elif more is None:
+                more = [found, value]
+            else:
+                more.append(value)
+    return found if more is None else b"; ".join(more)
 
 
 def caching_headers(
