@@ -11,12 +11,13 @@ variant follows from the id and the live percent.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import os
 from base64 import urlsafe_b64encode
 from binascii import b2a_base64
 from collections.abc import Sequence
 
-from itsdangerous import BadData, Signer
+from itsdangerous import Signer
 
 VERSION = "1"
 SIGNER_SALT = "canarymw.cohort"
@@ -88,19 +89,20 @@ def find_values(header: str, name: str, limit: int | None = None) -> list[str]:
 class CookieCodec:
     """Signs and verifies cohort cookie values with a rotating key list."""
 
-    __slots__ = ("_inner", "_outer", "_signers")
+    __slots__ = ("_states",)
 
     def __init__(self, keys: list[bytes]) -> None:
-        # One signer per key, newest first, so we know which key verified.
-        self._signers = [
-            Signer(k, salt=SIGNER_SALT, key_derivation="hmac", digest_method=hashlib.sha256)
-            for k in reversed(keys)
-        ]
-        # Signing is what a first visit pays for: derive the key once and keep the two
-        # keyed hash states of HMAC (RFC 2104) to copy. Byte-identical to Signer.sign().
-        key = self._signers[0].derive_key().ljust(64, b"\0")  # derived key: 32 bytes
-        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in key))
-        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))
+        # Signing and verifying are what new visitors pay for (and forged values too):
+        # derive each key once (itsdangerous's HMAC derivation) and keep the two keyed
+        # hash states of HMAC (RFC 2104) to copy. Byte-identical to Signer.sign(); newest
+        # key first, so we know which key verified.
+        self._states = []
+        for k in reversed(keys):
+            signer = Signer(k, salt=SIGNER_SALT, key_derivation="hmac", digest_method=hashlib.sha256)
+            key = signer.derive_key().ljust(64, b"\0")  # derived key: 32 bytes
+            self._states.append(
+                (hashlib.sha256(bytes(b ^ 0x36 for b in key)), hashlib.sha256(bytes(b ^ 0x5C for b in key)))
+            )
 
     def issue(self, cohort_id: str, issued: int) -> str:
         """Sign a new value for ``cohort_id`` with the newest key."""
@@ -109,36 +111,45 @@ class CookieCodec:
     def issue_many(self, cohort_ids: list[str], issued: int) -> list[str]:
         """Sign new values for many ids at once with the newest key (Signer.sign()'s bytes)."""
         prefix, suffix = f"{VERSION}.".encode("ascii"), f".{issued:x}".encode("ascii")
-        inner_state, outer_state = self._inner, self._outer
+        newest = self._states[0]
         out = []
         for cid in cohort_ids:
             payload = prefix + cid.encode("ascii") + suffix
-            inner = inner_state.copy()
-            inner.update(payload)
-            outer = outer_state.copy()
-            outer.update(inner.digest())
-            sig = b2a_base64(outer.digest(), newline=False).rstrip(b"=").translate(_URLSAFE)
-            out.append((payload + b"." + sig).decode("ascii"))
+            out.append((payload + b"." + _signature(newest, payload)).decode("ascii"))
         return out
 
     def verify(self, value: str) -> tuple[str, int, bool] | None:
-        """Return ``(id, issued, signed_with_newest_key)`` or None for any bad value."""
+        """Return ``(id, issued, signed_with_newest_key)`` or None for any bad value.
+
+        Only the canonical signature we issue verifies (itsdangerous would also take the
+        same bytes spelt with padding or stray characters): a forged value costs one
+        HMAC per key and nothing else.
+        """
         if not value or len(value) > MAX_VALUE_LENGTH or not value.isascii():
             return None
-        for index, signer in enumerate(self._signers):
-            try:
-                payload = signer.unsign(value).decode("ascii")
-            except (BadData, UnicodeDecodeError):
-                continue
-            parts = payload.split(".")
-            if len(parts) != 3 or parts[0] != VERSION or len(parts[1]) != 22:
-                return None
-            try:
-                issued = int(parts[2], 16)
-            except ValueError:
-                return None
-            return parts[1], issued, index == 0
+        payload, dot, signature = value.rpartition(".")
+        if not dot:
+            return None
+        raw, given = payload.encode("ascii"), signature.encode("ascii")
+        for index, states in enumerate(self._states):
+            if hmac.compare_digest(_signature(states, raw), given):
+                parts = payload.split(".")
+                if len(parts) != 3 or parts[0] != VERSION or len(parts[1]) != 22:
+                    return None
+                try:
+                    issued = int(parts[2], 16)
+                except ValueError:
+                    return None
+                return parts[1], issued, index == 0
         return None
+
+
+def _signature(states: tuple[hashlib._Hash, hashlib._Hash], payload: bytes) -> bytes:
+    # HMAC-SHA256 from the keyed states, base64url without padding: itsdangerous's format.
+    inner, outer = states[0].copy(), states[1].copy()
+    inner.update(payload)
+    outer.update(inner.digest())
+    return b2a_base64(outer.digest(), newline=False).rstrip(b"=").translate(_URLSAFE)
 
 
 def new_ids(count: int) -> list[str]:
