@@ -121,3 +121,19 @@ def test_the_import_graph_has_no_circle() -> None:
     for node in sorted(graph):
         if node not in state:
             visit(node)
+
+
+def test_a_middleware_keeps_the_sink_it_was_given() -> None:
+    from canarymw import MemorySink, Rollout, WSGICanaryMiddleware
+    from canarymw.asgi import ASGICanaryMiddleware
+
+    def app(environ: object, start_response: object) -> list[bytes]:
+        return []
+
+    rollout = Rollout("api", percent=10, secret_key="api-secret-key-0123456789")
+    one, two = MemorySink(), MemorySink()
+    for cls in (WSGICanaryMiddleware, ASGICanaryMiddleware):
+        assert cls(app, new=None, rollout=rollout, sink=one).sink is one
+        pair = [one, two]
+        assert cls(app, new=None, rollout=rollout, sink=pair).sink is pair
+        assert cls(app, new=None, rollout=rollout).sink is None

@@ -236,7 +236,9 @@ class ASGICanaryMiddleware:
         self.app = self.old_app = old_app
         self.new_app = old_app if new is None else new
         self.rollout = rollout
-        self.sink = as_sink(sink)
+        self.sink = sink
+        """The sink(s) as given; outcomes reach them through an internal guard."""
+        self._guard = as_sink(sink)
         self.cache_control = cache_control or None
         self.on_new_startup_failure: StartupFailurePolicy = on_new_startup_failure
         self.shutdown_flush_timeout = shutdown_flush_timeout
@@ -248,8 +250,8 @@ class ASGICanaryMiddleware:
             self._extra.append((b"cache-control", self.cache_control.encode("ascii")))
         # Rollout.is_excluded is fixed at construction; skip the call when it is empty.
         self._excluded: Callable[[str], bool] | None = rollout.is_excluded if rollout.is_excluded else None
-        self._record = self.sink.sink.record if self.sink is not None else None
-        self._memory = direct_queue(self.sink)
+        self._record = self._guard.sink.record if self._guard is not None else None
+        self._memory = direct_queue(self._guard)
         self._new_state: dict[str, Any] | None = None
         self._router = (
             None
@@ -260,7 +262,7 @@ class ASGICanaryMiddleware:
     @property
     def sink_errors(self) -> int:
         """How many times the sink (or, for a list of sinks, any one of them) raised."""
-        return self.sink.total_errors if self.sink is not None else 0
+        return self._guard.total_errors if self._guard is not None else 0
 
     # -- routing -------------------------------------------------------------------
     def _decide(self, scope: Scope) -> Decision:

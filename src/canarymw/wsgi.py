@@ -88,9 +88,11 @@ class WSGICanaryMiddleware:
         self.old_app = old
         self.new_app = old if new_app is None else new_app
         self.rollout = rollout
-        self.sink = as_sink(sink)
-        self._record = self.sink.sink.record if self.sink is not None else None
-        self._memory = direct_queue(self.sink)
+        self.sink = sink
+        """The sink(s) as given; outcomes reach them through an internal guard."""
+        self._guard = as_sink(sink)
+        self._record = self._guard.sink.record if self._guard is not None else None
+        self._memory = direct_queue(self._guard)
         self._excluded = rollout.is_excluded if rollout.is_excluded else None
         self.cache_control = cache_control
         self.extra_headers: list[tuple[str, str]] = [("Vary", "Cookie")]
@@ -102,7 +104,7 @@ class WSGICanaryMiddleware:
     @property
     def sink_errors(self) -> int:
         """How many times the sink (or, for a list of sinks, any one of them) raised."""
-        return self.sink.total_errors if self.sink is not None else 0
+        return self._guard.total_errors if self._guard is not None else 0
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         rollout = self.rollout
@@ -269,7 +271,7 @@ def _sink_failed(mw: WSGICanaryMiddleware, exc: Exception) -> None:
     try:
         raise exc
     except Exception:
-        mw.sink.failed()  # type: ignore[union-attr]
+        mw._guard.failed()  # type: ignore[union-attr]
 
 
 def _fold(memory: MemorySink) -> None:

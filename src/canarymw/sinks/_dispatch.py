@@ -28,7 +28,7 @@ class _Adapter(Protocol):
     @property
     def _record(self) -> Callable[[Outcome], None] | None: ...
     @property
-    def sink(self) -> SinkGuard | None: ...
+    def _guard(self) -> SinkGuard | None: ...
 
 
 def deliver(adapter: _Adapter, fields: tuple[Any, ...]) -> None:
@@ -48,7 +48,7 @@ def deliver(adapter: _Adapter, fields: tuple[Any, ...]) -> None:
             if len(pending) >= _BATCH:
                 memory._fold(blocking=False)
     except Exception:
-        adapter.sink.failed()  # type: ignore[union-attr]
+        adapter._guard.failed()  # type: ignore[union-attr]
 
 
 def record(

@@ -63,7 +63,7 @@ class HealthSources:
         elif hasattr(source, "sink_errors") and isinstance(getattr(source, "rollout", None), Rollout):
             self._guards[id(source)] = source
             self._add(source.rollout)  # type: ignore[attr-defined]
-            for inner in _unwrap(getattr(source, "sink", None)):
+            for inner in _unwrap(getattr(source, "_guard", None)):
                 self._add(inner)
         else:
             raise TypeError(

@@ -429,8 +429,8 @@ def background_sinks(obj: object) -> list[BackgroundSink]:
         for sink in background_sinks(app.wsgi_app):
             sink.close(timeout=2)
     """
-    if hasattr(obj, "sink_errors") and hasattr(obj, "sink"):
-        obj = obj.sink
+    if hasattr(obj, "sink_errors") and hasattr(obj, "_guard"):
+        obj = obj._guard
     return _unwrap(obj)
 
 
