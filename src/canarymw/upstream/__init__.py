@@ -139,14 +139,6 @@ __all__ = [
 ]
 
 Upstream.__module__ = "canarymw"  # public as canarymw.Upstream
-for _error in (
-    UpstreamAborted,
-    UpstreamConnectError,
-    UpstreamConnectTimeout,
-    UpstreamError,
-    UpstreamPoolTimeout,
-    UpstreamProtocolError,
-    UpstreamTimeout,
-    UpstreamUnavailable,
-):
-    _error.__module__ = __name__
+for _name in __all__:
+    if _name != "Upstream":
+        globals()[_name].__module__ = __name__
