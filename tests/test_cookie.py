@@ -1,10 +1,19 @@
 from __future__ import annotations
 
+import re
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from canarymw._cookie import CookieCodec, find_values, new_ids, normalise_keys, render_set_cookie
+from canarymw._cookie import (
+    CookieCodec,
+    find_values,
+    new_ids,
+    normalise_keys,
+    render_set_cookie,
+    validate_cookie_settings,
+)
 
 
 @pytest.mark.parametrize(
@@ -22,10 +31,31 @@ from canarymw._cookie import CookieCodec, find_values, new_ids, normalise_keys, 
         pytest.param('bad"cookie=\\x; canarymw=abc', ["abc"], id="malformed neighbour"),
         pytest.param("canarymw=", [""], id="empty"),
         pytest.param("", [], id="empty header"),
+        pytest.param("Xcanarymw=evil; canarymw=abc", ["abc"], id="any letter before the name"),
+        pytest.param("a=1;\tcanarymw=abc", ["abc"], id="tab before the name"),
+        pytest.param("canarymw=abc; b=2; c=3", ["abc"], id="first semicolon ends the value"),
+        pytest.param("canarymw=abc; b=2, c=3", ["abc"], id="a comma after the semicolon is not ours"),
+        pytest.param("canarymw=a,b,c; d=1", ["a"], id="first comma ends the value"),
+        pytest.param('canarymw=""', [""], id="empty quoted"),
+        pytest.param('canarymw="', ['"'], id="one quote is kept"),
+        pytest.param('canarymw=" a "', [" a "], id="quotes keep what they hold"),
+        pytest.param("canarymw=  abc  ; x=1", ["abc"], id="blanks stripped"),
+        pytest.param("canarymw=a; canarymw=b; canarymw=c", ["a", "b", "c"], id="three, in order"),
+        pytest.param("canarymw=a;canarymw=b", ["a", "b"], id="back to back"),
+        pytest.param("xcanarymw=1; canarymw=a; canarymw=b", ["a", "b"], id="lookalike first, then two"),
     ],
 )
 def test_find_values(header: str, expected: list[str]) -> None:
     assert find_values(header, "canarymw") == expected
+
+
+def test_find_values_stops_at_the_limit() -> None:
+    header = "canarymw=a; x=1; canarymw=b; canarymw=c"
+    assert find_values(header, "canarymw", 1) == ["a"]
+    assert find_values(header, "canarymw", 2) == ["a", "b"]
+    assert find_values(header, "canarymw", 5) == ["a", "b", "c"]
+    assert find_values(header, "canarymw", None) == ["a", "b", "c"]
+    assert find_values(header, "x") == ["1"]
 
 
 @given(st.text(max_size=300))
@@ -97,18 +127,28 @@ def test_flask_session_value_with_same_key_never_verifies() -> None:
 
 
 @pytest.mark.parametrize(
-    ("keys", "error"),
+    ("keys", "error", "match"),
     [
-        pytest.param("", ValueError, id="empty"),
-        pytest.param([], ValueError, id="empty list"),
-        pytest.param(["ok", ""], ValueError, id="one empty"),
-        pytest.param(None, TypeError, id="None"),
-        pytest.param([1], TypeError, id="not str"),
+        pytest.param(
+            "", ValueError, r"got an empty secret key; .* keep it out of source control\.$", id="empty"
+        ),
+        pytest.param([], ValueError, r"^Rollout 'x' needs a secret_key; an empty key list", id="empty list"),
+        pytest.param(["ok", ""], ValueError, r"empty secret key", id="one empty"),
+        pytest.param(None, TypeError, r"secret_key as a str, .* not NoneType\.$", id="None"),
+        pytest.param(5, TypeError, r"not int\.$", id="int"),
+        pytest.param([1], TypeError, r"got a secret key of type int; use str or bytes\.$", id="not str"),
     ],
 )
-def test_bad_keys(keys: object, error: type[Exception]) -> None:
-    with pytest.raises(error, match=r"secret"):
+def test_bad_keys(keys: object, error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
         normalise_keys(keys, "Rollout 'x'")
+
+
+def test_keys_become_bytes_oldest_first() -> None:
+    assert normalise_keys("k", "x") == [b"k"]
+    assert normalise_keys(b"k", "x") == [b"k"]
+    assert normalise_keys(["a", b"b", "c"], "x") == [b"a", b"b", b"c"]
+    assert normalise_keys(("a",), "x") == [b"a"]
 
 
 def test_render_set_cookie() -> None:
@@ -136,3 +176,86 @@ def test_issue_is_byte_identical_to_itsdangerous_signer() -> None:
     values = c.issue_many(ids, 1_700_000_123)
     assert values == [signer.sign(f"1.{i}.{1_700_000_123:x}").decode() for i in ids]
     assert all(c.verify(v) == (i, 1_700_000_123, True) for i, v in zip(ids, values, strict=True))
+
+
+def _signed(payload: str, key: str = "k1") -> str:
+    import hashlib
+
+    from itsdangerous import Signer
+
+    signer = Signer(key, salt="canarymw.cohort", key_derivation="hmac", digest_method=hashlib.sha256)
+    return signer.sign(payload).decode()
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        pytest.param("2.AAAAAAAAAAAAAAAAAAAAAA.1", id="another format version"),
+        pytest.param("1.AAAAAAAAAAAAAAAAAAAAA.1", id="id of 21 characters"),
+        pytest.param("1.AAAAAAAAAAAAAAAAAAAAAAA.1", id="id of 23 characters"),
+        pytest.param("1.AAAAAAAAAAAAAAAAAAAAAA.1.x", id="four parts"),
+        pytest.param("1.AAAAAAAAAAAAAAAAAAAAAA", id="two parts"),
+        pytest.param("1.AAAAAAAAAAAAAAAAAAAAAA.zz", id="issue time not hexadecimal"),
+        pytest.param("1.AAAAAAAAAAAAAAAAAAAAAA.", id="no issue time"),
+    ],
+)
+def test_signed_but_malformed_values_are_no_cookie(payload: str) -> None:
+    # Correctly signed with our key and salt, so only the format checks can reject them.
+    assert codec("k1").verify(_signed(payload)) is None
+
+
+def test_signed_value_fields() -> None:
+    assert codec("k1").verify(_signed("1.AAAAAAAAAAAAAAAAAAAAAA.ff")) == ("A" * 22, 255, True)
+    assert codec("k0", "k1").verify(_signed("1.BBBBBBBBBBBBBBBBBBBBBB.10", "k0")) == ("B" * 22, 16, False)
+
+
+@pytest.mark.parametrize("count", [2, 4, 64])
+def test_new_ids(count: int) -> None:
+    ids = new_ids(count)
+    assert len(ids) == count == len(set(ids))
+    assert all(
+        len(i) == 22 and set(i) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+        for i in ids
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "samesite", "secure", "max_age", "match"),
+    [
+        pytest.param("", "Lax", None, 1, "cookie_name ''", id="empty name"),
+        pytest.param("kéy", "Lax", None, 1, "cookie_name", id="non-ascii name"),
+        *(
+            pytest.param(f"a{c}b", "Lax", None, 1, "cookie_name", id=f"name with {c!r}")
+            for c in ' \t;,="()<>@:\\/[]?{}'
+        ),
+        pytest.param("c", "lax", None, 1, "cookie_samesite 'lax'", id="samesite case"),
+        pytest.param("c", "", None, 1, "cookie_samesite ''", id="samesite empty"),
+        pytest.param("c", "None", False, 1, "SameSite=None without Secure", id="none without secure"),
+        pytest.param("c", "Lax", None, 0, "cookie_max_age 0", id="zero max age"),
+        pytest.param("c", "Lax", None, -5, "cookie_max_age -5", id="negative max age"),
+        pytest.param("c", "Lax", None, True, "cookie_max_age True", id="bool max age"),
+        pytest.param("c", "Lax", None, 1.5, "cookie_max_age 1.5", id="float max age"),
+    ],
+)
+def test_bad_cookie_settings(
+    name: str, samesite: str, secure: bool | None, max_age: object, match: str
+) -> None:
+    with pytest.raises(ValueError, match=re.escape(match)):
+        validate_cookie_settings("Rollout 'r'", name, samesite, secure, max_age)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("name", "samesite", "secure", "max_age"),
+    [
+        pytest.param("canarymw", "Lax", None, 1, id="defaults, one second"),
+        pytest.param("a-b_c.d!#$%&'*+^`|~", "Strict", False, None, id="token characters, session cookie"),
+        pytest.param("X-Canary", "Lax", None, 1, id="capitals"),
+        pytest.param("c", "None", True, 60, id="SameSite=None with Secure"),
+        pytest.param("c", "None", None, 60, id="SameSite=None with Secure on https"),
+        pytest.param("c", None, False, 60, id="no SameSite"),
+    ],
+)
+def test_good_cookie_settings(
+    name: str, samesite: str | None, secure: bool | None, max_age: int | None
+) -> None:
+    validate_cookie_settings("Rollout 'r'", name, samesite, secure, max_age)
