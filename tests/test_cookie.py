@@ -244,6 +244,13 @@ def test_bad_cookie_settings(
         validate_cookie_settings("Rollout 'r'", name, samesite, secure, max_age)  # type: ignore[arg-type]
 
 
+def test_samesite_none_error_says_what_to_do() -> None:
+    with pytest.raises(
+        ValueError, match=r"^Rollout 'r' sets SameSite=None without Secure; .* at None or True\.$"
+    ):
+        validate_cookie_settings("Rollout 'r'", "c", "None", False, None)
+
+
 @pytest.mark.parametrize(
     ("name", "samesite", "secure", "max_age"),
     [

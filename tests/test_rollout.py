@@ -584,8 +584,8 @@ def test_force_token_length_and_flag_types() -> None:
         pytest.param(
             {"exclude": ["health"]},
             ValueError,
-            r"'health'; use a path starting with '/' \(it also covers everything below it\) "
-            r"or a compiled regular expression\.$",
+            r"^Rollout 'r' got exclude rule 'health'; use a path starting with '/' "
+            r"\(it also covers everything below it\) or a compiled regular expression\.$",
             id="relative exclude",
         ),
     ],
@@ -880,3 +880,12 @@ def test_configuration_is_fixed_after_construction() -> None:
     r.note = "mine"  # type: ignore[attr-defined]
     del r.note  # type: ignore[attr-defined]
     assert not hasattr(r, "note") and r.percent == 7 and r.deny == frozenset()
+
+
+@pytest.mark.parametrize("percent", [0.07, 1.1, 0.29, 57.7, 99.99])
+def test_two_decimal_percents_take_exactly_their_buckets(percent: float) -> None:
+    # Float rounding once let one extra bucket in (0.07 * 100 = 7.000000000000001).
+    r = Rollout("boundary", percent=percent, secret_key=KEY)
+    edge = round(percent * 100)
+    assert r._choose("x", edge)[0] == "old"
+    assert r._choose("x", edge - 1)[0] == "new"

@@ -391,7 +391,8 @@ class Rollout:
         with self._lock:
             # One tuple, so readers never see a percent with another's threshold;
             # the generation bump afterwards retires cached decisions.
-            self._state = (pct, pct * (BUCKETS / 100))
+            # Whole buckets: 0.07% is 7 buckets, not 7.000000000000001 (which would let an 8th in).
+            self._state = (pct, round(pct * (BUCKETS / 100), 6))
             self._gen += 1
 
     # -- pure helpers ------------------------------------------------------------
