@@ -25,7 +25,7 @@ import pytest
 import canarymw._rollout
 from canarymw import Outcome, Rollout, Upstream
 from canarymw._cookie import find_values
-from canarymw._rollout import _Cache
+from canarymw._runtime import BoundedCache
 
 from .conftest import use_asgi_impl, use_wsgi_impl
 from .harness import ASGIKit, WSGIKit, http_scope
@@ -247,7 +247,7 @@ def test_a_flood_of_farmed_cookies_evicts_only_the_oldest(monkeypatch: pytest.Mo
 
 
 def test_the_bounded_cache_keeps_its_budget_and_evicts_a_slice() -> None:
-    cache: _Cache[int] = _Cache(max_items=80, max_chars=1_000, max_key=100)
+    cache: BoundedCache[int] = BoundedCache(max_items=80, max_chars=1_000, max_key=100)
     for i in range(80):
         cache.put(f"k{i:03d}", i)
     assert len(cache) == 80

@@ -807,18 +807,18 @@ def test_force_token_may_hold_a_colon_and_the_query_form_stays_off() -> None:
     ],
 )
 def test_bounded_cache_evicts_its_oldest(max_items: int, max_chars: int, keys: int, kept: list[int]) -> None:
-    from canarymw._rollout import _Cache
+    from canarymw._runtime import BoundedCache
 
-    cache: _Cache[int] = _Cache(max_items, max_chars, 10)
+    cache: BoundedCache[int] = BoundedCache(max_items, max_chars, 10)
     for i in range(keys):
         cache.put(f"key{i:04d}"[-4:], i)  # four characters each
     assert sorted(cache.values()) == kept
 
 
 def test_bounded_cache_counts_each_key_once_and_skips_long_keys() -> None:
-    from canarymw._rollout import _Cache
+    from canarymw._runtime import BoundedCache
 
-    cache: _Cache[int] = _Cache(100, 12, 4)
+    cache: BoundedCache[int] = BoundedCache(100, 12, 4)
     cache.put("aaaa", 1)
     for _ in range(5):
         cache.put("bbbb", 2)  # re-putting replaces; its characters count once

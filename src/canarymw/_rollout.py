@@ -8,9 +8,8 @@ import math
 import re
 import threading
 from collections.abc import Callable, Iterable
-from itertools import islice
 from time import time as _time
-from typing import Any, Literal, NamedTuple, TypeVar
+from typing import Any, Literal, NamedTuple
 from urllib.parse import unquote_plus
 
 from ._bucketing import BUCKETS, bucketer
@@ -23,7 +22,7 @@ from ._cookie import (
     render_set_cookie,
     validate_cookie_settings,
 )
-from ._runtime import reset_after_fork
+from ._runtime import BoundedCache, reset_after_fork
 
 Variant = Literal["old", "new"]
 Reason = Literal["bucket", "allowlist", "denylist", "forced"]
@@ -79,47 +78,6 @@ class Decision(NamedTuple):
     def is_new(self) -> bool:
         """True when the request goes to the new implementation."""
         return self.variant == "new"
-
-
-V = TypeVar("V")
-
-
-class _Cache(dict[str, V]):
-    """A dict bounded in entries and in key characters that evicts its oldest eighth.
-
-    A flood of new keys (forged or farmed cookies, junk neighbour cookies) only ever
-    pushes out the oldest entries, never the whole cache at once; a miss costs the
-    client a re-check, never correctness. Reads are plain ``dict.get``; writes go
-    through :meth:`put` under a lock.
-    """
-
-    __slots__ = ("_chars", "_lock", "max_chars", "max_items", "max_key")
-
-    def __init__(self, max_items: int, max_chars: int, max_key: int) -> None:
-        super().__init__()
-        self.max_items = max_items
-        self.max_chars = max_chars
-        self.max_key = max_key
-        self._chars = 0
-        self._lock = threading.Lock()
-
-    def put(self, key: str, value: V) -> None:
-        size = len(key)
-        if size > self.max_key:
-            return
-        with self._lock:
-            if self.pop(key, None) is None:
-                self._chars += size
-            self[key] = value  # (re)inserted last: recently used entries go last
-            while len(self) > self.max_items or self._chars > self.max_chars:
-                for old in list(islice(self, max(1, len(self) // 8))):
-                    del self[old]
-                    self._chars -= len(old)
-
-    def clear(self) -> None:
-        with self._lock:
-            super().clear()
-            self._chars = 0
 
 
 class _Entry:
@@ -346,9 +304,9 @@ class Rollout:
         reset_after_fork(self, Rollout._forget_fresh)
         # Cohort value -> entry (verified once); whole Cookie header -> entry (the
         # returning visitor's one dict lookup); user key -> bucket.
-        self._seen: _Cache[_Entry] = _Cache(_CACHE_SIZE, _CACHE_CHARS, MAX_VALUE_LENGTH)
-        self._by_header: _Cache[_Entry] = _Cache(_CACHE_SIZE, _CACHE_CHARS, _HEADER_KEY_MAX)
-        self._keys: _Cache[int] = _Cache(_CACHE_SIZE, _CACHE_CHARS, _HEADER_KEY_MAX)
+        self._seen: BoundedCache[_Entry] = BoundedCache(_CACHE_SIZE, _CACHE_CHARS, MAX_VALUE_LENGTH)
+        self._by_header: BoundedCache[_Entry] = BoundedCache(_CACHE_SIZE, _CACHE_CHARS, _HEADER_KEY_MAX)
+        self._keys: BoundedCache[int] = BoundedCache(_CACHE_SIZE, _CACHE_CHARS, _HEADER_KEY_MAX)
         self.counters: dict[str, int] = dict.fromkeys(
             ("assigned", "cookie_rejected", "cookie_reissued", "key_errors", "forced", "exposure_errors"), 0
         )

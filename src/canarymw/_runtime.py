@@ -1,4 +1,5 @@
-"""Process-wide plumbing: one after-fork registry, one rate limit for repeated log lines."""
+"""Process-wide plumbing: one after-fork registry, one rate limit for repeated log lines,
+and the bounded cache every cache of client input uses."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
+from itertools import islice
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -64,3 +66,44 @@ class RateLimit:
                 return False
             self._last = now
             return True
+
+
+V = TypeVar("V")
+
+
+class BoundedCache(dict[str, V]):
+    """A dict bounded in entries and in key characters that evicts its oldest eighth.
+
+    A flood of new keys (forged or farmed cookies, junk neighbour cookies) only ever
+    pushes out the oldest entries, never the whole cache at once; a miss costs the
+    client a re-check, never correctness. Reads are plain ``dict.get``; writes go
+    through :meth:`put` under a lock.
+    """
+
+    __slots__ = ("_chars", "_lock", "max_chars", "max_items", "max_key")
+
+    def __init__(self, max_items: int, max_chars: int, max_key: int) -> None:
+        super().__init__()
+        self.max_items = max_items
+        self.max_chars = max_chars
+        self.max_key = max_key
+        self._chars = 0
+        self._lock = threading.Lock()
+
+    def put(self, key: str, value: V) -> None:
+        size = len(key)
+        if size > self.max_key:
+            return
+        with self._lock:
+            if self.pop(key, None) is None:
+                self._chars += size
+            self[key] = value  # (re)inserted last: recently used entries go last
+            while len(self) > self.max_items or self._chars > self.max_chars:
+                for old in list(islice(self, max(1, len(self) // 8))):
+                    del self[old]
+                    self._chars -= len(old)
+
+    def clear(self) -> None:
+        with self._lock:
+            super().clear()
+            self._chars = 0

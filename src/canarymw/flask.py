@@ -69,7 +69,8 @@ from flask import Flask, current_app, has_request_context, request
 from werkzeug.local import LocalProxy
 
 from ._headers import finish_headers
-from ._rollout import Decision, Rollout, _Cache
+from ._rollout import Decision, Rollout
+from ._runtime import BoundedCache
 from .sinks import Sink
 from .wsgi import _FORCE, WSGICanaryMiddleware, _drop_force
 
@@ -181,7 +182,7 @@ class _Dispatch:
         self._force = rollout.force_token is not None
         # Request target -> whether it reaches a split view. Bounded like every cache of
         # client input: a flood of made-up URLs only costs each of them one match.
-        self._split: _Cache[bool] = _Cache(*_ROUTES)
+        self._split: BoundedCache[bool] = BoundedCache(*_ROUTES)
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         get = environ.get
