@@ -401,6 +401,14 @@ async def _lifespan_ok(receive: Callable[[], Any], send: Callable[[dict[str, Any
             return
 
 
+def build() -> str:
+    """Which build of canarymw this process runs: ``compiled`` or ``python``. Servers a
+    test starts inherit its environment, hence its build."""
+    import canarymw._compat
+
+    return "compiled" if canarymw._compat.IS_COMPILED else "python"
+
+
 def run(coro: Any) -> Any:
     """Run a coroutine to completion (for raw ASGI calls in tests)."""
     return asyncio.run(coro)
@@ -408,7 +416,5 @@ def run(coro: Any) -> Any:
 
 KITS: dict[str, Callable[[], WSGIKit | ASGIKit]] = {
     "wsgi": WSGIKit,
-    "wsgi-python": WSGIKit,
     "asgi": ASGIKit,
-    "asgi-python": ASGIKit,
 }

@@ -26,7 +26,6 @@ from canarymw.asgi import ASGICanaryMiddleware
 from .harness import FakeServer, RecordingSink, TestClient, http_scope, run, validate_asgi
 
 # Every test here runs with both implementations of the HTTP request path.
-pytestmark = pytest.mark.usefixtures("asgi_impl")
 
 MakeRollout = Callable[..., Rollout]
 Message = dict[str, Any]

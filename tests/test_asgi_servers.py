@@ -28,6 +28,7 @@ from starlette.routing import Route
 from canarymw import Rollout, WSGICanaryMiddleware
 from canarymw.asgi import ASGICanaryMiddleware
 
+from .harness import build
 from .servers import free_port, serve
 
 NAME = "servers-v2"
@@ -40,11 +41,6 @@ REQUESTS_PER_USER = 4
 SERVERS = ["uvicorn", "hypercorn", "granian"]
 STREAM_EVENTS = 50
 STREAM_PAUSE = 0.2  # the whole stream would take 10 s
-
-
-def request_path(mw: ASGICanaryMiddleware) -> str:
-    """Which implementation of the request path serves ``mw`` in this worker."""
-    return "python" if mw._router is None else "compiled"
 
 
 def server_argv(server: str, factory: str, port: int) -> list[str]:
@@ -91,7 +87,7 @@ def make_app() -> Any:
 
     def served_by() -> dict[str, str]:
         # Which worker, and which implementation of the request path, served a response.
-        return {"x-pid": str(os.getpid()), "x-path": request_path(mw)}
+        return {"x-pid": str(os.getpid()), "x-path": build()}
 
     return mw
 
@@ -141,7 +137,7 @@ async def one_user(base: str, gate: asyncio.Semaphore) -> User:
 
 @pytest.mark.server
 @pytest.mark.parametrize("server", SERVERS)
-def test_two_workers_agree_with_each_other_and_with_wsgi(server: str, asgi_impl: str) -> None:
+def test_two_workers_agree_with_each_other_and_with_wsgi(server: str) -> None:
     port = free_port()
     with serve(server_argv(server, "make_app", port), port, ready_path="/healthz", timeout=40) as base:
 
@@ -155,7 +151,7 @@ def test_two_workers_agree_with_each_other_and_with_wsgi(server: str, asgi_impl:
     both_workers = 0
     variants = []
     for bodies, pids, set_cookie, cookie, paths in users:
-        assert paths == {asgi_impl}  # the servers ran the implementation under test
+        assert paths == {build()}  # the servers ran the build under test
         assert len(set(bodies)) == 1, bodies  # sticky, whichever worker answered
         variant, started = bodies[0].split()
         assert started == ("green-started" if variant == "new" else "blue-started")  # both lifespans ran
@@ -188,22 +184,21 @@ def make_streaming_app() -> Any:
         raise RuntimeError("the view failed")
 
     async def plain(request: Request) -> Response:
-        return PlainTextResponse("plain", headers={"x-path": request_path(mw)})
+        return PlainTextResponse("plain", headers={"x-path": build()})
 
     routes = [Route("/stream", stream), Route("/boom", boom), Route("/", plain), Route("/healthz", plain)]
     rollout = Rollout(NAME, percent=50, secret_key=KEY, exclude=["/healthz"])
-    mw = ASGICanaryMiddleware(
+    return ASGICanaryMiddleware(
         Starlette(routes=routes),
         new=Starlette(routes=routes),
         rollout=rollout,
         sink=JSONLinesSink(os.environ["OUTCOMES"]),
     )
-    return mw
 
 
 @pytest.mark.server
 @pytest.mark.parametrize("server", SERVERS)
-def test_streams_disconnects_and_errors(server: str, asgi_impl: str, tmp_path: Any) -> None:
+def test_streams_disconnects_and_errors(server: str, tmp_path: Any) -> None:
     """Through a real server: an event stream reaches the client event by event, a client
     that leaves mid-stream is recorded as a disconnect, a failing view as its exception,
     and every request gives exactly one outcome."""
@@ -237,7 +232,7 @@ def test_streams_disconnects_and_errors(server: str, asgi_impl: str, tmp_path: A
         firsts, booms, oks = asyncio.run(main())
     assert max(firsts) < STREAM_EVENTS * STREAM_PAUSE / 4  # unbuffered: the first event came at once
     assert [r.status_code for r in booms] == [500] * failures
-    assert {r.headers["x-path"] for r in oks} == {asgi_impl}
+    assert {r.headers["x-path"] for r in oks} == {build()}
     got = list(read_outcomes(outcomes_dir, strict=True))
     by_route: dict[str | None, list[Any]] = {}
     for o in got:
@@ -261,7 +256,7 @@ def _raw_get(port: int, headers: list[bytes]) -> bytes:
 
 
 @pytest.mark.server
-def test_hostile_cookie_headers_through_uvicorn(asgi_impl: str) -> None:
+def test_hostile_cookie_headers_through_uvicorn() -> None:
     """Cookie headers no browser sends, as raw bytes on the wire: every one is answered
     200 (a new cohort where ours is unusable), and the server keeps serving."""
     rnd = random.Random(7)

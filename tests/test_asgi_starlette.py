@@ -22,7 +22,6 @@ from canarymw.starlette import CanaryRoute, SplitEndpoint, get_decision, get_var
 from .harness import RecordingSink, TestClient, http_scope
 
 # Every test here runs with both implementations of the HTTP request path.
-pytestmark = pytest.mark.usefixtures("asgi_impl")
 
 MakeRollout = Callable[..., Rollout]
 

@@ -15,7 +15,6 @@ from canarymw.flask import Canary, CanaryLogFilter, current_variant
 from .harness import RecordingSink
 
 # Every test here runs against both implementations of the adapter's response path.
-pytestmark = pytest.mark.usefixtures("wsgi_impl")
 
 KEY = "test-secret-key-0123456789abcdef"
 

@@ -27,7 +27,6 @@ from canarymw import Outcome, Rollout, Upstream
 from canarymw._cookie import find_values
 from canarymw._runtime import BoundedCache
 
-from .conftest import use_asgi_impl, use_wsgi_impl
 from .harness import ASGIKit, WSGIKit, http_scope
 from .servers import free_port, gunicorn, serve
 
@@ -332,7 +331,7 @@ def test_the_force_token_never_reaches_the_app(kit: Kit, force_query: bool) -> N
     assert queries == ["a=1&b=%20", "a=1&b=2", "", ""]
 
 
-def test_the_wsgi_request_uri_loses_the_token_too(wsgi_impl: str) -> None:
+def test_the_wsgi_request_uri_loses_the_token_too() -> None:
     rollout = Rollout("hostile", percent=0, secret_key=KEY, force_token=TOKEN, force_query=True)
     seen: list[dict[str, Any]] = []
     app = WSGIKit().raw_wrap(seeing_app(WSGIKit(), seen), None, rollout)
@@ -384,7 +383,7 @@ def test_the_force_token_never_reaches_an_upstream(kit: Kit, echo_upstream: str)
 
 # -- 7. many separate cookie headers (ASGI) ---------------------------------------------
 # WSGI servers hand the app one joined Cookie header; ASGI ones may send thousands.
-def test_thousands_of_cookie_headers_are_joined_in_order(asgi_impl: str) -> None:
+def test_thousands_of_cookie_headers_are_joined_in_order() -> None:
     kit = ASGIKit()
     rollout = Rollout("hostile", percent=50, secret_key=KEY)
     app = kit.raw_wrap(seeing_app(kit, []), None, rollout)
@@ -396,7 +395,7 @@ def test_thousands_of_cookie_headers_are_joined_in_order(asgi_impl: str) -> None
     assert rollout.counters["assigned"] == 1
 
 
-def test_joining_cookie_headers_is_linear(asgi_impl: str) -> None:
+def test_joining_cookie_headers_is_linear() -> None:
     """A complexity check, not a speed floor: 16x more cookie headers may cost about
     16x more (linear), never about 256x (a join by repeated concatenation)."""
     kit = ASGIKit()
@@ -417,7 +416,7 @@ def test_joining_cookie_headers_is_linear(asgi_impl: str) -> None:
     assert large < 64 * small, f"1,000 headers: {small * 1e3:.2f} ms; 16,000: {large * 1e3:.2f} ms"
 
 
-def test_the_asgi_proxy_joins_thousands_of_cookie_headers_once(asgi_impl: str, echo_upstream: str) -> None:
+def test_the_asgi_proxy_joins_thousands_of_cookie_headers_once(echo_upstream: str) -> None:
     rollout = Rollout("hostile", percent=100, secret_key=KEY)
     upstream = Upstream(echo_upstream)
     kit = ASGIKit()
@@ -500,26 +499,20 @@ def test_a_base_exception_from_the_sink_takes_the_app_error_as_its_context(kit: 
 
 # -- the same attacks through real servers ----------------------------------------------
 @pytest.fixture
-def hostile_server(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """gunicorn (WSGI) or uvicorn (ASGI), one worker, each request path, hostile.py's apps."""
-    kind, impl = request.param
+def hostile_server(request: pytest.FixtureRequest) -> Iterator[str]:
+    """gunicorn (WSGI) or uvicorn (ASGI), one worker, hostile.py's apps."""
+    kind = request.param
     port = free_port()
     if kind == "gunicorn":
-        use_wsgi_impl(impl, monkeypatch)
         argv = gunicorn("tests.apps.hostile:wsgi", port, workers=1)
     else:
-        use_asgi_impl(impl, monkeypatch)
         argv = ["uvicorn", "tests.apps.hostile:asgi", "--host", "127.0.0.1", "--port", str(port)]
         argv += ["--log-level", "warning", "--no-access-log"]
     with serve(argv, port, ready_path="/_state") as base:
         yield base
 
 
-SERVERS = [
-    pytest.param((server, impl), id=f"{server}-{impl}")
-    for server in ("gunicorn", "uvicorn")
-    for impl in ("compiled", "python")
-]
+SERVERS = ["gunicorn", "uvicorn"]
 
 
 @pytest.mark.server

@@ -5,6 +5,7 @@ import os
 import re
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -703,26 +704,28 @@ def test_ids_made_ahead_are_used_only_while_recent(
     assert issued() == int(clock[0])  # a new batch
 
 
-def test_ids_are_made_in_batches_and_forgotten_after_a_fork(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ids_are_made_in_batches_and_forgotten_after_a_fork() -> None:
     import canarymw._rollout as module
-    from canarymw import _runtime
 
-    calls: list[int] = []
-    real = module.new_ids
-
-    def counting(count: int) -> list[str]:
-        calls.append(count)
-        return real(count)
-
-    monkeypatch.setattr(module, "new_ids", counting)
     r = Rollout("r", percent=50, secret_key=KEY)
-    ids = {r.decide(None).cohort for _ in range(module._FRESH_BATCH)}
-    assert len(ids) == module._FRESH_BATCH and calls == [module._FRESH_BATCH]
-    r.decide(None)
-    assert len(calls) == 2
-    _runtime._resets[r](r)  # what a forked child runs for this rollout
-    r.decide(None)
-    assert len(calls) == 3  # the child never hands out ids its parent made
+    first = r.decide(None).cohort
+    held = {cid for cid, _, _ in r._fresh}
+    assert len(held) == module._FRESH_BATCH - 1 and first not in held  # made ahead, in one batch
+    read, write = os.pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
+        pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.write(write, r.decide(None).cohort.encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    child = os.read(read, 1000).decode()
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert child and child not in held and child != first  # never an id its parent made
+    assert r.decide(None).cohort in held  # the parent goes on with its batch
 
 
 def test_lists_hold_on_every_path() -> None:

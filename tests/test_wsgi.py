@@ -17,7 +17,6 @@ from .harness import RecordingSink, WSGITransport
 from .servers import free_port, gunicorn, serve
 
 # Every test here runs against both implementations of the adapter's response path.
-pytestmark = pytest.mark.usefixtures("wsgi_impl")
 
 KEY = "test-secret-key-0123456789abcdef"
 

@@ -23,6 +23,7 @@ Integrations and optional sinks live in submodules that import their dependency:
 from typing import TYPE_CHECKING as _TYPE_CHECKING
 from typing import Any as _Any
 
+from . import _compat as _compat  # first: it picks the build of the modules imported below
 from ._bucketing import BUCKETS, bucket
 from ._rollout import Decision, Rollout
 from ._version import __version__
@@ -39,6 +40,8 @@ from .sinks import (
 )
 from .wsgi import WSGICanaryMiddleware
 
+if _compat.IS_COMPILED:
+    _compat.restore_docstrings()
 if _TYPE_CHECKING:
     from .upstream import Upstream
 

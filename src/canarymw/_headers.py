@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T", str, bytes)
+# Header lists are typed Iterable[Any]: ASGI allows any 2-item iterables (lists included),
+# and the compiled build checks every declared type at run time.
 
 
-def joined_cookie(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
+def joined_cookie(headers: Iterable[Any]) -> bytes | None:
     """The ASGI request's ``cookie`` headers joined with ``"; "``, or None if it has none.
 
     One join, linear however many headers there are.
@@ -57,7 +59,7 @@ def caching_headers(
 
 
 def with_ours(
-    headers: Iterable[tuple[T, T]],
+    headers: Iterable[Any],
     ours: list[tuple[T, T]],
     set_cookie: T | None,
     policy: str | None,
@@ -76,9 +78,7 @@ def with_ours(
     """
     vary, cache_control = names[0].lower(), names[1].lower()
     for name, _ in headers:
-        if fold:
-            name = name.lower()
-        if name in (vary, cache_control):
+        if (name.lower() if fold else name) in (vary, cache_control):
             return finish_headers(headers, set_cookie, policy, names, dec, enc)
     out = list(headers)
     out += ours
@@ -86,7 +86,7 @@ def with_ours(
 
 
 def finish_headers(
-    headers: Iterable[tuple[T, T]],
+    headers: Iterable[Any],
     set_cookie: T | None,
     policy: str | None,
     names: tuple[T, T, T],

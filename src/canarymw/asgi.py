@@ -87,6 +87,8 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Literal, cast
 
+from mypy_extensions import mypyc_attr
+
 from ._headers import joined_cookie, with_ours
 from ._lifespan import LifespanApp, run_beside
 from ._rollout import FORCE_HEADER, FORCE_PARAM, Decision, Rollout, split_force_query
@@ -95,7 +97,6 @@ from ._types import ASGIApp, Message, Receive, Scope, Send
 from .sinks._base import Sink
 from .sinks._dispatch import as_sink, direct_queue, record
 from .sinks.background import background_sinks
-from .wsgi import accelerated
 
 if TYPE_CHECKING:
     from .upstream import Upstream
@@ -111,12 +112,6 @@ _wall = time.time
 _NAMES = (b"vary", b"cache-control", b"set-cookie")
 _SECURE = ("https", "wss")
 _FORCE = FORCE_HEADER.encode("ascii")
-_new_exchange = object.__new__
-# The compiled HTTP request path (canarymw._speedups.Router): __call__ and _Exchange
-# in C for the common case. None: the Python code below serves every request.
-_router: (
-    Callable[[Any, Callable[[str], Decision | None] | None, list[tuple[bytes, bytes]]], ASGIApp] | None
-) = accelerated.router if accelerated is not None else None
 
 
 def _dec(value: bytes) -> str:
@@ -182,6 +177,7 @@ def _asgi3(app: Any) -> ASGIApp:
     return asgi3
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # integrations and users subclass it
 class ASGICanaryMiddleware:
     """Route each request to ``old_app`` or ``new`` by its sticky cohort (pure ASGI).
 
@@ -253,11 +249,6 @@ class ASGICanaryMiddleware:
         self._record = self._guard.sink.record if self._guard is not None else None
         self._memory = direct_queue(self._guard)
         self._new_state: dict[str, Any] | None = None
-        self._router = (
-            None
-            if _router is None
-            else _router(self, rollout.cached if rollout.cookie_only else None, self._extra)
-        )
 
     @property
     def sink_errors(self) -> int:
@@ -366,10 +357,6 @@ class ASGICanaryMiddleware:
         if excluded is not None and excluded(_app_path(scope)):
             await self.old_app(scope, receive, send)
             return
-        router = self._router
-        if router is not None and _router is not None:
-            await router(scope, receive, send)
-            return
         scope = dict(scope)
         headers = scope.get("headers", ())
         if type(headers) is not list and type(headers) is not tuple:
@@ -389,7 +376,7 @@ class ASGICanaryMiddleware:
         scope["canarymw.decision"] = decision
         # One object per request carries its state; its bound methods wrap send/receive
         # (cheaper than closures over a dozen cells).
-        x = _new_exchange(_Exchange)
+        x = _Exchange()
         x.mw = self
         x.decision = decision
         x.scope = scope
@@ -652,7 +639,3 @@ class _Exchange:
             scope.get("method", "GET"),
             self.wall,
         )
-
-
-if accelerated is not None:
-    accelerated.configure_asgi(_Exchange.send, _wall)

@@ -16,6 +16,7 @@ import argparse
 import math
 from collections.abc import Callable, Sequence
 
+from . import _compat
 from ._version import __version__
 
 
@@ -51,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="canarymw",
         description="Canary releases and blue/green switches inside your WSGI or ASGI app.",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}, {_compat.BUILD}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo = commands.add_parser(
         "demo",

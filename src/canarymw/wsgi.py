@@ -22,19 +22,19 @@ may put a route template in ``environ["canarymw.route"]`` for the outcome.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from mypy_extensions import mypyc_attr
 
 from ._headers import with_ours
 from ._rollout import FORCE_HEADER, FORCE_PARAM, Decision, Rollout, split_force_query
 from ._setup import check_adapter_args, resolve_upstreams
 from ._types import StartResponse, WSGIApplication, WSGIEnvironment
 from .sinks._base import Sink
-from .sinks._dispatch import as_sink, deliver, direct_queue, record
-from .sinks.memory import _BATCH, MemorySink
+from .sinks._dispatch import as_sink, direct_queue, record
 
 if TYPE_CHECKING:
     from .upstream import Upstream
@@ -44,7 +44,6 @@ ExcInfo = tuple[type[BaseException], BaseException, TracebackType] | tuple[None,
 _NAMES = ("Vary", "Cache-Control", "Set-Cookie")
 _perf = time.perf_counter
 _wall = time.time
-_new_response = object.__new__
 _FORCE = "HTTP_" + FORCE_HEADER.upper().replace("-", "_")
 _codes: dict[str, int] = {}  # status line -> code: most apps send a handful of them
 
@@ -53,6 +52,7 @@ def _same(value: str) -> str:
     return value
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # integrations and users subclass it
 class WSGICanaryMiddleware:
     """Route each request to ``old_app`` or ``new`` by its sticky cohort.
 
@@ -138,7 +138,7 @@ class WSGICanaryMiddleware:
         )
 
 
-def _respond_py(
+def _respond(
     mw: WSGICanaryMiddleware,
     app: WSGIApplication,
     decision: Decision,
@@ -146,9 +146,9 @@ def _respond_py(
     start_response: StartResponse,
     wall: float,
 ) -> Iterable[bytes]:
-    """Call ``app`` and return our iterable around its response (reference implementation)."""
+    """Call ``app`` and return our iterable around its response."""
     # Attributes set here rather than in an __init__: one Python frame less per request.
-    response = _new_response(_Response)
+    response = _Response()
     response.mw = mw
     response.decision = decision
     response.environ = environ
@@ -265,42 +265,3 @@ def _parse_status(line: str) -> int | None:
     if len(_codes) < 512:
         _codes[line] = code
     return code
-
-
-def _sink_failed(mw: WSGICanaryMiddleware, exc: Exception) -> None:
-    try:
-        raise exc
-    except Exception:
-        mw._guard.failed()  # type: ignore[union-attr]
-
-
-def _fold(memory: MemorySink) -> None:
-    memory._fold(blocking=False)
-
-
-_respond = _respond_py
-accelerated: Any = None
-"""canarymw._speedups once configured (the ASGI adapter uses it too), else None."""
-if not os.environ.get("CANARYMW_NO_EXTENSIONS"):
-    try:
-        from . import _speedups
-    except ImportError:
-        pass
-    else:
-        _speedups.configure(
-            _perf,
-            _codes,
-            _parse_status,
-            _Response.start_response,
-            deliver,
-            _sink_failed,
-            _fold,
-            _BATCH,
-            (
-                Decision._fields.index("rollout"),
-                Decision._fields.index("variant"),
-                Decision._fields.index("set_cookie"),
-            ),
-        )
-        _respond = _speedups.respond
-        accelerated = _speedups

@@ -1,0 +1,104 @@
+"""The two builds of the request path: which one runs, and that both are the same code."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import canarymw
+from canarymw import _compat
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = Path(canarymw.__file__).parent
+
+
+def probe(env: dict[str, str], path: Path | None = None) -> list[str]:
+    """BUILD and where canarymw.wsgi and canarymw.asgi were loaded from, in a fresh interpreter."""
+    code = (
+        "import canarymw, canarymw.wsgi as w, canarymw.asgi as a\n"
+        "print(canarymw._compat.BUILD); print(w.__file__); print(a.__file__)"
+    )
+    full = {k: v for k, v in os.environ.items() if k != "CANARYMW_NO_EXTENSIONS"} | env
+    if path is not None:
+        full["PYTHONPATH"] = str(path)
+    out = subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True, check=True)
+    return out.stdout.splitlines()
+
+
+def test_the_build_hook_compiles_what_compat_names() -> None:
+    sys.path.insert(0, str(ROOT))
+    try:
+        import hatch_build
+    finally:
+        sys.path.remove(str(ROOT))
+    assert hatch_build.compiled_modules(ROOT) == _compat.COMPILED
+    if (PACKAGE / "_compiled.sha256").exists():
+        assert hatch_build.source_digest(ROOT, _compat.COMPILED) == _compat._digest()
+
+
+def test_ci_runs_the_compiled_build() -> None:
+    # .ci/run installs with a compiler and requires the compiled build in its first run.
+    if os.environ.get("CANARYMW_REQUIRE_COMPILED"):
+        assert _compat.IS_COMPILED, _compat.BUILD
+    assert canarymw.wsgi.__file__.endswith(".so") is _compat.IS_COMPILED, _compat.BUILD
+
+
+def test_no_extensions_selects_the_python_sources() -> None:
+    build, wsgi, asgi = probe({"CANARYMW_NO_EXTENSIONS": "1"})
+    assert build == "Python sources (CANARYMW_NO_EXTENSIONS is set)"
+    assert wsgi.endswith("wsgi.py") and asgi.endswith("asgi.py")
+
+
+@pytest.mark.skipif(not _compat.IS_COMPILED, reason="the compiled build is not installed here")
+def test_compiled_modules_load_and_a_stale_build_falls_back(tmp_path: Path) -> None:
+    build, wsgi, asgi = probe({})
+    assert build == "compiled (mypyc)" and wsgi.endswith(".so") and asgi.endswith(".so")
+    # A checkout edited after the build: the compiled modules no longer match their
+    # sources, so the sources run (never stale compiled code).
+    copy = tmp_path / "canarymw"
+    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    with (copy / "wsgi.py").open("a") as f:
+        f.write("\n# edited\n")
+    build, wsgi, asgi = probe({}, tmp_path)
+    assert build.startswith("Python sources (the compiled modules are older than the sources")
+    assert wsgi == str(copy / "wsgi.py") and asgi == str(copy / "asgi.py")
+    (copy / "_compiled.sha256").unlink()
+    assert probe({}, tmp_path)[0] == "Python sources (the compiled modules were not built)"
+
+
+def test_public_classes_keep_their_docstrings() -> None:
+    # mypyc drops docstrings; help() and documentation tools still find them.
+    for cls in (canarymw.WSGICanaryMiddleware, canarymw.ASGICanaryMiddleware):
+        assert cls.__doc__ and cls.__doc__.startswith("Route each request to ``old_app``")
+        assert "    Args:\n" in cls.__doc__
+
+
+@pytest.mark.parametrize("base", [canarymw.WSGICanaryMiddleware, canarymw.ASGICanaryMiddleware])
+def test_the_middlewares_can_be_subclassed(base: type) -> None:
+    rollout = canarymw.Rollout("sub", percent=50, secret_key="k" * 32)
+
+    class Mine(base):  # type: ignore[misc, valid-type]
+        """A user's subclass adding an attribute and overriding a property."""
+
+        @property
+        def sink_errors(self) -> int:
+            return 42
+
+    mine = Mine(lambda *a: None, new=None, rollout=rollout)
+    mine.note = "kept"
+    assert mine.sink_errors == 42 and mine.note == "kept" and mine.rollout is rollout
+
+
+def test_version_names_the_build() -> None:
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "canarymw"), "--version"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.strip() == f"canarymw {canarymw.__version__}, {_compat.BUILD}"
