@@ -102,3 +102,37 @@ def test_version_names_the_build() -> None:
         check=True,
     )
     assert out.stdout.strip() == f"canarymw {canarymw.__version__}, {_compat.BUILD}"
+
+
+SUB_CODE = """
+import canarymw, canarymw._compat as c, canarymw.wsgi as w
+from canarymw import Rollout, WSGICanaryMiddleware
+def app(env, sr):
+    sr("200 OK", [("Content-Type", "text/plain")])
+    return [b"hi"]
+mw = WSGICanaryMiddleware(app, new=None, rollout=Rollout("x", percent=50, secret_key="k" * 32))
+seen = []
+body = b"".join(mw({"REQUEST_METHOD": "GET", "PATH_INFO": "/", "wsgi.url_scheme": "http"},
+                   lambda status, headers, exc_info=None: seen.append(status)))
+assert body == b"hi" and seen == ["200 OK"], (body, seen)
+assert w.__file__.endswith("wsgi.py"), w.__file__
+assert c.BUILD.startswith("Python sources ("), c.BUILD
+"""
+
+
+@pytest.mark.skipif(
+    sys.version_info >= (3, 13), reason="_xxsubinterpreters (3.10-3.12) drives the sub-interpreters here"
+)
+def test_sub_interpreters_run_the_python_sources() -> None:
+    # mod_wsgi runs each application group in a sub-interpreter: several of them, one
+    # after another, must all serve (the compiled modules cannot be loaded twice).
+    driver = (
+        "import _xxsubinterpreters as si, canarymw\n"
+        f"code = {SUB_CODE!r}\n"
+        "for _ in range(3):\n"
+        "    interp = si.create(); si.run_string(interp, code); si.destroy(interp)\n"
+        "print(canarymw._compat.BUILD)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", driver], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == _compat.BUILD  # the main interpreter keeps its build

@@ -7,8 +7,8 @@ the one place that picks the build, once, before any of them is imported:
 - the Python sources when ``CANARYMW_NO_EXTENSIONS`` is set (to rule the compiled build
   out, or to test the Python one), when the compiled modules were not built (no C
   compiler at install time), when they were built from other sources than the ones
-  next to them (an edited checkout: reinstall to rebuild), or when they cannot be
-  loaded in this interpreter;
+  next to them (an edited checkout: reinstall to rebuild), in a sub-interpreter, or when
+  they cannot be loaded in this interpreter;
 - the compiled modules otherwise.
 
 :data:`BUILD` says which one runs and why (``canarymw --version`` prints it).
@@ -45,9 +45,23 @@ def _digest() -> str:
     return h.hexdigest()
 
 
+def _in_subinterpreter() -> bool:
+    for name in ("_interpreters", "_xxsubinterpreters"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        return bool(module.get_current() != module.get_main())
+    return False
+
+
 def _choose() -> tuple[bool, str]:
     if os.environ.get("CANARYMW_NO_EXTENSIONS"):
         return False, "Python sources (CANARYMW_NO_EXTENSIONS is set)"
+    if _in_subinterpreter():
+        # mypyc's modules use single-phase initialisation: a second sub-interpreter that
+        # loads them (mod_wsgi's application groups) finds their state gone.
+        return False, "Python sources (a sub-interpreter: the compiled modules load in the main one only)"
     try:
         stamp = (_HERE / _STAMP).read_text("ascii").strip()
     except OSError:
