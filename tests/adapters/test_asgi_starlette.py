@@ -19,7 +19,7 @@ from canarymw import Decision, Rollout
 from canarymw.asgi import ASGICanaryMiddleware
 from canarymw.starlette import CanaryRoute, SplitEndpoint, get_decision, get_variant, split
 
-from .harness import RecordingSink, TestClient, http_scope
+from ..harness import RecordingSink, TestClient, http_scope
 
 # Every test here runs with both implementations of the HTTP request path.
 

@@ -20,8 +20,8 @@ from starlette.routing import Route
 from canarymw import Rollout
 from canarymw.asgi import ASGICanaryMiddleware
 
-from .harness import TestClient, run
-from .servers import free_port
+from ..harness import TestClient, run
+from ..servers import free_port
 
 MakeRollout = Callable[..., Rollout]
 Message = dict[str, Any]
@@ -387,7 +387,7 @@ def test_shutdown_delivers_what_a_background_sink_still_holds(make_rollout: Make
 
     from canarymw import BackgroundSink
 
-    from .harness import RecordingSink
+    from ..harness import RecordingSink
 
     inner = RecordingSink()
     release = threading.Event()

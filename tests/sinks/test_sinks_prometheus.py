@@ -24,8 +24,8 @@ from canarymw import MemorySink, Outcome, Rollout, WSGICanaryMiddleware  # noqa:
 from canarymw.sinks import DEFAULT_BUCKETS, BackgroundSink, CallableSink  # noqa: E402
 from canarymw.sinks.prometheus import PrometheusSink  # noqa: E402
 
-from .harness import WSGITransport  # noqa: E402
-from .servers import ROOT, free_port, serve  # noqa: E402
+from ..harness import WSGITransport  # noqa: E402
+from ..servers import ROOT, free_port, serve  # noqa: E402
 
 KEY = "test-secret-key-0123456789abcdef"
 

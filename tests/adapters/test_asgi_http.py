@@ -23,7 +23,7 @@ from starlette.routing import Mount, Route
 from canarymw import MemorySink, Outcome, Rollout
 from canarymw.asgi import ASGICanaryMiddleware
 
-from .harness import FakeServer, RecordingSink, TestClient, http_scope, run, validate_asgi
+from ..harness import FakeServer, RecordingSink, TestClient, http_scope, run, validate_asgi
 
 # Every test here runs with both implementations of the HTTP request path.
 

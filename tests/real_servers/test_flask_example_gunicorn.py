@@ -13,7 +13,7 @@ import pytest
 
 from canarymw import Rollout
 
-from .servers import ROOT, free_port, serve
+from ..servers import ROOT, free_port, serve
 
 EXAMPLE = ROOT / "examples" / "flask_app"
 KEY = "example-test-key-0123456789abcdef"

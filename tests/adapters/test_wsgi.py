@@ -13,8 +13,8 @@ import pytest
 
 from canarymw import MemorySink, Outcome, Rollout, WSGICanaryMiddleware
 
-from .harness import RecordingSink, WSGITransport
-from .servers import free_port, gunicorn, serve
+from ..harness import RecordingSink, WSGITransport
+from ..servers import free_port, gunicorn, serve
 
 # Every test here runs against both implementations of the adapter's response path.
 

@@ -28,9 +28,9 @@ import pytest
 from canarymw import ASGICanaryMiddleware, Rollout, Upstream, WSGICanaryMiddleware
 from canarymw.upstream import UpstreamAborted
 
-from .apps.upstream_fault import FaultServer, blackhole
-from .harness import RecordingSink, validate_asgi
-from .servers import free_port, serve
+from ..apps.upstream_fault import FaultServer, blackhole
+from ..harness import RecordingSink, validate_asgi
+from ..servers import free_port, serve
 
 KEY = "upstream-secret-key-0123456789abcdef"
 
@@ -810,7 +810,7 @@ def test_a_thousand_aborted_requests_leave_the_pool_usable(driver: Driver, uvico
 # -- ASGI specifics: lifespan and websockets -------------------------------------------------
 @pytest.mark.server
 def test_asgi_lifespan_closes_the_pool_of_its_loop(uvicorn_upstream: str) -> None:
-    from .harness import ASGIKit, TestClient
+    from ..harness import ASGIKit, TestClient
 
     up = Upstream(uvicorn_upstream)
     old = ASGIKit().echo("old")  # speaks lifespan, like any real app
@@ -823,7 +823,7 @@ def test_asgi_lifespan_closes_the_pool_of_its_loop(uvicorn_upstream: str) -> Non
 
 @pytest.mark.parametrize("fallback", [True, False])
 def test_asgi_websockets_go_to_the_fallback_or_are_refused(fallback: bool) -> None:
-    from .harness import FakeServer, http_scope, run
+    from ..harness import FakeServer, http_scope, run
 
     async def old(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await receive()

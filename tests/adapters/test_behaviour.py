@@ -10,7 +10,7 @@ import pytest
 
 from canarymw import MemorySink, Outcome, Rollout
 
-from .harness import ASGIKit, Boom, RecordingSink, WSGIKit
+from ..harness import ASGIKit, Boom, RecordingSink, WSGIKit
 
 Kit = WSGIKit | ASGIKit
 MakeRollout = Callable[..., Rollout]

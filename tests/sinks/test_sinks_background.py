@@ -23,7 +23,7 @@ from canarymw.sinks import (
     outcome_class,
 )
 
-from .harness import WSGITransport
+from ..harness import WSGITransport
 
 KEY = "test-secret-key-0123456789abcdef"
 

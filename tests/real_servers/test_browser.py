@@ -25,7 +25,7 @@ import pytest
 
 from canarymw import Rollout
 
-from .servers import ROOT, free_port, serve
+from ..servers import ROOT, free_port, serve
 
 KEY = "browser-test-key-0123456789abcdef"
 USERS = 16

@@ -15,7 +15,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from canarymw import Rollout
 from canarymw.asgi import ASGICanaryMiddleware
 
-from .harness import (
+from ..harness import (
     FakeServer,
     RecordingSink,
     TestClient,

@@ -12,7 +12,7 @@ from werkzeug.test import Client, TestResponse
 from canarymw import Decision, MemorySink, Rollout
 from canarymw.flask import Canary, CanaryLogFilter, current_variant
 
-from .harness import RecordingSink
+from ..harness import RecordingSink
 
 # Every test here runs against both implementations of the adapter's response path.
 
@@ -352,7 +352,7 @@ def test_split_view_under_gunicorn_is_sticky_across_workers() -> None:
 
     import httpx
 
-    from .servers import free_port, gunicorn, serve
+    from ..servers import free_port, gunicorn, serve
 
     port = free_port()
     with serve(gunicorn("tests.apps.flask_split:app", port), port, ready_path="/stats") as base:

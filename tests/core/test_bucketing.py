@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from canarymw import BUCKETS, Rollout, bucket
 
-VECTORS = json.loads((Path(__file__).parent / "vectors" / "buckets.json").read_text("utf-8"))
+VECTORS = json.loads((Path(__file__).parents[1] / "vectors" / "buckets.json").read_text("utf-8"))
 
 
 def vector_id(case: dict[str, str]) -> str:
@@ -99,7 +99,7 @@ def test_javascript_in_the_docs_agrees_with_the_vectors(tmp_path: Path) -> None:
     node = shutil.which("node")
     if node is None:
         pytest.skip("node is not installed; the JavaScript snippet cannot be run here")
-    docs = (Path(__file__).parent.parent / "docs" / "cohorts.md").read_text("utf-8")
+    docs = (Path(__file__).parents[2] / "docs" / "cohorts.md").read_text("utf-8")
     snippet = re.search(r"```js\n(.*?)```", docs, re.S)
     assert snippet is not None
     script = tmp_path / "check.mjs"

@@ -28,8 +28,8 @@ from starlette.routing import Route
 from canarymw import Rollout, WSGICanaryMiddleware
 from canarymw.asgi import ASGICanaryMiddleware
 
-from .harness import build
-from .servers import free_port, serve
+from ..harness import build
+from ..servers import free_port, serve
 
 NAME = "servers-v2"
 KEY = "servers-secret-key-0123456789abcdef"
@@ -45,7 +45,7 @@ STREAM_PAUSE = 0.2  # the whole stream would take 10 s
 
 def server_argv(server: str, factory: str, port: int) -> list[str]:
     """The command line (after ``python -m``) serving ``factory()`` from this module."""
-    target = f"tests.test_asgi_servers:{factory}"
+    target = f"tests.real_servers.test_asgi_servers:{factory}"
     if server == "uvicorn":
         return ["uvicorn", "--factory", target, "--workers", "2", "--host", "127.0.0.1", "--port", str(port)]
     if server == "hypercorn":
