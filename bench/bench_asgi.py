@@ -19,12 +19,22 @@ the median over rounds of (its time - bare's time in the same round). Contenders
   route by hash, add ``Vary: Cookie`` with Starlette's MutableHeaders;
 - naive BaseHTTPMiddleware: the same logic as a ``BaseHTTPMiddleware.dispatch``.
 
-Under uvicorn (``--uvicorn``) the same apps are served by uvicorn with 2 workers on
-127.0.0.1 (canarymw twice: as installed, and on the pure-Python path), all started up
-front, and wrk (``apt-get install -y wrk`` on Debian) loads them in interleaved rounds
-with the matching returning-visitor cookie. The
-listening socket is bound by this script so that TCP_NODELAY applies (see
-:func:`serve_uvicorn`); ``--stock-uvicorn`` uses the plain ``uvicorn --workers 2`` CLI.
+The canarymw rows measure the build this process runs, printed first
+(``canarymw._compat.BUILD``: compiled by mypyc where it was built). One process runs one
+build, so ``--both`` runs the same measurement again in a subprocess with
+``CANARYMW_NO_EXTENSIONS=1`` for the Python sources (what runs where no C compiler was
+there at install time); each table has its own bare and naive rows to compare against.
+
+Under uvicorn (``--uvicorn``) the same apps are served by uvicorn on 127.0.0.1 (by
+default one worker with uvloop and httptools; ``--workers 2`` runs uvicorn's own
+supervisor), canarymw three times: as built, on the Python sources
+(``CANARYMW_NO_EXTENSIONS=1``) and, with ``--compare PYTHON``, as another interpreter
+imports it (another checkout's venv). All servers start up front, and wrk (``apt-get
+install -y wrk`` on Debian; ``-t1 -c32`` for one worker, ``-t2 -c32`` for more) loads
+them in interleaved rounds with a returning visitor's cookie, every 10th request a new
+visitor's unless ``--new-visitors`` says otherwise. The listening socket is bound by this
+script so that TCP_NODELAY applies (see :func:`serve_uvicorn`); ``--stock-uvicorn`` uses
+the plain ``uvicorn`` CLI.
 """
 
 from __future__ import annotations
@@ -44,7 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from itsdangerous import BadData, URLSafeSerializer
-from loadgen import Run, paired_added, wrk  # type: ignore[import-not-found]  # bench/, next to this file
+from loadgen import Run, build_of, free_port, paired_added, run_both, serve, wrk  # type: ignore[import-not-found]  # bench/, next to this file
 from starlette.applications import Starlette
 from starlette.datastructures import MutableHeaders
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
@@ -211,20 +221,12 @@ def in_process(rounds: int, per_round: int) -> None:
     returning = _scope(f"{OTHER_COOKIES}; {returning_cookie()}")
     first = _scope(OTHER_COOKIES)
     naive = _scope(f"{OTHER_COOKIES}; {naive_cookie()}")
-    import canarymw.asgi
-
-    if canarymw.asgi._router is None:
-        print("note: canarymw._speedups is not built; every canarymw row uses the pure-Python path")
-    compiled, canarymw.asgi._router = canarymw.asgi._router, None
-    python_path = make_app("canarymw")  # built without the compiled request path
-    canarymw.asgi._router = compiled
     wrapped = make_app("canarymw")
     contenders: dict[str, tuple[App, dict[str, Any]]] = {
         "bare": (make_app("bare"), returning),
         "canarymw returning": (wrapped, returning),
         "canarymw first visit": (wrapped, first),
         "canarymw returning, no sink": (make_app("canarymw-nosink"), returning),
-        "canarymw returning, Python path": (python_path, returning),
         "naive pure ASGI": (make_app("naive"), naive),
         "naive BaseHTTPMiddleware": (make_app("basehttp"), naive),
     }
@@ -256,8 +258,9 @@ def in_process(rounds: int, per_round: int) -> None:
         print(f"{name:30} {us:8.2f} {added[name]:9.2f} {pct:8.1f}% {ratio}")
 
 
-def serve_uvicorn(kind: str, port: int) -> None:
-    """``uvicorn --workers 2`` through uvicorn's own supervisor, on a listener made as TCP.
+def serve_uvicorn(kind: str, port: int, workers: int, loop: str, http: str) -> None:
+    """uvicorn on a listener made as TCP: one worker in this process, or ``workers``
+    under uvicorn's own supervisor.
 
     uvicorn's ``--workers N`` binds its listener with ``proto`` 0, so asyncio never sets
     TCP_NODELAY on accepted connections and every keep-alive response after the first
@@ -276,7 +279,9 @@ def serve_uvicorn(kind: str, port: int) -> None:
         factory=True,
         host="127.0.0.1",
         port=port,
-        workers=2,
+        workers=workers,
+        loop=loop,
+        http=http,
         log_level="warning",
         access_log=False,
     )
@@ -284,10 +289,13 @@ def serve_uvicorn(kind: str, port: int) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", port))
     sock.set_inheritable(True)
-    Multiprocess(config, sockets=[sock]).run()
+    if workers == 1:
+        uvicorn.Server(config).run(sockets=[sock])
+    else:
+        Multiprocess(config, sockets=[sock]).run()
 
 
-def under_uvicorn(rounds: int, seconds: int, stock: bool) -> None:
+def under_uvicorn(args: argparse.Namespace) -> None:
     if shutil.which("wrk") is None:
         sys.exit(
             "wrk is not installed, and it generates the load for --uvicorn.\n"
@@ -295,61 +303,56 @@ def under_uvicorn(rounds: int, seconds: int, stock: bool) -> None:
         )
     import contextlib
 
+    from bench_wsgi import report
+
     here = Path(__file__).resolve().parent
-    sys.path.insert(0, str(here.parent / "tests"))
-    from servers import free_port, serve  # type: ignore[import-not-found]
+    returning, naive = f"{OTHER_COOKIES}; {returning_cookie()}", f"{OTHER_COOKIES}; {naive_cookie()}"
+    kinds = args.contenders.split(",")
+    if args.compare:
+        kinds.append("canarymw@other")
+    cookies = {kind: naive if kind in ("naive", "basehttp") else returning for kind in kinds}
+    every = round(100 / args.new_visitors) if args.new_visitors > 0 else 0
+    threads = 1 if args.workers == 1 else 2
 
-    cookies = {
-        "bare": f"{OTHER_COOKIES}; {returning_cookie()}",
-        "canarymw": f"{OTHER_COOKIES}; {returning_cookie()}",
-        "canarymw-py": f"{OTHER_COOKIES}; {returning_cookie()}",
-        "naive": f"{OTHER_COOKIES}; {naive_cookie()}",
-        "basehttp": f"{OTHER_COOKIES}; {naive_cookie()}",
-    }
-
-    runs: dict[str, list[Run]] = {kind: [] for kind in cookies}
+    runs: dict[str, list[Run]] = {kind: [] for kind in kinds}
     ports: dict[str, int] = {}
+    groups: dict[str, int] = {}
     with contextlib.ExitStack() as stack:
-        bases = {}
-        for kind in cookies:
+        for kind in kinds:
             port = ports[kind] = free_port()
-            if stock:
-                argv = [
-                    "uvicorn",
-                    "--factory",
-                    "bench_asgi:make_app",
-                    "--workers",
-                    "2",
-                    "--host",
-                    "127.0.0.1",
-                ]
-                argv += ["--port", str(port), "--log-level", "warning", "--no-access-log"]
+            app = kind.removesuffix("@other")
+            if args.stock_uvicorn:
+                argv = ["uvicorn", "--factory", "bench_asgi:make_app", "--workers", str(args.workers)]
+                argv += ["--host", "127.0.0.1", "--port", str(port), "--loop", args.loop, "--http", args.http]
+                argv += ["--log-level", "warning", "--no-access-log"]
             else:
-                argv = ["bench_asgi", "--serve", kind, "--port", str(port)]
-            path = os.pathsep.join([str(here), str(here.parent), os.environ.get("PYTHONPATH", "")])
-            env = {**os.environ, "BENCH_APP": kind, "PYTHONPATH": path}
+                argv = ["bench_asgi", "--serve", app, "--port", str(port), "--workers", str(args.workers)]
+                argv += ["--loop", args.loop, "--http", args.http]
+            env = {"BENCH_APP": app, "PYTHONPATH": str(here)}
             if kind == "canarymw-py":
-                env["CANARYMW_NO_EXTENSIONS"] = "1"  # the pure-Python request path
-            bases[kind] = stack.enter_context(serve(argv, port, env=env, timeout=60))
-            wrk(bases[kind] + "/", 1, cookies[kind], port)  # warm-up
-        order = list(cookies)
+                env["CANARYMW_NO_EXTENSIONS"] = "1"  # the Python sources
+            python = args.compare if kind.endswith("@other") else sys.executable
+            groups[kind] = stack.enter_context(serve(argv, port, env=env, python=python)).pid
+            wrk(f"http://127.0.0.1:{port}/", 1, cookies[kind], port, threads=threads, group=groups[kind])
+        order = list(kinds)
         shuffle = random.Random(0).shuffle
-        for _ in range(rounds):
+        for _ in range(args.server_rounds):
             shuffle(order)
             for kind in order:
-                runs[kind].append(wrk(bases[kind] + "/", seconds, cookies[kind], ports[kind]))
-    how = "stock uvicorn CLI" if stock else "uvicorn supervisor, TCP_NODELAY listener"
-    print(f"uvicorn --workers 2 ({how}), wrk -t2 -c32, {rounds} rounds (random order) x {seconds}s")
+                url = f"http://127.0.0.1:{ports[kind]}/"
+                run = wrk(
+                    url, args.seconds, cookies[kind], ports[kind], threads=threads,
+                    new_cookie=OTHER_COOKIES, new_every=every, group=groups[kind],
+                )  # fmt: skip
+                runs[kind].append(run)
+    how = "stock uvicorn CLI" if args.stock_uvicorn else "TCP_NODELAY listener"
+    mix = f"every {every}th request a new visitor's" if every else "returning visitors only"
+    print(f"uvicorn --workers {args.workers} --loop {args.loop} --http {args.http} ({how}),")
+    print(f"wrk -t{threads} -c32 ({mix}), {args.server_rounds} rounds (random order) x {args.seconds}s")
     print("req/s: median; ratio: median over rounds of req/s / bare's req/s in the same round, then each")
-    print("round's; cpu: server CPU per request, median; cpu ratio: bare's cpu/request / this one's")
-    bare_cpu = statistics.median(r.cpu_per_request for r in runs["bare"])
-    for kind, kind_runs in runs.items():
-        ratios = [r.rps / b.rps for r, b in zip(kind_runs, runs["bare"], strict=True)]
-        each = " ".join(f"{x:.3f}" for x in ratios)
-        rps, ratio = statistics.median(r.rps for r in kind_runs), statistics.median(ratios)
-        cpu = statistics.median(r.cpu_per_request for r in kind_runs)
-        cpu_ratio = bare_cpu / cpu
-        print(f"{kind:10} {rps:8,.0f} req/s {ratio:.3f}x [{each}]  cpu {cpu * 1e6:6.1f} us {cpu_ratio:.3f}x")
+    print("round's; cpu: server CPU per request, median, and the median of its per-round difference")
+    print("to bare's; cpu ratio: bare's cpu/request / this one's")
+    report(runs)
 
 
 def main() -> None:
@@ -364,15 +367,34 @@ def main() -> None:
     )
     parser.add_argument("--seconds", type=int, default=3)
     parser.add_argument("--server-rounds", type=int, default=10, help="rounds under uvicorn")
+    parser.add_argument("--workers", type=int, default=1, help="uvicorn workers (wrk -t1 for 1, else -t2)")
+    parser.add_argument("--loop", default="uvloop", help="uvicorn --loop")
+    parser.add_argument("--http", default="httptools", help="uvicorn --http")
+    parser.add_argument("--new-visitors", type=float, default=10, help="under uvicorn: %% of requests")
+    parser.add_argument(
+        "--contenders", default="bare,canarymw,canarymw-py,naive,basehttp", help="under uvicorn"
+    )
+    parser.add_argument(
+        "--compare", metavar="PYTHON", help="under uvicorn: add canarymw as PYTHON imports it"
+    )
+    parser.add_argument("--both", action="store_true", help="in process: again with the Python sources")
     parser.add_argument("--serve", metavar="KIND", help=argparse.SUPPRESS)  # a server for --uvicorn
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        serve_uvicorn(args.serve, args.port)
-    elif args.uvicorn:
-        under_uvicorn(args.server_rounds, args.seconds, args.stock_uvicorn)
-    else:
-        in_process(args.rounds, args.per_round)
+        serve_uvicorn(args.serve, args.port, args.workers, args.loop, args.http)
+        return
+    import canarymw._compat
+
+    print(f"canarymw build: {canarymw._compat.BUILD}")
+    if args.uvicorn:
+        if args.compare:
+            print(f"canarymw@other: {args.compare}: {build_of(args.compare)}")
+        under_uvicorn(args)
+        return
+    in_process(args.rounds, args.per_round)
+    if args.both:
+        run_both(__file__)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,15 @@
 """What hostile requests cost canarymw, in one process, against a normal returning visitor.
 
     python bench/bench_hostile.py
+    python bench/bench_hostile.py --both     # and again with the Python sources
 
 Every contender is one request through the middleware around a bare app (WSGI: a plain
-WSGI callable; ASGI: a plain ASGI callable), on the default request path (compiled
-where it was built) and on the pure-Python one. Rounds run every contender once, in a
-new random order; a contender's cost is the median over rounds of its time per request,
-printed beside its ratio to the normal returning visitor of the same adapter and path.
+WSGI callable; ASGI: a plain ASGI callable), on the build this process runs (printed
+first: ``canarymw._compat.BUILD``, compiled by mypyc where it was built). Rounds run
+every contender once, in a new random order; a contender's cost is the median over
+rounds of its time per request, printed beside its ratio to the normal returning
+visitor of the same adapter. One process runs one build, so ``--both`` runs the script
+again in a subprocess with ``CANARYMW_NO_EXTENSIONS=1`` for the Python sources.
 Contenders:
 
 - returning: a valid cohort cookie beside three ordinary cookies (the common case);
@@ -26,13 +29,14 @@ import gc
 import io
 import random
 import statistics
+import sys
 import time
 import tracemalloc
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-import canarymw.asgi
-import canarymw.wsgi
+import canarymw._compat
 from canarymw import ASGICanaryMiddleware, Rollout, WSGICanaryMiddleware
 
 KEY = "bench-secret-key-0123456789abcdef"
@@ -105,55 +109,41 @@ def same(value: Any) -> Callable[[int], Any]:
     return lambda i: value
 
 
-def contenders(compiled: bool) -> dict[str, Callable[[int], None]]:
-    saved = canarymw.wsgi._respond, canarymw.asgi._router
-    if not compiled:
-        canarymw.wsgi._respond, canarymw.asgi._router = canarymw.wsgi._respond_py, None
-    try:
-        out: dict[str, Callable[[int], None]] = {}
-        for keys in (1, 3):
-            rollout = Rollout("hostile", percent=50, secret_key=[f"{KEY}{k}" for k in range(keys)])
-            valid = valid_cookie(rollout)
-            stuffed = f"{FORGED}; {valid}"
-            mw = WSGICanaryMiddleware(wsgi_app, new=wsgi_app, rollout=rollout)
-            amw = ASGICanaryMiddleware(asgi_app, new=asgi_app, rollout=rollout)
-            out[f"wsgi stuffed, {keys} key(s)"] = wsgi_call(mw, same(stuffed))
-            out[f"asgi stuffed, {keys} key(s)"] = asgi_call(amw, same([(b"cookie", stuffed.encode())]))
-            if keys > 1:
-                continue
-            normal = f"{OTHER}; {valid}"
-            out["wsgi returning"] = wsgi_call(mw, same(normal))
-            out["asgi returning"] = asgi_call(amw, same([(b"cookie", normal.encode())]))
-            out["wsgi junk neighbour"] = wsgi_call(mw, lambda i, v=valid: f"junk{i}={'x' * 7000}; {v}")
-            many = [(b"cookie", f"c{n}=value-{n:08d}".encode()) for n in range(16_000)]
-            out["asgi 16,000 cookie headers"] = asgi_call(amw, same([*many, (b"cookie", valid.encode())]))
-        return out
-    finally:
-        canarymw.wsgi._respond, canarymw.asgi._router = saved
+def contenders() -> dict[str, Callable[[int], None]]:
+    out: dict[str, Callable[[int], None]] = {}
+    for keys in (1, 3):
+        rollout = Rollout("hostile", percent=50, secret_key=[f"{KEY}{k}" for k in range(keys)])
+        valid = valid_cookie(rollout)
+        stuffed = f"{FORGED}; {valid}"
+        mw = WSGICanaryMiddleware(wsgi_app, new=wsgi_app, rollout=rollout)
+        amw = ASGICanaryMiddleware(asgi_app, new=asgi_app, rollout=rollout)
+        out[f"wsgi stuffed, {keys} key(s)"] = wsgi_call(mw, same(stuffed))
+        out[f"asgi stuffed, {keys} key(s)"] = asgi_call(amw, same([(b"cookie", stuffed.encode())]))
+        if keys > 1:
+            continue
+        normal = f"{OTHER}; {valid}"
+        out["wsgi returning"] = wsgi_call(mw, same(normal))
+        out["asgi returning"] = asgi_call(amw, same([(b"cookie", normal.encode())]))
+        out["wsgi junk neighbour"] = wsgi_call(mw, lambda i, v=valid: f"junk{i}={'x' * 7000}; {v}")
+        many = [(b"cookie", f"c{n}=value-{n:08d}".encode()) for n in range(16_000)]
+        out["asgi 16,000 cookie headers"] = asgi_call(amw, same([*many, (b"cookie", valid.encode())]))
+    return out
 
 
 def measure(rounds: int = 30, per_round: int = 40) -> dict[str, list[float]]:
-    compiled_respond = canarymw.wsgi._respond
-    calls = {
-        f"{name} [{label}]": (fn, respond)
-        for label, respond in (("C", compiled_respond), ("py", canarymw.wsgi._respond_py))
-        for name, fn in contenders(respond is compiled_respond).items()
-    }
+    calls = contenders()
     samples: dict[str, list[float]] = {name: [] for name in calls}
     counter = 0
-    try:
-        for _ in range(rounds):
-            names = list(calls)
-            random.shuffle(names)
-            for name in names:
-                fn, canarymw.wsgi._respond = calls[name]  # read by the WSGI adapter per request
-                started = time.perf_counter()
-                for _ in range(per_round):
-                    fn(counter)
-                    counter += 1
-                samples[name].append((time.perf_counter() - started) / per_round)
-    finally:
-        canarymw.wsgi._respond = compiled_respond
+    for _ in range(rounds):
+        names = list(calls)
+        random.shuffle(names)
+        for name in names:
+            fn = calls[name]
+            started = time.perf_counter()
+            for _ in range(per_round):
+                fn(counter)
+                counter += 1
+            samples[name].append((time.perf_counter() - started) / per_round)
     return samples
 
 
@@ -174,15 +164,19 @@ def held_after_junk_flood(requests: int = 20_000) -> int:
 
 
 def main() -> None:
-    print(f"canarymw hostile-input costs; compiled path built: {canarymw.wsgi.accelerated is not None}")
+    print(f"canarymw hostile-input costs; build: {canarymw._compat.BUILD}")
     samples = measure()
     medians = {name: statistics.median(values) for name, values in samples.items()}
     for name, value in sorted(medians.items()):
-        adapter, impl = name.split(" ", 1)[0], name.rsplit(" ", 1)[1]
-        base = medians[f"{adapter} returning {impl}"]
+        base = medians[f"{name.split(' ', 1)[0]} returning"]
         print(f"{name:40s} {value * 1e6:10.1f} us  {value / base:8.1f}x returning")
     held = held_after_junk_flood()
     print(f"memory held after 20,000 junk-neighbour requests (3 KB junk): {held / 2**20:.1f} MiB")
+    if "--both" in sys.argv[1:]:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from loadgen import run_both  # type: ignore[import-not-found]  # bench/, next to this file
+
+        run_both(__file__)
 
 
 if __name__ == "__main__":

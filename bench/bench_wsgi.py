@@ -1,6 +1,7 @@
 """WSGI overhead of canarymw on a Flask hello app, measured in one process, interleaved.
 
     python bench/bench_wsgi.py                 # in-process, microseconds per request
+    python bench/bench_wsgi.py --both          # and again with the Python sources
     python bench/bench_wsgi.py --gunicorn      # requests/second under gunicorn (needs wrk)
 
 In-process, every contender serves the same Flask "hello" request. Each round runs
@@ -12,10 +13,20 @@ request over rounds is shown beside it. Contenders:
 - bare: the Flask app alone;
 - canarymw returning: a visitor with a valid cohort cookie (the common case);
 - canarymw first visit: no cookie (new id, signing, Set-Cookie);
-- the same two with the pure-Python response path (what runs where the optional C
-  extension canarymw._speedups could not be built);
 - naive: what many teams write by hand: parse the Cookie header with SimpleCookie,
   verify an itsdangerous URLSafeSerializer value on every request, route by hash.
+
+The canarymw rows measure the build this process runs, printed first
+(``canarymw._compat.BUILD``: compiled by mypyc where it was built). One process runs one
+build, so ``--both`` runs the same measurement again in a subprocess with
+``CANARYMW_NO_EXTENSIONS=1`` for the Python sources (what runs where no C compiler was
+there at install time); each table has its own bare and naive rows to compare against.
+
+Under gunicorn (``--gunicorn``: ``-w 2`` sync workers, wrk ``-t2 -c32``, every 10th
+request a new visitor's unless ``--new-visitors`` says otherwise), the servers run bare,
+canarymw as built, canarymw on the Python sources and, with ``--compare PYTHON``,
+canarymw as another interpreter imports it (another checkout's venv), all started up
+front and loaded in interleaved rounds.
 """
 
 from __future__ import annotations
@@ -23,7 +34,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import os
 import random
 import shutil
 import statistics
@@ -36,7 +46,7 @@ from typing import Any
 
 from flask import Flask
 from itsdangerous import BadData, URLSafeSerializer
-from loadgen import Run, paired_added, wrk  # type: ignore[import-not-found]  # bench/, next to this file
+from loadgen import Run, build_of, free_port, paired_added, run_both, serve, wrk  # type: ignore[import-not-found]  # bench/, next to this file
 from werkzeug.test import EnvironBuilder
 
 from canarymw import MemorySink, Rollout, WSGICanaryMiddleware
@@ -106,19 +116,11 @@ def in_process(rounds: int, per_round: int) -> None:
         path="/", headers={"Cookie": f"{OTHER_COOKIES}; canary={naive_cookie}"}
     ).get_environ()
 
-    import canarymw.wsgi
-
-    compiled, python = canarymw.wsgi._respond, canarymw.wsgi._respond_py
-    if compiled is python:
-        print("note: canarymw._speedups is not built; both canarymw rows use the Python path")
-    # name -> (response path, request): the path is chosen before each timed round.
-    contenders: dict[str, tuple[Any, Callable[[], None]]] = {
-        "bare": (compiled, lambda: _serve(blue.wsgi_app, back_env)),
-        "canarymw returning": (compiled, lambda: _serve(wrapped, back_env)),
-        "canarymw first visit": (compiled, lambda: _serve(wrapped, first_env)),
-        "canarymw returning (Python path)": (python, lambda: _serve(wrapped, back_env)),
-        "canarymw first visit (Python path)": (python, lambda: _serve(wrapped, first_env)),
-        "naive SimpleCookie+itsdangerous": (compiled, lambda: _serve(naive, naive_env)),
+    contenders: dict[str, Callable[[], None]] = {
+        "bare": lambda: _serve(blue.wsgi_app, back_env),
+        "canarymw returning": lambda: _serve(wrapped, back_env),
+        "canarymw first visit": lambda: _serve(wrapped, first_env),
+        "naive SimpleCookie+itsdangerous": lambda: _serve(naive, naive_env),
     }
     try:
         from growthbook import GrowthBook  # type: ignore[import-not-found, unused-ignore]
@@ -130,12 +132,11 @@ def in_process(rounds: int, per_round: int) -> None:
             app = green.wsgi_app if gb.is_on("hello-v2") else blue.wsgi_app
             _serve(app, naive_env)
 
-        contenders["GrowthBook SDK per request"] = (compiled, growthbook)
+        contenders["GrowthBook SDK per request"] = growthbook
     except ImportError:
         pass
 
-    for path, fn in contenders.values():  # warm caches and code paths
-        canarymw.wsgi._respond = path
+    for fn in contenders.values():  # warm caches and code paths
         for _ in range(200):
             fn()
     samples: dict[str, list[float]] = {name: [] for name in contenders}
@@ -144,13 +145,11 @@ def in_process(rounds: int, per_round: int) -> None:
     for _ in range(rounds):
         shuffle(order)
         for name in order:
-            path, fn = contenders[name]
-            canarymw.wsgi._respond = path
+            fn = contenders[name]
             t0 = time.perf_counter()
             for _ in range(per_round):
                 fn()
             samples[name].append((time.perf_counter() - t0) / per_round * 1e6)
-    canarymw.wsgi._respond = compiled
     bare = statistics.median(samples["bare"])
     added = paired_added(samples)
     naive_over = added["naive SimpleCookie+itsdangerous"]
@@ -162,44 +161,70 @@ def in_process(rounds: int, per_round: int) -> None:
         print(f"{name:36} {us:8.2f} {added[name]:9.2f} {pct:8.1f}% {ratio}")
 
 
-def under_gunicorn(rounds: int, seconds: int) -> None:
+def under_gunicorn(rounds: int, seconds: int, new_pct: float, compare: str | None) -> None:
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed (Debian: apt-get install wrk); it generates the load.")
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from servers import free_port, serve  # type: ignore[import-not-found]
-
     rollout = Rollout("hello-v2", percent=10, secret_key=KEY)
     cookie = (rollout.decide(None).set_cookie or "").split(";")[0]
+    while rollout.decide(cookie).variant != "old":
+        cookie = (rollout.decide(None).set_cookie or "").split(";")[0]
+    returning = f"{OTHER_COOKIES}; {cookie}"
+    every = round(100 / new_pct) if new_pct > 0 else 0
     env = {"BENCH_KEY": KEY, "PYTHONPATH": str(Path(__file__).resolve().parent)}
+    # contender -> (interpreter, app in wsgi_apps, extra environment)
+    servers = {
+        "bare": (sys.executable, "bare", {}),
+        "canarymw": (sys.executable, "wrapped", {}),
+        "canarymw-py": (sys.executable, "wrapped", {"CANARYMW_NO_EXTENSIONS": "1"}),
+    }
+    if compare:
+        servers["canarymw@other"] = (compare, "wrapped", {})
 
-    runs: dict[str, list[Run]] = {"bare": [], "wrapped": []}
+    runs: dict[str, list[Run]] = {name: [] for name in servers}
     order = list(runs)
     with contextlib.ExitStack() as stack:
-        # Both servers run all along (idle while the other is loaded): a fresh pair of
+        # All servers run all along (idle while another is loaded): a fresh set of
         # processes per round would add the noise of where the OS places them.
-        bases, ports = {}, {}
-        for mode in order:
-            port = ports[mode] = free_port()
+        bases, ports, groups = {}, {}, {}
+        for name, (python, app, extra) in servers.items():
+            port = ports[name] = free_port()
             argv = ["gunicorn", "-w", "2", "-b", f"127.0.0.1:{port}", "--log-level", "warning"]
-            bases[mode] = stack.enter_context(
-                serve([*argv, f"wsgi_apps:{mode}"], port, env={**os.environ, **env})
-            )
-            wrk(bases[mode] + "/", 1, cookie, port)  # warm-up
+            server = serve([*argv, f"wsgi_apps:{app}"], port, env={**env, **extra}, python=python)
+            groups[name] = stack.enter_context(server).pid
+            bases[name] = f"http://127.0.0.1:{port}/"
+            wrk(bases[name], 1, returning, port, group=groups[name])  # warm-up
+        shuffle = random.Random(0).shuffle
         for _ in range(rounds):
-            random.shuffle(order)
-            for mode in order:
-                runs[mode].append(wrk(bases[mode] + "/", seconds, cookie, ports[mode]))
-    bare, wrapped = runs["bare"], runs["wrapped"]
-    ratios = [w.rps / b.rps for w, b in zip(wrapped, bare, strict=True)]
-    cpu_b = statistics.median(r.cpu_per_request for r in bare)
-    cpu_w = statistics.median(r.cpu_per_request for r in wrapped)
-    print(f"gunicorn -w 2 (sync), wrk -t2 -c32, {rounds} rounds (random order) x {seconds}s, median")
-    rps_b, rps_w = statistics.median(r.rps for r in bare), statistics.median(r.rps for r in wrapped)
-    print(f"bare {rps_b:,.0f} req/s   wrapped {rps_w:,.0f} req/s")
-    each = " ".join(f"{r:.3f}" for r in ratios)
-    print(f"ratio (median of per-round wrapped/bare) {statistics.median(ratios):.3f}   [{each}]")
-    print(f"server CPU per request: bare {cpu_b * 1e6:.1f} us, wrapped {cpu_w * 1e6:.1f} us", end="")
-    print(f", ratio bare/wrapped {cpu_b / cpu_w:.3f}")
+            shuffle(order)
+            for name in order:
+                run = wrk(
+                    bases[name], seconds, returning, ports[name],
+                    new_cookie=OTHER_COOKIES, new_every=every, group=groups[name],
+                )  # fmt: skip
+                runs[name].append(run)
+    mix = f"every {every}th request a new visitor's" if every else "returning visitors only"
+    print(f"gunicorn -w 2 (sync), wrk -t2 -c32 ({mix}), {rounds} rounds (random order) x {seconds}s")
+    print("req/s: median; ratio: median over rounds of req/s / bare's req/s in the same round, then each")
+    print("round's; cpu: server CPU per request, median, and the median of its per-round difference")
+    print("to bare's; cpu ratio: bare's cpu/request / this one's")
+    report(runs)
+
+
+def report(runs: dict[str, list[Run]]) -> None:
+    """The server table of bench_wsgi.py and bench_asgi.py (bare first)."""
+    bare_cpu = statistics.median(r.cpu_per_request for r in runs["bare"])
+    for name, name_runs in runs.items():
+        ratios = [r.rps / b.rps for r, b in zip(name_runs, runs["bare"], strict=True)]
+        each = " ".join(f"{x:.3f}" for x in ratios)
+        rps, ratio = statistics.median(r.rps for r in name_runs), statistics.median(ratios)
+        cpu = statistics.median(r.cpu_per_request for r in name_runs)
+        added = statistics.median(
+            r.cpu_per_request - b.cpu_per_request for r, b in zip(name_runs, runs["bare"], strict=True)
+        )
+        print(
+            f"{name:15} {rps:8,.0f} req/s {ratio:.3f}x [{each}]  cpu {cpu * 1e6:6.1f} us"
+            f" (+{added * 1e6:.1f} us paired) {bare_cpu / cpu:.3f}x"
+        )
 
 
 def main() -> None:
@@ -211,11 +236,23 @@ def main() -> None:
     parser.add_argument("--gunicorn", action="store_true", help="measure requests/second under gunicorn")
     parser.add_argument("--seconds", type=int, default=3)
     parser.add_argument("--server-rounds", type=int, default=10, help="rounds under gunicorn")
+    parser.add_argument("--new-visitors", type=float, default=10, help="under gunicorn: %% of requests")
+    parser.add_argument(
+        "--compare", metavar="PYTHON", help="under gunicorn: add canarymw as PYTHON imports it"
+    )
+    parser.add_argument("--both", action="store_true", help="in process: again with the Python sources")
     args = parser.parse_args()
+    import canarymw._compat
+
+    print(f"canarymw build: {canarymw._compat.BUILD}")
+    if args.gunicorn and args.compare:
+        print(f"canarymw@other: {args.compare}: {build_of(args.compare)}")
     if args.gunicorn:
-        under_gunicorn(args.server_rounds, args.seconds)
-    else:
-        in_process(args.rounds, args.per_round)
+        under_gunicorn(args.server_rounds, args.seconds, args.new_visitors, args.compare)
+        return
+    in_process(args.rounds, args.per_round)
+    if args.both:
+        run_both(__file__)
 
 
 if __name__ == "__main__":
