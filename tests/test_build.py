@@ -20,7 +20,7 @@ PACKAGE = Path(canarymw.__file__).parent
 def probe(env: dict[str, str], path: Path | None = None) -> list[str]:
     """BUILD and where canarymw.wsgi and canarymw.asgi were loaded from, in a fresh interpreter."""
     code = (
-        "import canarymw, canarymw.wsgi as w, canarymw.asgi as a\n"
+        "import canarymw, canarymw.wsgi as w, canarymw._asgi_core as a\n"
         "print(canarymw._compat.BUILD); print(w.__file__); print(a.__file__)"
     )
     full = {k: v for k, v in os.environ.items() if k != "CANARYMW_NO_EXTENSIONS"} | env
@@ -51,7 +51,7 @@ def test_ci_runs_the_compiled_build() -> None:
 def test_no_extensions_selects_the_python_sources() -> None:
     build, wsgi, asgi = probe({"CANARYMW_NO_EXTENSIONS": "1"})
     assert build == "Python sources (CANARYMW_NO_EXTENSIONS is set)"
-    assert wsgi.endswith("wsgi.py") and asgi.endswith("asgi.py")
+    assert wsgi.endswith("wsgi.py") and asgi.endswith("_asgi_core.py")
 
 
 @pytest.mark.skipif(not _compat.IS_COMPILED, reason="the compiled build is not installed here")
@@ -66,13 +66,14 @@ def test_compiled_modules_load_and_a_stale_build_falls_back(tmp_path: Path) -> N
         f.write("\n# edited\n")
     build, wsgi, asgi = probe({}, tmp_path)
     assert build.startswith("Python sources (the compiled modules are older than the sources")
-    assert wsgi == str(copy / "wsgi.py") and asgi == str(copy / "asgi.py")
+    assert wsgi == str(copy / "wsgi.py") and asgi == str(copy / "_asgi_core.py")
     (copy / "_compiled.sha256").unlink()
     assert probe({}, tmp_path)[0] == "Python sources (the compiled modules were not built)"
 
 
 def test_public_classes_keep_their_docstrings() -> None:
     # mypyc drops docstrings; help() and documentation tools still find them.
+    assert canarymw.asgi._Core.__doc__ and canarymw.asgi._Core.__doc__.startswith("The compiled part")
     for cls in (canarymw.WSGICanaryMiddleware, canarymw.ASGICanaryMiddleware):
         assert cls.__doc__ and cls.__doc__.startswith("Route each request to ``old_app``")
         assert "    Args:\n" in cls.__doc__
@@ -136,3 +137,29 @@ def test_sub_interpreters_run_the_python_sources() -> None:
     out = subprocess.run([sys.executable, "-c", driver], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == _compat.BUILD  # the main interpreter keeps its build
+
+
+def test_a_compiled_module_left_by_an_older_build_is_never_loaded(tmp_path: Path) -> None:
+    # Extension modules win over sources by default: a leftover asgi.so (asgi.py was
+    # compiled once) or one of a module never compiled must not shadow the source.
+    import importlib.machinery
+
+    copy = tmp_path / "canarymw"
+    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    for leftover in ("asgi", "_rollout", "sinks/memory"):
+        (copy / f"{leftover}{suffix}").write_bytes(b"not a shared library")
+    code = (
+        "import canarymw, canarymw.asgi as a, canarymw._rollout as r, canarymw.sinks.memory as m\n"
+        "print(a.__file__); print(r.__file__); print(m.__file__)"
+    )
+    for env in ({}, {"CANARYMW_NO_EXTENSIONS": "1"}):
+        full = {k: v for k, v in os.environ.items() if k != "CANARYMW_NO_EXTENSIONS"} | env
+        full["PYTHONPATH"] = str(tmp_path)
+        out = subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split() == [
+            str(copy / "asgi.py"),
+            str(copy / "_rollout.py"),
+            str(copy / "sinks/memory.py"),
+        ]

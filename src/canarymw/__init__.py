@@ -17,7 +17,9 @@ Public names (everything else is private)::
 Integrations and optional sinks live in submodules that import their dependency:
 ``canarymw.flask`` (Canary), ``canarymw.starlette`` (split, CanaryRoute),
 ``canarymw.sinks.prometheus``, ``canarymw.sinks.otel``, ``canarymw.sinks.jsonl``, ``canarymw.sinks``;
-``canarymw.upstream`` holds the upstream exceptions (httpx is imported only when used).
+``canarymw.upstream`` holds the upstream exceptions (httpx is imported only when used);
+``canarymw.store`` shares a rollout's live state across processes and hosts
+(``Rollout(..., store=...)``; redis-py is imported only by ``RedisStore``).
 """
 
 from typing import TYPE_CHECKING as _TYPE_CHECKING

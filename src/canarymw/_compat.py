@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
-COMPILED = ("_headers.py", "asgi.py", "wsgi.py", "sinks/_dispatch.py")
+COMPILED = ("_asgi_core.py", "_headers.py", "wsgi.py", "sinks/_dispatch.py")
 """The modules mypyc compiles, as paths inside the package (read by hatch_build.py):
 the adapters' per-request work. The cohort decision (``Rollout``) stays interpreted: a
 returning visitor costs it one dict lookup, and its validation speaks in sentences."""
@@ -76,22 +76,26 @@ def _choose() -> tuple[bool, str]:
 
 
 class _SourcesFirst(importlib.abc.MetaPathFinder):
-    """Loads the modules of COMPILED from their ``.py`` files, never from a ``.so``."""
+    """Loads canarymw's modules from their ``.py`` files, except those in ``compiled``.
 
-    def __init__(self) -> None:
-        self.names = {"canarymw." + n[:-3].replace("/", ".") for n in COMPILED}
+    Without it a compiled module that should not run (switched off, stale, or left by an
+    older build that compiled other modules) would win: extension modules come first.
+    """
+
+    def __init__(self, compiled: frozenset[str]) -> None:
+        self.compiled = compiled
 
     def find_spec(
         self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
     ) -> importlib.machinery.ModuleSpec | None:
-        if fullname not in self.names:
+        if not fullname.startswith("canarymw.") or fullname in self.compiled or not path:
             return None
         leaf = fullname.rpartition(".")[2] + ".py"
-        for entry in path or ():
+        for entry in path:
             candidate = os.path.join(entry, leaf)
             if os.path.isfile(candidate):
                 return importlib.util.spec_from_file_location(fullname, candidate)
-        return None
+        return None  # a package, or not ours: the usual finders
 
 
 _CLASS_DOC = re.compile(r'^class (\w+)\b[^\n]*:\n    ("""(?:[^"\\]|\\.|"(?!""))*""")', re.MULTILINE)
@@ -116,5 +120,6 @@ def restore_docstrings() -> None:
 IS_COMPILED, BUILD = _choose()
 """True when the compiled modules serve requests; BUILD: which build runs, and why."""
 
-if not IS_COMPILED and not any(isinstance(f, _SourcesFirst) for f in sys.meta_path):
-    sys.meta_path.insert(0, _SourcesFirst())
+if not any(isinstance(f, _SourcesFirst) for f in sys.meta_path):
+    _names = {"canarymw." + n[:-3].replace("/", ".") for n in COMPILED} if IS_COMPILED else set()
+    sys.meta_path.insert(0, _SourcesFirst(frozenset(_names | {_GROUP})))

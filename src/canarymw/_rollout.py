@@ -9,7 +9,8 @@ import re
 import threading
 from collections.abc import Callable, Iterable
 from time import time as _time
-from typing import Any, Literal, NamedTuple
+from time import time as time_now
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 from urllib.parse import unquote_plus
 
 from ._bucketing import BUCKETS, bucketer
@@ -23,6 +24,9 @@ from ._cookie import (
     validate_cookie_settings,
 )
 from ._runtime import BoundedCache, reset_after_fork
+
+if TYPE_CHECKING:
+    from .store import RolloutState, Store
 
 Variant = Literal["old", "new"]
 Reason = Literal["bucket", "allowlist", "denylist", "forced"]
@@ -143,6 +147,21 @@ def split_force_query(query: str) -> tuple[list[str], str]:
     return values, "&".join(kept)
 
 
+def _open_store(store: object, interval: object, owner: str) -> Store:
+    from .store import Store as StoreProtocol
+    from .store import open_store
+
+    if isinstance(interval, bool) or not isinstance(interval, int | float) or not 0.05 <= interval <= 60:
+        raise ValueError(f"{owner} got store_interval={interval!r}; use a number of seconds from 0.05 to 60.")
+    if isinstance(store, str):
+        return open_store(store)
+    if not isinstance(store, StoreProtocol):
+        raise TypeError(
+            f"{owner} got store={store!r}; pass a store (MemoryStore, SQLiteStore, RedisStore) or its URL."
+        )
+    return store
+
+
 def _check_percent(value: object, owner: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(
@@ -174,6 +193,7 @@ _CONFIG = frozenset(
         "on_exposure",
         "counters",
         "cookie_only",
+        "store",
     )
 )
 
@@ -225,6 +245,17 @@ class Rollout:
             the request path, so it must be quick (hand slow work to a queue); if it
             raises, the error is counted in ``counters["exposure_errors"]`` and logged,
             and the request goes on.
+        store: Share the live state (percent, pause) with every process and host: a
+            :class:`~canarymw.store.Store` or its URL (``memory://``,
+            ``sqlite:///state.db``, ``redis://host:6379/0``). ``percent`` then seeds the
+            store if it holds nothing for this rollout; after that the store is the
+            truth (a deploy with another ``percent`` in code applies it unless an
+            operator paused or rolled back since), and setting :attr:`percent` writes
+            to the store. Requests never wait for the store: a background thread
+            follows it, and if it cannot be reached the last known state (at start,
+            ``percent``) stays in force. See docs/stores.md.
+        store_interval: Longest time, in seconds, between two reads of the store
+            (changes usually arrive sooner: Redis pushes them, SQLite is polled cheaply).
     """
 
     def __init__(
@@ -248,6 +279,8 @@ class Rollout:
         cookie_samesite: str | None = "Lax",
         cookie_httponly: bool = True,
         on_exposure: Callable[[Decision], object] | None = None,
+        store: Store | str | None = None,
+        store_interval: float = 1.0,
     ) -> None:
         if not isinstance(name, str) or not name.strip():
             raise ValueError("Rollout needs a non-empty name, such as 'checkout-v2'.")
@@ -279,7 +312,15 @@ class Rollout:
         self._state = (0.0, 0.0)
         self._gen = 0
         self._lock = threading.Lock()
-        self.percent = percent  # validated by the setter
+        self._set_local(_check_percent(percent, owner))
+        self._code_percent = self.percent
+        self._override: float | None = None
+        self._store_state: RolloutState | None = None
+        self._store_started = False
+        self._synced_at: float | None = None
+        self._applied_at: float | None = None
+        self._store_error: str | None = None
+        self._store_lock = threading.Lock()
         self.key = key
         self.allow = frozenset(str(k) for k in allow)
         self.deny = frozenset(str(k) for k in deny)
@@ -308,11 +349,26 @@ class Rollout:
         self._by_header: BoundedCache[_Entry] = BoundedCache(_CACHE_SIZE, _CACHE_CHARS, _HEADER_KEY_MAX)
         self._keys: BoundedCache[int] = BoundedCache(_CACHE_SIZE, _CACHE_CHARS, _HEADER_KEY_MAX)
         self.counters: dict[str, int] = dict.fromkeys(
-            ("assigned", "cookie_rejected", "cookie_reissued", "key_errors", "forced", "exposure_errors"), 0
+            (
+                "assigned",
+                "cookie_rejected",
+                "cookie_reissued",
+                "key_errors",
+                "forced",
+                "exposure_errors",
+                "store_errors",
+            ),
+            0,
         )
         """Health counters: new ids assigned, cookies rejected (tampered, foreign
         key, malformed), cookies re-issued (refresh or key rotation), failures of the
-        ``key`` callable, forced requests."""
+        ``key`` callable, forced requests, failed reads of the store."""
+        self.store: Store | None = None if store is None else _open_store(store, store_interval, owner)
+        """The store this rollout follows (``store=``), or None."""
+        if self.store is not None:
+            from .store._follow import follow
+
+            follow(self, self.store, store_interval)
 
     def __repr__(self) -> str:
         return f"Rollout({self.name!r}, percent={self.percent!r})"
@@ -346,12 +402,75 @@ class Rollout:
     @percent.setter
     def percent(self, value: float) -> None:
         pct = _check_percent(value, f"Rollout {self.name!r}")
+        if self.store is None:
+            self._set_local(pct)
+            return
+        # With a store, the store is the truth: write there (an audited change by
+        # "code"), then apply at once here; every other process follows.
+        from .store._follow import change
+
+        self._apply_state(
+            change(self.store, self.name, "set", percent=pct, by="code", reason="percent set in code")
+        )
+
+    def _set_local(self, pct: float) -> None:
         with self._lock:
             # One tuple, so readers never see a percent with another's threshold;
             # the generation bump afterwards retires cached decisions.
             # Whole buckets: 0.07% is 7 buckets, not 7.000000000000001 (which would let an 8th in).
             self._state = (pct, round(pct * (BUCKETS / 100), 6))
             self._gen += 1
+
+    def switch_off(self) -> None:
+        """Send everyone to ``old`` in this process, whatever the store says, for good.
+
+        What the ASGI middleware does when the new app fails its startup here. Unlike
+        ``percent = 0`` it changes nothing in the store (other processes may be fine).
+        """
+        self._override = 0.0
+        self._set_local(0.0)
+
+    # -- the store ---------------------------------------------------------------
+    def _apply_state(self, state: RolloutState, now: float | None = None) -> None:
+        at = time_now() if now is None else now
+        with self._store_lock:
+            held = self._store_state
+            if held is None or state.version > held.version:  # never back to an older state
+                # Percent first: whoever sees the new version also sees its percent.
+                if self._override is None and state.percent != self.percent:
+                    self._set_local(state.percent)
+                self._store_state = state
+                self._applied_at = at
+            self._synced_at = at
+            self._store_error = None
+
+    def _store_failed(self, exc: BaseException) -> None:
+        self._count("store_errors")
+        self._store_error = str(exc) or type(exc).__name__
+
+    def store_status(self) -> dict[str, Any]:
+        """How this process's view of the store stands: ``version``, ``percent`` and
+        ``paused`` of the last state applied (None before the first), ``applied_at``
+        (Unix time this process applied it), ``age`` in seconds since the store last
+        answered (None if never), and ``error``, the last failure while the store does
+        not answer (None when it does)."""
+        with self._store_lock:
+            state, synced, applied, percent = (
+                self._store_state,
+                self._synced_at,
+                self._applied_at,
+                self.percent,
+            )
+        return {
+            "store": None if self.store is None else repr(self.store),
+            "version": None if state is None else state.version,
+            "percent": percent,
+            "applied_at": applied,
+            "paused": None if state is None else state.paused,
+            "age": None if synced is None else max(0.0, time_now() - synced),
+            "error": self._store_error,
+            "switched_off": self._override is not None,
+        }
 
     # -- pure helpers ------------------------------------------------------------
     def bucket_of(self, key: str) -> int:

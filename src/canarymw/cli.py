@@ -3,21 +3,63 @@
 ``canarymw demo`` serves a Flask blue/green app under gunicorn (or, with ``--asgi``, a
 Starlette one under uvicorn) on 127.0.0.1, sends a few thousand simulated users through
 it, and prints per-variant numbers with a split check and a stickiness check. See
-docs/demo.md. Exit codes: 0 every check passed; 1 a check failed; 2 bad usage; 3 the demo
-could not run (missing dependency, server did not start); 130 interrupted.
+docs/demo.md. Exit codes of ``demo``: 0 every check passed; 1 a check failed; 2 bad usage;
+3 the demo could not run (missing dependency, server did not start); 130 interrupted.
 
-Heavy imports (httpx, the servers, the frameworks) happen only when a command runs, so
-importing this module stays cheap.
+The store commands read and change the shared state of rollouts in a store (``--store
+URL`` or the environment variable ``CANARYMW_STORE``; see docs/cli.md):
+
+- ``status [NAME]``: percent, pause, version, who changed it last and why, and per
+  variant over a recent window the requests, error rate, latency and the blended
+  success estimate beside the measured one.
+- ``set NAME PERCENT``, ``promote NAME``, ``rollback NAME``, ``pause NAME``,
+  ``resume NAME``: an audited operator change (``--by``, ``--reason``), compare-and-set
+  against ``--if-version N`` when given.
+- ``history NAME``: the audit log.
+- ``watch [NAME]``: ``status`` refreshed in the terminal until Ctrl-C.
+
+Exit codes of the store commands: 0 ok; 1 anything unexpected; 2 bad usage; 3 no store
+given or the store cannot be reached; 4 unknown rollout; 5 version conflict (someone
+else changed the rollout meanwhile); 130 interrupted (``watch`` exits 0 on Ctrl-C). A
+mistake prints one sentence on stderr, never a traceback (``CANARYMW_DEBUG=1`` adds the
+traceback of an unexpected error).
+
+Heavy imports (httpx, the servers, the frameworks, redis-py) happen only when a command
+runs, so importing this module stays cheap.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import math
+import os
+import sys
+import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from . import _compat
 from ._version import __version__
+
+if TYPE_CHECKING:
+    from .store import Change, RolloutState, Store
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_STORE = 3
+EXIT_UNKNOWN = 4
+EXIT_CONFLICT = 5
+EXIT_INTERRUPTED = 130
+
+STORE_ENV = "CANARYMW_STORE"
+BY_ENV = "CANARYMW_BY"
+DEBUG_ENV = "CANARYMW_DEBUG"
+
+_CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear screen
+
+_sleep = time.sleep  # watch's pause, replaceable in tests without touching other threads
 
 
 def _number(low: float, high: float, what: str) -> Callable[[str], float]:
@@ -46,6 +88,105 @@ def _integer(low: int, high: int, what: str) -> Callable[[str], int]:
     return parse
 
 
+def _percent(text: str) -> float:
+    # "25%" reads as naturally as "25" on a command line.
+    return _number(0, 100, "PERCENT")(text.strip().removesuffix("%"))
+
+
+def _who(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("--by must name who makes the change, not an empty string")
+    return text.strip()
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors can be one sentence on stderr.
+
+    The store commands use it (``one_line_errors=True``); ``demo`` keeps argparse's usual
+    usage-and-error output.
+    """
+
+    def __init__(self, *args: Any, one_line_errors: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.one_line_errors = one_line_errors
+
+    def error(self, message: str) -> NoReturn:
+        """Print the usage error and exit with status 2."""
+        if not self.one_line_errors:
+            super().error(message)
+        # "argument PERCENT: PERCENT must be ..." says the name twice; keep the second.
+        head, sep, rest = message.partition(": ")
+        if sep and head.startswith("argument ") and rest.startswith(head.removeprefix("argument ")):
+            message = rest
+        self.exit(EXIT_USAGE, f"{self.prog}: {message.rstrip('.')}; see {self.prog} --help.\n")
+
+
+def _store_options() -> _Parser:
+    options = _Parser(add_help=False)
+    options.add_argument(
+        "--store",
+        metavar="URL",
+        help=(
+            f"the store: sqlite:////abs/path/state.db, redis://host:6379/0[?prefix=...] "
+            f"(default: the environment variable {STORE_ENV})"
+        ),
+    )
+    return options
+
+
+def _json_option() -> _Parser:
+    options = _Parser(add_help=False)
+    options.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    return options
+
+
+def _window_option() -> _Parser:
+    options = _Parser(add_help=False)
+    options.add_argument(
+        "--window",
+        type=_number(1, 8 * 24 * 3600, "--window"),
+        metavar="SECONDS",
+        default=300.0,
+        help="count outcomes of the last SECONDS (default: 300; counters are kept in 10 s windows)",
+    )
+    return options
+
+
+def _change_options() -> _Parser:
+    options = _Parser(add_help=False)
+    options.add_argument("--reason", metavar="TEXT", default="", help="why: kept in the audit log")
+    options.add_argument(
+        "--by",
+        type=_who,
+        metavar="WHO",
+        default=None,
+        help=f"who makes the change (default: ${BY_ENV}, else user@host)",
+    )
+    options.add_argument(
+        "--if-version",
+        type=_integer(1, 2**63 - 1, "--if-version"),
+        metavar="N",
+        default=None,
+        help="change only if the rollout is still at version N (as you saw it); else exit 5",
+    )
+    return options
+
+
+_CHANGES = {
+    "set": "send PERCENT of cohorts to new (ends a hold from an earlier rollback or pause)",
+    "promote": "send every cohort to new (percent 100)",
+    "rollback": "send every cohort to old (percent 0) and hold it there against deploys",
+    "pause": "hold the rollout as it is: deploys no longer change its percent",
+    "resume": "lift a pause",
+}
+
+_STORE_EPILOG = (
+    "Exit status: 0 ok; 1 unexpected error; 2 bad usage; 3 no store given or the store cannot be "
+    "reached; 4 unknown rollout; 5 version conflict (someone else changed the rollout meanwhile). "
+    "See docs/cli.md."
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``canarymw`` command."""
     parser = argparse.ArgumentParser(
@@ -53,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Canary releases and blue/green switches inside your WSGI or ASGI app.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}, {_compat.BUILD}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     demo = commands.add_parser(
         "demo",
         help="run the blue/green demo under a real server and check the split and stickiness",
@@ -61,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Serve a Flask blue/green app under gunicorn on 127.0.0.1, drive simulated users "
             "(each with its own cookie jar) through it, and print per-variant numbers, the "
             "observed vs configured split, a stickiness check across workers, and the blended "
-            "success rate."
+            "success rate. Every worker follows a shared store; halfway through, the percent is "
+            "changed there and the report says when each worker switched."
         ),
         epilog=(
             "Exit status: 0 the run completed and every check passed; 1 a check failed; "
@@ -122,6 +264,107 @@ def build_parser() -> argparse.ArgumentParser:
         "--asgi", action="store_true", help="run the Starlette demo under uvicorn instead of Flask/gunicorn"
     )
     demo.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    demo.add_argument(
+        "--store",
+        dest="demo_store",
+        metavar="URL",
+        default=None,
+        help=(
+            "the store every worker follows: sqlite:////abs/path/state.db or "
+            "redis://host:6379/0[?prefix=...] (default: a SQLite file in a temporary directory, "
+            "removed after the run; memory:// cannot be shared by worker processes)"
+        ),
+    )
+    ramp = demo.add_mutually_exclusive_group()
+    ramp.add_argument(
+        "--ramp-to",
+        type=_number(0, 100, "--ramp-to"),
+        metavar="P",
+        default=None,
+        help="the percent set through the store halfway through the load (default: 2.5 x --percent, "
+        "at most 100)",
+    )
+    ramp.add_argument(
+        "--no-ramp", action="store_true", help="change nothing mid-run: one percent for the whole run"
+    )
+
+    store, as_json, window, changing = _store_options(), _json_option(), _window_option(), _change_options()
+    status = commands.add_parser(
+        "status",
+        parents=[store, window, as_json],
+        one_line_errors=True,
+        help="show the rollouts in a store: percent, pause, version, and per-variant numbers",
+        description=(
+            "Show each rollout in the store (or NAME): its percent, pause, version, how long ago "
+            "and by whom it was last changed and why; and per variant over the window the "
+            "requests, error rate and p50/p95 latency, with the blended success estimate "
+            "s = s_new * w + s_old * (1 - w) beside the measured success rate."
+        ),
+        epilog=_STORE_EPILOG,
+    )
+    status.add_argument("name", nargs="?", metavar="NAME", help="one rollout (default: all)")
+
+    for action, what in _CHANGES.items():
+        command = commands.add_parser(
+            action,
+            parents=[store, changing, as_json],
+            one_line_errors=True,
+            help=what,
+            description=(
+                f"{what[0].upper()}{what[1:]}; audited, and followed by every process within its "
+                "refresh time."
+            ),
+            epilog=_STORE_EPILOG,
+        )
+        command.add_argument("name", metavar="NAME", help="the rollout")
+        if action == "set":
+            command.add_argument("percent", type=_percent, metavar="PERCENT", help="0 to 100")
+
+    history = commands.add_parser(
+        "history",
+        parents=[store, as_json],
+        one_line_errors=True,
+        help="show a rollout's audit log",
+        description=(
+            "Show a rollout's audit log, oldest first: when, version, action, who, percent, pause, why."
+        ),
+        epilog=_STORE_EPILOG,
+    )
+    history.add_argument("name", metavar="NAME", help="the rollout")
+    history.add_argument(
+        "--limit",
+        type=_integer(1, 1000, "--limit"),
+        metavar="N",
+        default=20,
+        help="the newest N entries (default: 20)",
+    )
+
+    watch = commands.add_parser(
+        "watch",
+        parents=[store, window],
+        one_line_errors=True,
+        help="show status live, refreshed every interval, until Ctrl-C",
+        description=(
+            "Show the status table refreshed every interval (the screen is redrawn when stdout is "
+            "a terminal; otherwise a new table is printed each time) until Ctrl-C."
+        ),
+        epilog=_STORE_EPILOG.replace("0 ok;", "0 ok or stopped with Ctrl-C;"),
+    )
+    watch.add_argument("name", nargs="?", metavar="NAME", help="one rollout (default: all)")
+    watch.add_argument(
+        "--interval",
+        type=_number(0.1, 3600, "--interval"),
+        metavar="SECONDS",
+        default=1.0,
+        help="seconds between refreshes (default: 1)",
+    )
+    watch.add_argument(
+        "--count",
+        type=_integer(1, 2**31 - 1, "--count"),
+        metavar="N",
+        default=None,
+        help="stop after N refreshes (default: until Ctrl-C)",
+    )
     return parser
 
 
@@ -133,9 +376,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:
         # argparse exits on --help, --version and usage errors; callers get a code instead.
         return exc.code if isinstance(exc.code, int) else 2
-    if args.command != "demo":
+    if args.command is None:
         parser.print_help()
         return 2
+    if args.command != "demo":
+        return _run_store_command(args)
 
     from ._demo.run import DemoOptions, run_demo
 
@@ -150,5 +395,439 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed,
             asgi=args.asgi,
             json=args.json,
+            store=args.demo_store,
+            ramp_to=args.ramp_to,
+            ramp=not args.no_ramp,
         )
     )
+
+
+# -- the store commands ------------------------------------------------------------------
+
+
+class _Failure(Exception):
+    """A mistake the command reports as one sentence with its exit code."""
+
+    def __init__(self, code: int, sentence: str) -> None:
+        super().__init__(sentence)
+        self.code = code
+
+
+def _run_store_command(args: argparse.Namespace) -> int:
+    run = _COMMANDS.get(args.command, _change_command)
+    try:
+        code = run(args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        return code
+    except BrokenPipeError:
+        # The reader went away (``| head``): not a failure of the command.
+        _drop_stdout()
+        return EXIT_OK
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        print(f"canarymw {args.command}: interrupted.", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        code, sentence = _explain(exc)
+        if code == EXIT_ERROR and os.environ.get(DEBUG_ENV) == "1":
+            import traceback
+
+            traceback.print_exc()
+        print(f"canarymw {args.command}: {sentence}", file=sys.stderr)
+        return code
+
+
+def _drop_stdout() -> None:
+    # Point stdout at /dev/null so the interpreter's final flush does not fail again.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, io.UnsupportedOperation):
+        pass
+
+
+def _explain(exc: Exception) -> tuple[int, str]:
+    """The exit code and the one sentence an exception of a store command becomes."""
+    from .store import StoreError, StoreUnavailable, UnknownRollout, VersionConflict
+
+    text = " ".join(str(exc).split())  # one line, whatever the cause put in it
+    if isinstance(exc, _Failure):
+        return exc.code, text
+    if isinstance(exc, StoreUnavailable):
+        return EXIT_STORE, _sentence(text or "the store cannot be reached")
+    if isinstance(exc, UnknownRollout):
+        return EXIT_UNKNOWN, _sentence(text)
+    if isinstance(exc, VersionConflict):
+        return EXIT_CONFLICT, _sentence(text)
+    if isinstance(exc, StoreError):
+        return EXIT_ERROR, _sentence(text)
+    detail = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return EXIT_ERROR, f"unexpected error ({detail.rstrip('.')}); set {DEBUG_ENV}=1 to see the traceback."
+
+
+def _sentence(text: str) -> str:
+    return text if text.endswith((".", "?", "!")) else text + "."
+
+
+def _open(args: argparse.Namespace) -> Store:
+    url = args.store or os.environ.get(STORE_ENV, "")
+    if not url.strip():
+        raise _Failure(
+            EXIT_STORE,
+            f"no store given; pass --store URL or set {STORE_ENV} "
+            "(e.g. sqlite:////var/lib/app/state.db or redis://127.0.0.1:6379/0).",
+        )
+    from .store import open_store
+
+    url = url.strip()
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme.lower() == "sqlite" and rest.startswith("/") and rest != "/":
+        # SQLite creates a missing file on open: a typo would read as an empty store and
+        # leave a stray file behind. Processes running rollouts create it, never this command.
+        path = rest[1:]
+        if not os.path.exists(path):
+            raise _Failure(
+                EXIT_STORE,
+                f"SQLite store {path} does not exist; check the path (the file appears once a "
+                "process running a rollout has started with this store).",
+            )
+    try:
+        return open_store(url)
+    except ValueError as exc:
+        raise _Failure(EXIT_USAGE, _sentence(" ".join(str(exc).split()))) from None
+    except ImportError as exc:  # redis-py missing: the store cannot be used from here
+        raise _Failure(EXIT_STORE, _sentence(" ".join(str(exc).split()))) from None
+
+
+def _unknown(name: str) -> Exception:
+    from .store import UnknownRollout
+
+    return UnknownRollout(
+        f"the store has no rollout {name!r}; it appears once a process running it has started."
+    )
+
+
+def _emit_json(data: object, out: TextIO | None = None) -> None:
+    import json
+
+    print(json.dumps(data, indent=2, sort_keys=False), file=out or sys.stdout)
+
+
+# status ---------------------------------------------------------------------------------
+
+
+def _status_data(store: Store, name: str | None, window: float, now: float) -> dict[str, Any]:
+    """What ``status`` shows, as a JSON-ready object."""
+    from dataclasses import asdict
+
+    from .store._stats import blended, measured, summarize
+
+    names = [name] if name is not None else store.names()
+    states = store.read(names) if names else {}
+    if name is not None and name not in states:
+        raise _unknown(name)
+    ordered = sorted(states)
+    counts = store.read_counts(ordered, since=now - window) if ordered else []
+    summaries = summarize(counts, ordered)
+    rollouts: dict[str, Any] = {}
+    for rollout in ordered:
+        state = states[rollout]
+        variants = summaries[rollout]
+        rollouts[rollout] = {
+            "state": asdict(state),
+            "age": max(0.0, now - state.updated_at),
+            "variants": {v: asdict(s) for v, s in variants.items()},
+            "success": {
+                "blended": blended(variants["old"], variants["new"], state.percent),
+                "measured": measured(variants.values()),
+            },
+        }
+    return {"at": now, "window": window, "rollouts": rollouts}
+
+
+def _status_text(data: dict[str, Any]) -> list[str]:
+    """The human-readable status: one table of rollouts, then one table per rollout."""
+    rollouts: dict[str, Any] = data["rollouts"]
+    if not rollouts:
+        return ["the store holds no rollouts yet; one appears once a process running it has started."]
+    lines = _table(
+        ["rollout", "percent", "paused", "version", "age", "by", "reason"],
+        [
+            [
+                name,
+                _pct(r["state"]["percent"]),
+                "yes" if r["state"]["paused"] else "no",
+                str(r["state"]["version"]),
+                _age(r["age"]),
+                r["state"]["updated_by"] or "-",
+                r["state"]["reason"] or "-",
+            ]
+            for name, r in rollouts.items()
+        ],
+        right={1, 3},
+    )
+    for name, r in rollouts.items():
+        lines += ["", f"{name}: the last {_seconds(data['window'])}"]
+        lines += _variant_table(r)
+    return lines
+
+
+def _variant_table(r: dict[str, Any]) -> list[str]:
+    rows = []
+    requests = errors = 0
+    for variant, v in r["variants"].items():
+        requests += v["requests"]
+        errors += v["errors"]
+        rows.append(
+            [
+                variant,
+                str(v["requests"]),
+                str(v["errors"]),
+                _rate(v["error_rate"]),
+                _ms(v["p50"]),
+                _ms(v["p95"]),
+                _rate(v["success_rate"]),
+            ]
+        )
+    error_rate = errors / requests if requests else None
+    success = r["success"]
+    rows.append(["all", str(requests), str(errors), _rate(error_rate), "", "", _rate(success["measured"])])
+    lines = _table(
+        ["variant", "requests", "errors", "error rate", "p50 ms", "p95 ms", "success"],
+        rows,
+        right={1, 2, 3, 4, 5, 6},
+    )
+    lines.append(_success_line(r))
+    return [f"  {line}" for line in lines]
+
+
+def _success_line(r: dict[str, Any]) -> str:
+    w = r["state"]["percent"] / 100.0
+    s_new = r["variants"]["new"]["success_rate"]
+    s_old = r["variants"]["old"]["success_rate"]
+    estimate = r["success"]["blended"]
+    measured = _rate(r["success"]["measured"])
+    if estimate is None:
+        missing = "new" if w > 0 and s_new is None else "old"
+        return (
+            f"success  blended estimate -: no requests on {missing} in the window "
+            f"(w = {w:g}); measured {measured}"
+        )
+
+    def s(value: float | None) -> str:
+        return "-" if value is None else f"{value:.4f}"
+
+    return (
+        f"success  blended estimate s = s_new * w + s_old * (1 - w) = {s(s_new)} * {w:g} + "
+        f"{s(s_old)} * {1 - w:g} = {_rate(estimate)}; measured {measured}"
+    )
+
+
+def _status(args: argparse.Namespace) -> int:
+    store = _open(args)
+    try:
+        data = _status_data(store, args.name, args.window, time.time())
+    finally:
+        store.close()
+    if args.json:
+        _emit_json(data)
+    else:
+        print("\n".join(_status_text(data)))
+    return EXIT_OK
+
+
+# changes --------------------------------------------------------------------------------
+
+
+def _default_by() -> str:
+    by = os.environ.get(BY_ENV, "").strip()
+    if by:
+        return by
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except Exception:  # no login name in a bare container: still say where it came from
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+def _change_command(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from .store import change
+
+    by = args.by or _default_by()
+    store = _open(args)
+    try:
+        state = change(
+            store,
+            args.name,
+            args.command,
+            by=by,
+            reason=args.reason,
+            percent=getattr(args, "percent", None),
+            expected_version=args.if_version,
+        )
+    finally:
+        store.close()
+    if args.json:
+        _emit_json({"rollout": args.name, "action": args.command, "state": asdict(state)})
+    else:
+        print(_state_line(args.name, args.command, state))
+    return EXIT_OK
+
+
+def _state_line(name: str, action: str, state: RolloutState) -> str:
+    held = "paused" if state.paused else "running"
+    why = f": {state.reason}" if state.reason else ""
+    return (
+        f"{name}: {_pct(state.percent)} to new, {held}, version {state.version} "
+        f"({action} by {state.updated_by}{why})"
+    )
+
+
+# history --------------------------------------------------------------------------------
+
+
+def _history(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    store = _open(args)
+    try:
+        if args.name not in store.read([args.name]):
+            raise _unknown(args.name)
+        log = store.history(args.name, args.limit)
+    finally:
+        store.close()
+    if args.json:
+        entries = [{"when": _when(c.at), **asdict(c)} for c in log]
+        _emit_json({"rollout": args.name, "history": entries})
+    else:
+        print("\n".join(_history_text(log)))
+    return EXIT_OK
+
+
+def _history_text(log: list[Change]) -> list[str]:
+    if not log:
+        return ["no audit entries."]
+    rows = []
+    for c in log:
+        before = "-" if c.percent_before is None else _pct(c.percent_before)
+        paused = _yes(c.paused_after)
+        if c.paused_before is not None and c.paused_before != c.paused_after:
+            paused = f"{_yes(c.paused_before)} -> {paused}"
+        rows.append(
+            [
+                _when(c.at),
+                str(c.version),
+                c.action,
+                c.by or "-",
+                f"{before} -> {_pct(c.percent_after)}",
+                paused,
+                c.reason or "-",
+            ]
+        )
+    return _table(["when (UTC)", "version", "action", "by", "percent", "paused", "reason"], rows, right={1})
+
+
+# watch ----------------------------------------------------------------------------------
+
+
+def _watch(args: argparse.Namespace) -> int:
+    out = sys.stdout
+    tty = out.isatty()
+    store = _open(args)
+    refreshes = 0
+    try:
+        while True:
+            now = time.time()
+            try:
+                body = _status_text(_status_data(store, args.name, args.window, now))
+            except Exception as exc:
+                if refreshes == 0:
+                    raise  # a wrong store or name: say so and stop, as status does
+                # Later failures are often a blip of the store: show it, keep watching.
+                code, sentence = _explain(exc)
+                if code == EXIT_ERROR:
+                    raise
+                body = [f"{sentence.rstrip('.')}; trying again in {_seconds(args.interval)}."]
+            head = (
+                f"canarymw watch  {_when(now)} UTC  every {_seconds(args.interval)}, "
+                f"numbers over the last {_seconds(args.window)}  (Ctrl-C stops)"
+            )
+            text = "\n".join([head, "", *body])
+            if tty:
+                out.write(_CLEAR + text + "\n")
+            else:
+                # Not a terminal (a pipe, a log): one table after the other, no escape codes.
+                out.write(("\n" if refreshes else "") + text + "\n")
+            out.flush()
+            refreshes += 1
+            if args.count is not None and refreshes >= args.count:
+                return EXIT_OK
+            _sleep(args.interval)
+    except KeyboardInterrupt:
+        if tty:
+            out.write("\n")
+        return EXIT_OK
+    finally:
+        store.close()
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "status": _status,
+    "history": _history,
+    "watch": _watch,
+}
+
+
+# formatting -----------------------------------------------------------------------------
+
+
+def _table(header: list[str], rows: list[list[str]], right: set[int]) -> list[str]:
+    """Aligned columns, two spaces apart; columns in ``right`` are right-aligned (numbers)."""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = []
+    for row in [header, *rows]:
+        cells = [cell.rjust(widths[i]) if i in right else cell.ljust(widths[i]) for i, cell in enumerate(row)]
+        lines.append("  ".join(cells).rstrip())
+    return lines
+
+
+def _pct(percent: float) -> str:
+    return f"{percent:g}%"
+
+
+def _rate(rate: float | None) -> str:
+    return "-" if rate is None else f"{rate * 100:.2f}%"
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.1f}"
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def _age(seconds: float) -> str:
+    """How long ago, to one unit: "12 s", "3 min", "2 h", "5 d"."""
+    if seconds < 120:
+        return f"{int(seconds)} s"
+    if seconds < 120 * 60:
+        return f"{int(seconds // 60)} min"
+    if seconds < 48 * 3600:
+        return f"{int(seconds // 3600)} h"
+    return f"{int(seconds // 86400)} d"
+
+
+def _seconds(seconds: float) -> str:
+    return f"{seconds:g} s"
+
+
+def _when(at: float) -> str:
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(at, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -7,6 +7,7 @@ import contextvars
 import copy
 import functools
 import time
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -901,3 +902,25 @@ def test_an_oserror_of_the_app_itself_is_an_error_not_a_disconnect(make_rollout:
         run(middleware(app, app, make_rollout(50), sink=sink)(http_scope(), server.receive, server.send))
     [outcome] = sink.outcomes
     assert outcome.error == "FileNotFoundError" and not outcome.disconnected
+
+
+def _fails_in_a_thread() -> None:
+    raise LookupError("raised in a worker thread")
+
+
+@pytest.mark.parametrize("kind", ["http", "websocket"])
+def test_an_exception_thrown_in_keeps_its_whole_traceback(make_rollout: MakeRollout, kind: str) -> None:
+    # A sync endpoint's error comes back from a worker thread: asyncio throws it into
+    # the awaiting coroutines. Logs must still show where it was raised.
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, _fails_in_a_thread)
+
+    scope = http_scope()
+    if kind == "websocket":
+        scope = {**scope, "type": "websocket", "scheme": "ws"}
+    server = FakeServer()
+    with pytest.raises(LookupError) as caught:
+        run(middleware(app, app, make_rollout(50))(scope, server.receive, server.send))
+    frames = [frame.name for frame in traceback.extract_tb(caught.value.__traceback__)]
+    assert frames[-2:] == ["run", "_fails_in_a_thread"], frames  # the executor's frame, then ours
+    assert "app" in frames

@@ -642,6 +642,7 @@ def test_counters_count_each_event() -> None:
         "key_errors": 0,
         "forced": 0,
         "exposure_errors": 0,
+        "store_errors": 0,  # a rollout without a store never fails to read one
     }
 
 

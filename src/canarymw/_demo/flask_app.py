@@ -26,14 +26,15 @@ from .settings import (
     VARIANT_HEADER,
     DemoSettings,
 )
+from .watch import SwitchLog
 
 
-def _reply(body: str, variant: str, status: int = 200) -> Response:
+def _reply(body: str, variant: str, switches: SwitchLog, status: int = 200) -> Response:
     return Response(
         body,
         status=status,
         mimetype="text/plain",
-        headers={VARIANT_HEADER: variant, PID_HEADER: str(os.getpid())},
+        headers={VARIANT_HEADER: variant, PID_HEADER: str(os.getpid()), **switches.headers()},
     )
 
 
@@ -43,21 +44,23 @@ def create_app(settings: DemoSettings | None = None) -> Flask:
     blue = Flask("canarymw_demo_blue")
     green = Flask("canarymw_demo_green")
     sink = MemorySink()
+    rollout = settings.rollout()
+    switches = SwitchLog(rollout)
 
     @blue.get("/")
     def blue_hello() -> Response:
-        return _reply(BLUE_BODY, "old")
+        return _reply(BLUE_BODY, "old", switches)
 
     @green.get("/")
     def green_hello() -> Response:
         decision: Decision = request.environ["canarymw.decision"]
         if settings.should_fail(decision.cohort, request.args.get(TAG_PARAM)):
-            return _reply(FAILURE_BODY, "new", 500)
-        return _reply(GREEN_BODY, "new")
+            return _reply(FAILURE_BODY, "new", switches, 500)
+        return _reply(GREEN_BODY, "new", switches)
 
     @blue.get(HEALTH_PATH)
     def health() -> Response:
-        return _reply("ok\n", "none")
+        return _reply("ok\n", "none", switches)
 
     @blue.get(STATS_PATH)
     def stats() -> Response:
@@ -67,9 +70,10 @@ def create_app(settings: DemoSettings | None = None) -> Flask:
             pid=os.getpid(),
             requests={variant: st.requests for variant, st in snapshot.items()},
             errors={variant: st.errors for variant, st in snapshot.items()},
+            **switches.snapshot(),
         )
 
     blue.wsgi_app = WSGICanaryMiddleware(  # type: ignore[method-assign]
-        blue.wsgi_app, new=green.wsgi_app, rollout=settings.rollout(), sink=sink
+        blue.wsgi_app, new=green.wsgi_app, rollout=rollout, sink=sink
     )
     return blue

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
-from .settings import PID_HEADER, TAG_PARAM, VARIANT_HEADER
+from .settings import PERCENT_HEADER, PID_HEADER, TAG_PARAM, VARIANT_HEADER, VERSION_HEADER
 
 TIMEOUT = 10.0
 """Seconds a request may take before it counts as a transport error."""
@@ -86,6 +86,13 @@ class Hit:
     """Whether this response set the cohort cookie."""
     error: str | None = None
     """Exception type name of a transport failure."""
+    at: float = 0.0
+    """Wall-clock time (``time.time()``) the request started: the phases of a ramp are
+    told apart by comparing it with the times the workers report."""
+    version: int | None = None
+    """The store version the answering worker followed (``X-Canary-Store-Version``)."""
+    percent: float | None = None
+    """The percent in force in the answering worker (``X-Canary-Percent``)."""
 
 
 @dataclass(slots=True)
@@ -104,17 +111,22 @@ def run_user(
     cookie_name: str,
     stop: threading.Event,
     on_hit: Callable[[], None],
+    gate: threading.Event | None = None,
 ) -> UserRun:
-    """Make ``requests`` sequential requests as one new visitor with an empty jar."""
+    """Make ``requests`` sequential requests as one new visitor with an empty jar; each
+    waits for ``gate`` to be open, if there is one."""
     jar = CookieJar()
     run = UserRun(index)
     for n in range(requests):
+        if gate is not None:
+            gate.wait()
         if stop.is_set():
             break
         headers = {"Connection": "close"}
         cookie = jar.header()
         if cookie is not None:
             headers["Cookie"] = cookie
+        at = time.time()
         started = time.perf_counter()
         conn = http.client.HTTPConnection(host, port, timeout=TIMEOUT)
         try:
@@ -131,6 +143,7 @@ def run_user(
                     jar.get(cookie_name),
                     False,
                     type(exc).__name__,
+                    at,
                 )
             )
             on_hit()
@@ -140,6 +153,7 @@ def run_user(
         latency = time.perf_counter() - started
         set_names = [jar.store(value) for value in response.headers.get_all("Set-Cookie", [])]
         pid = response.getheader(PID_HEADER)
+        version = response.getheader(VERSION_HEADER)
         run.hits.append(
             Hit(
                 response.status,
@@ -148,10 +162,20 @@ def run_user(
                 latency,
                 jar.get(cookie_name),
                 cookie_name in set_names,
+                at=at,
+                version=int(version) if version and version.isdigit() else None,
+                percent=_float(response.getheader(PERCENT_HEADER)),
             )
         )
         on_hit()
     return run
+
+
+def _float(text: str | None) -> float | None:
+    try:
+        return None if text is None else float(text)
+    except ValueError:
+        return None
 
 
 def drive(
@@ -163,12 +187,14 @@ def drive(
     concurrency: int,
     cookie_name: str,
     on_progress: Callable[[int], None],
+    gate: threading.Event | None = None,
 ) -> list[UserRun]:
     """Run ``users`` simulated users, ``concurrency`` at a time; return what each saw, in order.
 
     ``on_progress`` is called from this thread with the number of finished requests,
-    ten times a second. On ``KeyboardInterrupt`` the users stop after their current
-    request, the others never start, and the interrupt propagates.
+    ten times a second. New requests wait while ``gate`` (if given) is closed. On
+    ``KeyboardInterrupt`` the users stop after their current request, the others never
+    start, and the interrupt propagates.
     """
     stop = threading.Event()
     lock = threading.Lock()
@@ -188,7 +214,7 @@ def drive(
                 state["next"] += 1
             if index >= users:
                 return
-            runs[index] = run_user(host, port, index, requests, cookie_name, stop, hit)
+            runs[index] = run_user(host, port, index, requests, cookie_name, stop, hit, gate)
 
     pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="canarymw-demo-user")
     try:

@@ -2,11 +2,19 @@
 
 Everything here is computed client-side over the whole service (all workers), from the
 responses alone: the variant each app stamped on its answer, the worker pid, the status,
-the latency, and the cohort cookie each user held.
+the latency, the store version and percent the worker followed, and the cohort cookie
+each user held; plus, for a ramp, the change and the switch time each worker reported.
+
+A ramp splits the run in phases, by the client's clock: ``before`` (requests that ended
+before the runner asked the store for the change: certainly served at the starting
+percent), ``after`` (requests that started after the last worker switched: certainly
+served at the new percent), and the requests in between, which either percent may have
+served; they count everywhere except in the split and success estimates.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -15,6 +23,7 @@ from typing import Any
 from .._cookie import CookieCodec, normalise_keys
 from .._version import __version__
 from .load import Hit, UserRun
+from .ramp import RampRecord
 from .settings import DemoSettings
 
 SIGMAS = 4.0
@@ -60,11 +69,21 @@ class SplitCheck:
 
 @dataclass(frozen=True, slots=True)
 class StickyCheck:
-    """Whether every user kept one cohort and one variant, across requests and workers."""
+    """Whether every user kept one cohort, and one variant except for the ramp's one move.
+
+    Raising the percent only moves users from old to new (lowering it, from new to old):
+    a user may change variant once, in that direction, and never back.
+    """
 
     users: int
     one_variant: int
-    several_variants: int
+    """Users who saw one variant on all their requests."""
+    moved: int
+    """Users who changed variant once, in the ramp's direction (old -> new when raised)."""
+    moved_back: int
+    """Users who changed variant against the ramp's direction, or more than once."""
+    mixed_in_phase: int
+    """Users who saw both variants within one phase, where the percent did not change."""
     several_cohorts: int
     """Users whose cohort id changed between requests (the cookie was replaced)."""
     no_cookie: int
@@ -73,7 +92,8 @@ class StickyCheck:
     """Users served by more than one worker process (pids from ``X-Worker-Pid``)."""
     pids: list[int]
     hash_agrees: int
-    """Users whose variant equals the frozen hash of their cookie id, computed here."""
+    """Users whose every response has the variant the frozen hash of their cookie id gives
+    at the percent of the response's phase, computed here."""
     ok: bool
 
 
@@ -86,6 +106,25 @@ class Blend:
     s_old: float | None
     blended: float | None
     measured: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Phase:
+    """Part of the run served at one percent: ``run`` (no ramp), ``before`` or ``after`` it."""
+
+    name: str
+    percent: float
+    version: int | None
+    """The store version every response of the phase must carry (None: not checked)."""
+    users: int
+    """Users with at least one request in the phase."""
+    requests: int
+    stamped: int
+    """Requests whose response carried the phase's store version and percent."""
+    split: SplitCheck
+    """Users on new among the phase's users who saw one variant in it."""
+    success: Blend
+    """Per-variant success rates of the phase's requests, blended with its weight."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,9 +143,12 @@ class Result:
     config: dict[str, Any]
     server: dict[str, Any]
     variants: dict[str, VariantRow]
-    split: SplitCheck
+    phases: list[Phase]
+    ramp: RampRecord | None
+    """The mid-run change and each worker's switch; None with ``--no-ramp``."""
+    between: int
+    """Requests made while the change was spreading: left out of the phases."""
     stickiness: StickyCheck
-    success: Blend
     transport_errors: int
     unrouted: int
     """Responses without a valid ``X-Canary-Variant`` (``old``/``new``)."""
@@ -185,6 +227,17 @@ def _row(users: int, hits: Iterable[Hit], extra_errors: int = 0) -> VariantRow:
     )
 
 
+def _phase_of(hit: Hit, ramp: RampRecord | None) -> str | None:
+    """``run``, ``before``, ``after``, or None for a request made while the change spread."""
+    if ramp is None:
+        return "run"
+    if ramp.requested_at is None or hit.at + hit.latency < ramp.requested_at:
+        return "before"
+    if ramp.switched_at is not None and hit.at > ramp.switched_at:
+        return "after"
+    return None
+
+
 def analyse(
     runs: Sequence[UserRun],
     settings: DemoSettings,
@@ -192,10 +245,18 @@ def analyse(
     config: dict[str, Any],
     server: dict[str, Any],
     elapsed: float,
+    ramp: RampRecord | None = None,
 ) -> Result:
-    """Compute the table and the checks from every user's hits."""
-    rollout = settings.rollout()
+    """Compute the table, the phases and the checks from every user's hits."""
     codec = CookieCodec(normalise_keys(settings.key, "canarymw demo"))
+    percents = {"run": settings.percent}
+    versions: dict[str, int | None] = {"run": None}
+    if ramp is not None:
+        percents = {"before": settings.percent, "after": ramp.to_percent}
+        versions = {"before": ramp.version_before, "after": ramp.version}
+    rollouts = {name: settings.local_rollout(pct) for name, pct in percents.items()}
+    up = ramp is not None and ramp.to_percent > settings.percent
+    down = ramp is not None and ramp.to_percent < settings.percent
     ids: dict[str, str | None] = {}
 
     def cohort_of(value: str) -> str | None:
@@ -204,67 +265,113 @@ def analyse(
             ids[value] = verified[0] if verified else None
         return ids[value]
 
+    def expected(cohort: str, phase: str | None) -> set[str]:
+        if phase is not None:
+            return {rollouts[phase].variant_for(cohort)}
+        return {rollouts["before"].variant_for(cohort), rollouts["after"].variant_for(cohort)}
+
     answered = [h for r in runs for h in r.hits if h.status is not None]
     transport_errors = sum(1 for r in runs for h in r.hits if h.status is None)
     unrouted = sum(1 for h in answered if h.variant not in VARIANTS)
-    user_variant: dict[int, str] = {}
-    one = several = several_cohorts = no_cookie = several_workers = agrees = 0
+    phase_hits: dict[str, list[Hit]] = {name: [] for name in percents}
+    phase_users: dict[str, dict[int, set[str]]] = {name: {} for name in percents}
+    between = 0
+    users_by_variant = dict.fromkeys(VARIANTS, 0)
+    one = moved = moved_back = mixed = several_cohorts = no_cookie = several_workers = agrees = 0
     pids: set[int] = set()
     users_seen = 0
     for run in runs:
-        variants = {h.variant for h in run.hits if h.status is not None and h.variant in VARIANTS}
-        cookies = [h.cookie for h in run.hits if h.status is not None]
-        if not cookies:
+        phases = [_phase_of(h, ramp) for h in run.hits]
+        for hit, phase in zip(run.hits, phases, strict=True):
+            if phase is None:
+                between += 1
+            else:
+                phase_hits[phase].append(hit)
+        hits = [(h, p) for h, p in zip(run.hits, phases, strict=True) if h.status is not None]
+        if not hits:
             continue  # the user never got an answer; counted as transport errors
         users_seen += 1
-        cohorts = {cohort_of(c) if c else None for c in cookies}
-        run_pids = {h.pid for h in run.hits if h.pid is not None}
+        routed = [(h.variant, p) for h, p in hits if h.variant in VARIANTS]
+        for variant in {v for v, _ in routed}:
+            users_by_variant[variant] += 1
+        for variant, phase in routed:
+            if phase is not None:
+                phase_users[phase].setdefault(run.index, set()).add(variant)
+        mixed += any(len(v) > 1 for p in phase_users.values() if (v := p.get(run.index)))
+        flips = [(a, b) for (a, _), (b, _) in itertools.pairwise(routed) if a != b]
+        if not flips:
+            one += 1
+        elif (flips == [("old", "new")] and up) or (flips == [("new", "old")] and down):
+            moved += 1
+        else:
+            moved_back += 1
+        cohorts = {cohort_of(h.cookie) if h.cookie else None for h, _ in hits}
+        run_pids = {h.pid for h, _ in hits if h.pid is not None}
         pids |= run_pids
         several_workers += len(run_pids) > 1
         if None in cohorts:
             no_cookie += 1
         if len(cohorts - {None}) > 1:
             several_cohorts += 1
-        if len(variants) == 1:
-            one += 1
-            (variant,) = variants
-            user_variant[run.index] = variant
-            cohort = next(iter(cohorts)) if len(cohorts) == 1 else None
-            if cohort is not None and rollout.variant_for(cohort) == variant:
-                agrees += 1
-        elif len(variants) > 1:
-            several += 1
+        cohort = next(iter(cohorts)) if len(cohorts) == 1 else None
+        if cohort is not None and routed and all(v in expected(cohort, p) for v, p in routed):
+            agrees += 1
 
-    by_variant = {
-        v: _row(
-            sum(1 for x in user_variant.values() if x == v),
-            (h for h in answered if h.variant == v),
+    phase_list = []
+    for name, pct in percents.items():
+        in_phase = phase_hits[name]
+        one_variant = [v for v in phase_users[name].values() if len(v) == 1]
+        weight = pct / 100.0
+        ok_hits = [h for h in in_phase if h.status is not None]
+        rates = {v: _row(0, (h for h in ok_hits if h.variant == v)).success_rate for v in VARIANTS}
+        version = versions[name]
+        phase_list.append(
+            Phase(
+                name=name,
+                percent=pct,
+                version=version,
+                users=len(phase_users[name]),
+                requests=len(in_phase),
+                stamped=sum(
+                    1 for h in ok_hits if (version is None or h.version == version) and h.percent == pct
+                ),
+                split=split_check(sum(1 for v in one_variant if v == {"new"}), len(one_variant), weight),
+                success=blend(
+                    rates["new"],
+                    rates["old"],
+                    weight,
+                    _row(0, ok_hits, len(in_phase) - len(ok_hits)).success_rate,
+                ),
+            )
         )
-        for v in VARIANTS
-    }
-    total = _row(users_seen, answered, transport_errors)
-    weight = settings.percent / 100.0
-    split = split_check(by_variant["new"].users, one, weight)
+
+    by_variant = {v: _row(users_by_variant[v], (h for h in answered if h.variant == v)) for v in VARIANTS}
     sticky = StickyCheck(
         users=users_seen,
         one_variant=one,
-        several_variants=several,
+        moved=moved,
+        moved_back=moved_back,
+        mixed_in_phase=mixed,
         several_cohorts=several_cohorts,
         no_cookie=no_cookie,
         several_workers=several_workers,
         pids=sorted(pids),
         hash_agrees=agrees,
-        ok=users_seen > 0 and several == 0 and several_cohorts == 0 and no_cookie == 0 and one == users_seen,
+        ok=users_seen > 0
+        and moved_back == 0
+        and mixed == 0
+        and several_cohorts == 0
+        and no_cookie == 0
+        and one + moved == users_seen,
     )
     result = Result(
         config=config,
         server={**server, "pids_seen": sorted(pids)},
-        variants={**by_variant, "all": total},
-        split=split,
+        variants={**by_variant, "all": _row(users_seen, answered, transport_errors)},
+        phases=phase_list,
+        ramp=ramp,
+        between=between,
         stickiness=sticky,
-        success=blend(
-            by_variant["new"].success_rate, by_variant["old"].success_rate, weight, total.success_rate
-        ),
         transport_errors=transport_errors,
         unrouted=unrouted,
         elapsed_s=round(elapsed, 3),
@@ -276,9 +383,9 @@ def analyse(
 def _checks(result: Result, config: dict[str, Any]) -> list[Check]:
     expected = int(config["users"]) * int(config["requests_per_user"])
     made = result.variants["all"].requests
-    st, sp = result.stickiness, result.split
+    st = result.stickiness
     completed = made == expected and result.transport_errors == 0
-    return [
+    checks = [
         Check(
             "completed",
             completed,
@@ -296,23 +403,86 @@ def _checks(result: Result, config: dict[str, Any]) -> list[Check]:
             if result.unrouted
             else "every response came from the blue or the green app",
         ),
+    ]
+    if result.ramp is not None:
+        checks.append(_switch_check(result, result.ramp))
+    if result.ramp is None:
+        sticky = f"{st.one_variant}/{st.users} users saw one variant on all their requests"
+    else:
+        direction = (
+            "old -> new"
+            if result.ramp.to_percent > result.ramp.from_percent
+            else "new -> old"
+            if result.ramp.to_percent < result.ramp.from_percent
+            else "nowhere (same percent)"
+        )
+        sticky = (
+            f"{st.one_variant}/{st.users} users kept one variant, {st.moved} moved {direction} "
+            f"with the ramp, {st.moved_back} moved back"
+        )
+    checks += [
         Check(
             "sticky",
             st.ok,
-            f"{st.one_variant}/{st.users} users saw one variant on all their requests"
-            + (f", {st.several_variants} saw both" if st.several_variants else "")
+            sticky
+            + (f", {st.mixed_in_phase} saw both at one percent" if st.mixed_in_phase else "")
             + (f", {st.several_cohorts} changed cohort" if st.several_cohorts else "")
             + (f", {st.no_cookie} without a valid cookie" if st.no_cookie else "")
-            + f"; {st.several_workers} of them were served by more than one worker",
+            + f"; {st.several_workers} users were served by more than one worker",
         ),
         Check(
             "hash",
-            st.hash_agrees == st.one_variant,
-            f"{st.hash_agrees}/{st.one_variant} users got the variant the frozen hash of their "
-            "cookie id gives here",
+            st.hash_agrees == st.users,
+            f"{st.hash_agrees}/{st.users} users got, on every request, the variant the frozen hash "
+            "of their cookie id gives here at the percent in force",
         ),
-        Check("split", sp.ok, _split_text(sp)),
     ]
+    for phase in result.phases:
+        name = "split" if phase.name == "run" else f"split-{phase.name}"
+        if phase.split.users == 0:
+            detail = (
+                f"no user had a request {_PHASE_TEXT[phase.name]} (too few requests to check the split "
+                "there: use more --users)"
+            )
+            checks.append(Check(name, False, detail))
+        else:
+            checks.append(Check(name, phase.split.ok, _split_text(phase.split)))
+    return checks
+
+
+_PHASE_TEXT = {
+    "run": "in the run",
+    "before": "before the change",
+    "after": "after every worker switched",
+}
+
+
+def _switch_check(result: Result, ramp: RampRecord) -> Check:
+    if ramp.error is not None:
+        return Check("switch", False, f"the change could not be written to the store: {ramp.error}")
+    answered = set(result.stickiness.pids)
+    reported = {w.pid for w in ramp.workers if w.switched_at is not None}
+    missing = sorted((answered | {w.pid for w in ramp.workers}) - reported)
+    if missing or not ramp.all_switched:
+        which = ", ".join(str(p) for p in missing) or "some"
+        return Check(
+            "switch",
+            False,
+            f"worker(s) {which} did not report version {ramp.version} ({ramp.to_percent:g}%) "
+            "within the time allowed",
+        )
+    wrong = [p for p in result.phases if p.stamped != p.requests]
+    stamps = "; ".join(
+        f"{p.stamped}/{p.requests} responses {_PHASE_TEXT[p.name]} carried version {p.version} "
+        f"and {p.percent:g}%"
+        for p in result.phases
+    )
+    return Check(
+        "switch",
+        not wrong,
+        f"all {len(reported)} workers switched to version {ramp.version} ({ramp.to_percent:g}%), the "
+        f"last {_ms(ramp.max_delay_ms)} ms after the change; {stamps}",
+    )
 
 
 def _pct(value: float | None, digits: int = 2) -> str:
@@ -335,43 +505,75 @@ def _split_text(sp: SplitCheck) -> str:
     )
 
 
+def _blend_text(b: Blend) -> str:
+    formula = "s = s_new * w + s_old * (1 - w)"
+    if b.blended is None:
+        return f"{formula}: not enough data; measured {_pct(b.measured)}"
+    s_new = "-" if b.s_new is None else f"{b.s_new:.4f}"
+    s_old = "-" if b.s_old is None else f"{b.s_old:.4f}"
+    return (
+        f"{formula} = {s_new} * {b.weight:g} + {s_old} * {1 - b.weight:g} = {_pct(b.blended)}; "
+        f"measured {_pct(b.measured)}"
+    )
+
+
+W = 14
+"""Width of the label column of the report."""
+
+
 def render(result: Result) -> str:
     """The human-readable report."""
-    cfg, srv = result.config, result.server
+    cfg, srv, ramp = result.config, result.server, result.ramp
+    change = "" if ramp is None else f", set to {ramp.to_percent:g}% through the store halfway"
     lines = [
         f"canarymw demo: {srv['app']} blue/green under {srv['kind']} "
         f"({srv['workers']} workers) at {srv['url']}",
-        f"rollout {cfg['rollout']!r} at {cfg['percent']:g}% new; {cfg['users']} users x "
+        f"rollout {cfg['rollout']!r} at {cfg['percent']:g}% new{change}; {cfg['users']} users x "
         f"{cfg['requests_per_user']} requests, {cfg['concurrency']} at a time; "
         f"injected error rate in green {cfg['error_rate']:g}; seed {cfg['seed']}",
+        f"store: {cfg['store']}",
         "",
-        f"{'variant':<12} {'users':>7} {'requests':>9} {'errors':>7} {'success':>9} "
+        f"{'variant':<{W}} {'users':>7} {'requests':>9} {'errors':>7} {'success':>9} "
         f"{'p50 ms':>7} {'p95 ms':>7}",
     ]
     for key, row in result.variants.items():
         lines.append(
-            f"{LABELS[key]:<12} {row.users:>7} {row.requests:>9} {row.errors:>7} "
+            f"{LABELS[key]:<{W}} {row.users:>7} {row.requests:>9} {row.errors:>7} "
             f"{_pct(row.success_rate):>9} {_ms(row.p50_ms):>7} {_ms(row.p95_ms):>7}"
         )
-    b = result.success
-    formula = "s = s_new * w + s_old * (1 - w)"
-    if b.blended is None:
-        blended = f"{formula}: not enough data"
-    else:
-        s_new = "-" if b.s_new is None else f"{b.s_new:.4f}"
-        s_old = "-" if b.s_old is None else f"{b.s_old:.4f}"
-        blended = f"{formula} = {s_new} * {b.weight:g} + {s_old} * {1 - b.weight:g} = {_pct(b.blended)}"
-    lines += [
-        "",
-        f"{'success':<10} {blended}; measured overall {_pct(b.measured)}",
-    ]
+    lines.append("")
+    if ramp is not None:
+        if ramp.version is not None:
+            lines.append(
+                f"{'change':<{W}} {ramp.from_percent:g}% -> {ramp.to_percent:g}% at {ramp.at_s:.2f} s "
+                f"into the load: store version {ramp.version_before} -> {ramp.version}, written in "
+                f"{_ms(ramp.write_ms)} ms by {ramp.by!r}"
+            )
+        switched = ", ".join(
+            f"pid {w.pid} +{_ms(w.delay_ms)} ms" if w.delay_ms is not None else f"pid {w.pid} not seen"
+            for w in ramp.workers
+        )
+        lines.append(
+            f"{'switched':<{W}} {switched or 'no worker reported'}; slowest {_ms(ramp.max_delay_ms)} ms "
+            "after the change (as each worker noted it)"
+        )
+        by_name = {p.name: p for p in result.phases}
+        before, after = by_name["before"], by_name["after"]
+        lines.append(
+            f"{'phases':<{W}} before the change {before.requests} requests at {before.percent:g}%; "
+            f"while it spread {result.between} (left out of split and success); "
+            f"after every worker switched {after.requests} at {after.percent:g}%"
+        )
+    for phase in result.phases:
+        label = "success" if phase.name == "run" else f"success-{phase.name}"
+        lines.append(f"{label:<{W}} {_blend_text(phase.success)}")
     for check in result.checks:
-        lines.append(f"{check.name:<10} {'ok  ' if check.ok else 'FAIL'}  {check.detail}")
+        lines.append(f"{check.name:<{W}} {'ok  ' if check.ok else 'FAIL'}  {check.detail}")
     pids = ", ".join(str(p) for p in result.stickiness.pids) or "none reported"
     rate = result.variants["all"].requests / result.elapsed_s if result.elapsed_s > 0 else 0.0
     lines += [
-        f"{'workers':<10} pids that answered: {pids}",
-        f"{'note':<10} {result.note}",
+        f"{'workers':<{W}} pids that answered: {pids}",
+        f"{'note':<{W}} {result.note}",
         f"{'PASSED' if result.ok else 'FAILED'} in {result.elapsed_s:.1f} s ({rate:.0f} requests/s)",
     ]
     return "\n".join(lines)

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import json
+import os
 import secrets
+import shutil
 import sys
+import tempfile
+import threading
 import time
 from dataclasses import dataclass
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from ..store import Store
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -33,6 +43,33 @@ class DemoOptions:
     seed: int | None = None
     asgi: bool = False
     json: bool = False
+    store: str | None = None
+    """URL of the store the workers follow; None: a SQLite file in a temporary directory."""
+    ramp_to: float | None = None
+    """The percent set through the store halfway through the load; None: :func:`default_ramp`."""
+    ramp: bool = True
+    """False (``--no-ramp``): change nothing mid-run."""
+
+
+def default_ramp(percent: float) -> float:
+    """The percent the demo ramps to unless told: two and a half times the start, at most 100.
+
+    10% becomes 25%, a typical next step of a canary; 0% stays 0% (a kill switch is
+    not ramped by surprise), and the change still goes through the store.
+    """
+    return min(100.0, round(percent * 2.5, 6))
+
+
+def store_problem(url: str) -> str | None:
+    """Why the demo cannot use the store at ``url``, as a sentence, or None if it may try."""
+    scheme = url.partition("://")[0].lower()
+    if scheme == "memory":
+        return (
+            f"--store {url} cannot work here: every worker is a separate process with its own "
+            "memory, so they would not share a percent; use sqlite:////abs/path/state.db or "
+            "redis://host:6379/0, or leave --store out for a temporary SQLite file."
+        )
+    return None
 
 
 def missing_requirements(asgi: bool) -> str | None:
@@ -75,25 +112,90 @@ def run_demo(options: DemoOptions, *, stdout: TextIO | None = None, stderr: Text
         print(f"canarymw demo: {problem}", file=err)
         return EXIT_SETUP
 
-    # Imported here: they need the optional dependencies checked above.
-    from .load import drive
+    def note(message: str) -> None:
+        print(f"canarymw demo: {message}", file=err, flush=True)
+
+    if options.store is not None and (problem := store_problem(options.store)) is not None:
+        note(problem)
+        return EXIT_USAGE
+
+    from ..store import StoreError, open_store
+    from .settings import ROLLOUT_NAME
+
+    tmpdir: str | None = None
+    if options.store is None:
+        # The embedded store: one SQLite file that every worker on this host opens, in a
+        # directory of our own, removed after the run, so the one-command demo needs no
+        # server and a rerun never inherits the state an earlier run left.
+        tmpdir = tempfile.mkdtemp(prefix="canarymw-demo-")
+        url, name = "sqlite:///" + os.path.join(tmpdir, "state.db"), ROLLOUT_NAME
+    else:
+        # A store of the user's outlives the run, and after seeding the store is the
+        # truth: a fixed name would make the next run start at this run's ramped percent.
+        url, name = options.store, f"{ROLLOUT_NAME}-{secrets.token_hex(4)}"
+    store: Store | None = None
+    try:
+        try:
+            store = open_store(url)
+            store.read([name])  # reachable? (a run against a dead Redis ends here, at once)
+        except ValueError as exc:
+            note(f"--store: {exc}")
+            return EXIT_USAGE
+        except (StoreError, ImportError) as exc:
+            # The store's own sentence names the place without any password in the URL.
+            note(f"cannot use the store: {exc}")
+            return EXIT_SETUP
+        return _run(options, out, err, note, store, url, name, tmpdir is not None)
+    finally:
+        if store is not None:
+            with contextlib.suppress(Exception):
+                store.close()
+        if tmpdir is not None:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _run(
+    options: DemoOptions,
+    out: TextIO,
+    err: TextIO,
+    note: Callable[[str], None],
+    store: Store,
+    url: str,
+    name: str,
+    temporary: bool,
+) -> int:
+    """Serve, drive the users, make the change, report; the store is open and closed by the caller."""
+    # Imported here: they need the optional dependencies checked by run_demo.
+    from .load import UserRun, drive
     from .progress import Progress
+    from .ramp import Ramp, RampRecord
     from .report import analyse, render
     from .server import DemoServer, Kind, ServerError
-    from .settings import ROLLOUT_NAME, DemoSettings
+    from .settings import DemoSettings
 
     seed = secrets.randbelow(2**31) if options.seed is None else options.seed
     # A fresh key per run, shared by every worker through the environment: one key for
-    # the whole service is what keeps a visitor's cookie valid in every worker.
+    # the whole service is what keeps a visitor's cookie valid in every worker. So is
+    # the store's URL: every worker follows the same store.
     settings = DemoSettings(
-        key=secrets.token_hex(32), percent=options.percent, error_rate=options.error_rate, seed=seed
+        key=secrets.token_hex(32),
+        percent=options.percent,
+        error_rate=options.error_rate,
+        seed=seed,
+        store=url,
+        name=name,
     )
+    ramp_to = None
+    if options.ramp:
+        ramp_to = default_ramp(options.percent) if options.ramp_to is None else options.ramp_to
     kind: Kind = "uvicorn" if options.asgi else "gunicorn"
     app = "Starlette" if options.asgi else "Flask"
     total = options.users * options.requests_per_user
     config = {
-        "rollout": ROLLOUT_NAME,
+        "rollout": name,
         "percent": options.percent,
+        "ramp_to": ramp_to,
+        "store": f"{store!r}{' (temporary, removed after the run)' if temporary else ''}",
         "users": options.users,
         "requests_per_user": options.requests_per_user,
         "error_rate": options.error_rate,
@@ -101,18 +203,43 @@ def run_demo(options: DemoOptions, *, stdout: TextIO | None = None, stderr: Text
         "seed": seed,
     }
 
-    def note(message: str) -> None:
-        print(f"canarymw demo: {message}", file=err, flush=True)
-
     note(f"starting {app} blue/green under {kind} with {options.workers} workers on 127.0.0.1")
+    record: RampRecord | None = None
+    runs: list[UserRun]
     try:
         with DemoServer(kind, workers=options.workers, env=settings.to_env()) as server:
             pids = ", ".join(str(p) for p in sorted(server.pids))
             note(
                 f"serving at {server.url} (worker pids {pids}); "
                 f"{options.users} users x {options.requests_per_user} requests"
+                + ("" if ramp_to is None else f"; {options.percent:g}% -> {ramp_to:g}% halfway")
             )
             progress = Progress(total, err)
+            ramp = None
+            if ramp_to is not None:
+                ramp = Ramp(
+                    store,
+                    name,
+                    from_percent=options.percent,
+                    to_percent=ramp_to,
+                    host=server.host,
+                    port=server.port,
+                    pids=server.pids,
+                    workers=options.workers,
+                    started=time.time(),
+                )
+            half = max(1, total // 2)
+            # New requests wait while the change spreads (a fraction of a second), so
+            # that every run, however small, has requests after every worker switched.
+            gate = threading.Event()
+            gate.set()
+
+            def on_progress(done: int) -> None:
+                progress.update(done)
+                if ramp is not None and done >= half and not ramp.triggered:
+                    gate.clear()
+                    ramp.trigger(then=gate.set)
+
             started = time.perf_counter()
             runs = drive(
                 server.host,
@@ -120,11 +247,15 @@ def run_demo(options: DemoOptions, *, stdout: TextIO | None = None, stderr: Text
                 users=options.users,
                 requests=options.requests_per_user,
                 concurrency=options.concurrency,
-                cookie_name=settings.rollout().cookie_name,
-                on_progress=progress.update,
+                cookie_name=settings.local_rollout().cookie_name,
+                on_progress=on_progress,
+                gate=gate,
             )
             elapsed = time.perf_counter() - started
             progress.close(sum(len(r.hits) for r in runs))
+            if ramp is not None:
+                # The server stays up until every worker has been polled for its switch.
+                record = ramp.finish()
             server_info = {"kind": kind, "app": app, "workers": options.workers, "url": server.url}
     except ServerError as exc:
         note(f"could not start {kind}: {exc}")
@@ -134,7 +265,7 @@ def run_demo(options: DemoOptions, *, stdout: TextIO | None = None, stderr: Text
         note(f"interrupted; {kind} stopped")
         return EXIT_INTERRUPTED
 
-    result = analyse(runs, settings, config=config, server=server_info, elapsed=elapsed)
+    result = analyse(runs, settings, config=config, server=server_info, elapsed=elapsed, ramp=record)
     if options.json:
         json.dump(result.to_json(), out, indent=2)
         out.write("\n")

@@ -21,6 +21,8 @@ ENV_KEY = "CANARYMW_DEMO_KEY"
 ENV_PERCENT = "CANARYMW_DEMO_PERCENT"
 ENV_ERROR_RATE = "CANARYMW_DEMO_ERROR_RATE"
 ENV_SEED = "CANARYMW_DEMO_SEED"
+ENV_STORE = "CANARYMW_DEMO_STORE"
+ENV_ROLLOUT = "CANARYMW_DEMO_ROLLOUT"
 
 ROLLOUT_NAME = "hello-v2"
 BLUE_BODY = "Hello, Blue World!\n"
@@ -29,6 +31,10 @@ FAILURE_BODY = "Injected failure in green.\n"
 VARIANT_HEADER = "X-Canary-Variant"
 """Set by each app itself (blue: ``old``, green: ``new``), so it proves where a request ran."""
 PID_HEADER = "X-Worker-Pid"
+VERSION_HEADER = "X-Canary-Store-Version"
+"""The store version the answering worker followed when it answered (absent without a store)."""
+PERCENT_HEADER = "X-Canary-Percent"
+"""The percent in force in the answering worker when it answered."""
 HEALTH_PATH = "/healthz"
 STATS_PATH = "/_canarymw/stats"
 TAG_PARAM = "n"
@@ -45,10 +51,16 @@ class DemoSettings:
     """Probability that green answers a request with a 500."""
     seed: int = 0
     """Selects which green requests fail, given their cohort and request number."""
+    store: str | None = None
+    """URL of the store every worker follows (see :func:`canarymw.store.open_store`), or None."""
+    name: str = ROLLOUT_NAME
+    """The rollout's name: also its key in the store, so a shared store gets a fresh one per run."""
 
     def __post_init__(self) -> None:
         if not self.key:
             raise ValueError("The demo needs a non-empty secret key.")
+        if not self.name:
+            raise ValueError("The demo rollout needs a non-empty name.")
         if not 0.0 <= self.percent <= 100.0:
             raise ValueError(f"The demo percent must be from 0 to 100, not {self.percent!r}.")
         if not 0.0 <= self.error_rate <= 1.0:
@@ -74,22 +86,50 @@ class DemoSettings:
             raise RuntimeError(f"Bad demo setting in the environment: {exc}.") from None
         if math.isnan(percent) or math.isnan(error_rate):
             raise RuntimeError("Demo percent and error rate must be numbers, not NaN.")
-        return cls(key=key, percent=percent, error_rate=error_rate, seed=seed)
+        return cls(
+            key=key,
+            percent=percent,
+            error_rate=error_rate,
+            seed=seed,
+            store=env.get(ENV_STORE) or None,
+            name=env.get(ENV_ROLLOUT) or ROLLOUT_NAME,
+        )
 
     def to_env(self) -> dict[str, str]:
         """The environment variables that make a worker build these settings."""
-        return {
+        env = {
             ENV_KEY: self.key,
             ENV_PERCENT: repr(self.percent),
             ENV_ERROR_RATE: repr(self.error_rate),
             ENV_SEED: str(self.seed),
+            ENV_ROLLOUT: self.name,
         }
+        if self.store is not None:
+            env[ENV_STORE] = self.store
+        return env
 
     def rollout(self) -> Rollout:
-        """The demo rollout. Health and stats paths are excluded: never routed, never counted."""
+        """The rollout a worker serves with: it follows :attr:`store` when one is set.
+
+        Health and stats paths are excluded: never routed, never counted.
+        """
         return Rollout(
-            ROLLOUT_NAME,
+            self.name,
             percent=self.percent,
+            secret_key=self.key,
+            exclude=[HEALTH_PATH, STATS_PATH],
+            store=self.store,
+        )
+
+    def local_rollout(self, percent: float | None = None) -> Rollout:
+        """The same rollout at ``percent`` (default: :attr:`percent`), following no store.
+
+        What the demo runner recomputes variants with: it must not seed nor follow the
+        store the workers share.
+        """
+        return Rollout(
+            self.name,
+            percent=self.percent if percent is None else percent,
             secret_key=self.key,
             exclude=[HEALTH_PATH, STATS_PATH],
         )

@@ -29,11 +29,14 @@ from .settings import (
     VARIANT_HEADER,
     DemoSettings,
 )
+from .watch import SwitchLog
 
 
-def _reply(body: str, variant: str, status: int = 200) -> Response:
+def _reply(body: str, variant: str, switches: SwitchLog, status: int = 200) -> Response:
     return PlainTextResponse(
-        body, status_code=status, headers={VARIANT_HEADER: variant, PID_HEADER: str(os.getpid())}
+        body,
+        status_code=status,
+        headers={VARIANT_HEADER: variant, PID_HEADER: str(os.getpid()), **switches.headers()},
     )
 
 
@@ -41,18 +44,20 @@ def create_app(settings: DemoSettings | None = None) -> ASGIApp:
     """Build the blue app with green routed in by the canary middleware."""
     settings = DemoSettings.from_env() if settings is None else settings
     sink = MemorySink()
+    rollout = settings.rollout()
+    switches = SwitchLog(rollout)
 
     async def blue_hello(request: Request) -> Response:
-        return _reply(BLUE_BODY, "old")
+        return _reply(BLUE_BODY, "old", switches)
 
     async def green_hello(request: Request) -> Response:
         decision: Decision = request.scope["canarymw.decision"]
         if settings.should_fail(decision.cohort, request.query_params.get(TAG_PARAM)):
-            return _reply(FAILURE_BODY, "new", 500)
-        return _reply(GREEN_BODY, "new")
+            return _reply(FAILURE_BODY, "new", switches, 500)
+        return _reply(GREEN_BODY, "new", switches)
 
     async def health(request: Request) -> Response:
-        return _reply("ok\n", "none")
+        return _reply("ok\n", "none", switches)
 
     async def stats(request: Request) -> Response:
         # This worker's MemorySink only: each uvicorn worker counts its own requests.
@@ -62,9 +67,10 @@ def create_app(settings: DemoSettings | None = None) -> ASGIApp:
                 "pid": os.getpid(),
                 "requests": {variant: st.requests for variant, st in snapshot.items()},
                 "errors": {variant: st.errors for variant, st in snapshot.items()},
+                **switches.snapshot(),
             }
         )
 
     blue = Starlette(routes=[Route("/", blue_hello), Route(HEALTH_PATH, health), Route(STATS_PATH, stats)])
     green = Starlette(routes=[Route("/", green_hello)])
-    return ASGICanaryMiddleware(blue, new=green, rollout=settings.rollout(), sink=sink)
+    return ASGICanaryMiddleware(blue, new=green, rollout=rollout, sink=sink)

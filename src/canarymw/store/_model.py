@@ -1,0 +1,334 @@
+"""What a store holds per rollout, its audit log, the errors, and the rules of change.
+
+Sans-IO: every rule that decides a new state is a pure function here, so the three
+stores (memory, SQLite, Redis) differ only in how they read, compare-and-set and wait.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
+
+Action = Literal["seed", "deploy", "deploy-held", "set", "promote", "rollback", "pause", "resume"]
+OPERATOR_ACTIONS = ("set", "promote", "rollback", "pause", "resume")
+
+
+T = TypeVar("T")
+
+
+def _load(cls: type[T], text: str | bytes) -> T:
+    # Fields a newer version added are ignored, so old readers keep working.
+    data = json.loads(text)
+    fields = cls.__dataclass_fields__  # type: ignore[attr-defined]
+    return cls(**{k: v for k, v in data.items() if k in fields})
+
+
+class StoreError(Exception):
+    """A store could not do what was asked; the message is one sentence saying why."""
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot be reached (or answered too slowly)."""
+
+
+class VersionConflict(StoreError):
+    """Someone else changed the rollout between our read and our write (compare-and-set lost)."""
+
+
+class UnknownRollout(StoreError):
+    """The store holds no state for this rollout name."""
+
+
+@dataclass(frozen=True)
+class RolloutState:
+    """The shared state of one rollout, as a store holds it. Immutable.
+
+    ``version`` grows by one with every change (compare-and-set is on it), so a reader
+    can always tell the newer of two states.
+    """
+
+    percent: float
+    """Share of cohorts sent to ``new``, 0 to 100."""
+    paused: bool = False
+    """Held by an operator: deploys (and, later, automatic ramps) do not change it."""
+    version: int = 0
+    updated_at: float = 0.0
+    """Unix time of the change that made this state."""
+    updated_by: str = ""
+    """Who made it: ``code`` (seeded), ``deploy``, or the operator's ``--by``."""
+    reason: str = ""
+    code_percent: float | None = None
+    """The percent last seen from code: a deploy that brings another one applies it."""
+    held: bool = False
+    """An operator paused or rolled back since the code percent was last applied."""
+    stage: str | None = None
+    """Room for an automated rollout's stage (guarded rollouts)."""
+    verdict: str | None = None
+    """Room for an automated rollout's last verdict (guarded rollouts)."""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> RolloutState:
+        return _load(cls, text)
+
+
+@dataclass(frozen=True)
+class Change:
+    """One entry of a rollout's audit log: who changed what, from what, to what, why, when."""
+
+    rollout: str
+    version: int
+    """The state's version after this change."""
+    at: float
+    by: str
+    action: Action
+    reason: str
+    percent_before: float | None
+    percent_after: float
+    paused_before: bool | None
+    paused_after: bool
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Change:
+        return _load(cls, text)
+
+
+WINDOW = 10
+"""Seconds per window of the outcome counters (windows start at multiples of it)."""
+HISTORY = 1000
+"""Audit entries a store keeps per rollout; older ones are dropped."""
+RETENTION = 8 * 24 * 3600
+"""Seconds a store keeps counter windows (at least; older ones may be dropped)."""
+
+
+def check_name(name: object) -> str:
+    """A rollout name every store can key on, or ValueError."""
+    if not isinstance(name, str) or not name.strip() or len(name) > 200 or not name.isprintable():
+        raise ValueError(
+            f"rollout name {name!r} cannot be stored; use printable text of 1 to 200 characters."
+        )
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"rollout name {name!r} cannot be stored; it is not valid text.") from None
+    return name
+
+
+def check_write(name: str, expected_version: int, state: RolloutState, change: Change) -> None:
+    """What every store checks before a write: a caller's mistake, never a race."""
+    check_name(name)
+    if state.version != expected_version + 1 or change.version != state.version or change.rollout != name:
+        raise ValueError(
+            f"a write to rollout {name!r} must take it from version {expected_version} to "
+            f"{expected_version + 1}, with a change of that rollout and version."
+        )
+
+
+def conflict(name: str, have: int, expected: int) -> VersionConflict:
+    """The error of a lost compare-and-set."""
+    return VersionConflict(
+        f"rollout {name!r} is at version {have}, not {expected}: "
+        "someone else changed it meanwhile; read it again and retry."
+    )
+
+
+@dataclass
+class Counts:
+    """Outcome counters of one rollout variant in one window, as stores add them up.
+
+    Latencies are counted in the log buckets of :class:`~canarymw.MemorySink` (4%
+    wide), so quantiles can be read from the sum of many processes.
+    """
+
+    rollout: str
+    variant: str
+    window: int
+    """Unix time at the start of the window (a multiple of :data:`WINDOW`)."""
+    requests: int = 0
+    errors: int = 0
+    exceptions: int = 0
+    disconnects: int = 0
+    latency_sum: float = 0.0
+    buckets: dict[int, int] = field(default_factory=dict)
+    """Latency histogram: bucket index -> outcomes."""
+
+    def add(self, other: Counts) -> None:
+        self.requests += other.requests
+        self.errors += other.errors
+        self.exceptions += other.exceptions
+        self.disconnects += other.disconnects
+        self.latency_sum += other.latency_sum
+        for i, n in other.buckets.items():
+            self.buckets[i] = self.buckets.get(i, 0) + n
+
+
+@runtime_checkable
+class Store(Protocol):
+    """Where rollouts' shared state, audit log and outcome counters live.
+
+    Every method may raise :class:`StoreUnavailable`; none is called on the request
+    path (a background thread per process reads and waits; operators write).
+    """
+
+    def read(self, names: list[str]) -> dict[str, RolloutState]:
+        """The current state of each named rollout the store holds (absent ones are left out)."""
+        ...
+
+    def write(self, name: str, expected_version: int, state: RolloutState, change: Change) -> None:
+        """Store ``state`` and append ``change`` to the audit log, atomically, if the
+        rollout's version is still ``expected_version`` (0: it must not exist yet);
+        else raise :class:`VersionConflict`. Keeps the newest :data:`HISTORY` entries.
+        Checks :func:`check_write` first."""
+        ...
+
+    def history(self, name: str, limit: int = 50) -> list[Change]:
+        """The newest ``limit`` audit entries of a rollout, oldest first."""
+        ...
+
+    def names(self) -> list[str]:
+        """Every rollout the store holds state for, sorted."""
+        ...
+
+    def wait(self, timeout: float) -> bool:
+        """Block until a change by anyone since the previous call to ``wait`` returned, at
+        most ``timeout`` seconds; True if one may have happened. (One process-wide thread
+        calls it per store object, then reads; a change between the two is not lost.)
+        The first call may return True at once: there is no earlier point to compare with."""
+        ...
+
+    def add_counts(self, counts: list[Counts]) -> None:
+        """Add these counters to the store's (atomically per call; several processes add).
+        Windows older than :data:`RETENTION` may be dropped."""
+        ...
+
+    def read_counts(self, names: list[str], since: float) -> list[Counts]:
+        """The summed counters of the named rollouts' windows that end after ``since``."""
+        ...
+
+    def close(self) -> None:
+        """Release connections and files (the store may be used again afterwards)."""
+        ...
+
+
+def check_percent(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+        raise ValueError(f"percent {value!r} is not a number; use a number from 0 to 100.")
+    if not 0.0 <= float(value) <= 100.0:
+        raise ValueError(f"percent {value!r} is out of range; use a number from 0 to 100.")
+    return float(value)
+
+
+def _change(
+    name: str, before: RolloutState | None, after: RolloutState, action: Action, by: str, reason: str
+) -> Change:
+    return Change(
+        rollout=name,
+        version=after.version,
+        at=after.updated_at,
+        by=by,
+        action=action,
+        reason=reason,
+        percent_before=None if before is None else before.percent,
+        percent_after=after.percent,
+        paused_before=None if before is None else before.paused,
+        paused_after=after.paused,
+    )
+
+
+def on_start(
+    name: str, existing: RolloutState | None, code_percent: float, now: float | None = None
+) -> tuple[RolloutState, Change] | None:
+    """What a process starting with ``code_percent`` in its code writes, if anything.
+
+    - The store has no state for the rollout: the code's percent seeds it.
+    - The code's percent is the one the store last saw from code: nothing; the store
+      is the truth (a redeploy never undoes an operator's change).
+    - Another percent in code (a deploy that changed it): applied as a change by
+      ``deploy``, unless an operator paused or rolled back since; then only noted
+      (``deploy-held``), and the operator's state stays.
+    """
+    at = time.time() if now is None else now
+    code_percent = float(code_percent)
+    if existing is None:
+        seeded = RolloutState(
+            percent=code_percent,
+            version=1,
+            updated_at=at,
+            updated_by="code",
+            reason="seeded from the percent in code",
+            code_percent=code_percent,
+        )
+        return seeded, _change(name, None, seeded, "seed", "code", seeded.reason)
+    if existing.code_percent == code_percent:
+        return None
+    if existing.paused or existing.held:
+        why = "paused" if existing.paused else "rolled back"
+        reason = f"code percent {code_percent:g} not applied: {why} by an operator since the last deploy"
+        noted = replace(existing, version=existing.version + 1, updated_at=at, code_percent=code_percent)
+        return noted, _change(name, existing, noted, "deploy-held", "deploy", reason)
+    reason = f"code percent changed from {_fmt(existing.code_percent)} to {code_percent:g}"
+    applied = replace(
+        existing,
+        percent=code_percent,
+        version=existing.version + 1,
+        updated_at=at,
+        updated_by="deploy",
+        reason=reason,
+        code_percent=code_percent,
+    )
+    return applied, _change(name, existing, applied, "deploy", "deploy", reason)
+
+
+def _fmt(value: float | None) -> str:
+    return "none" if value is None else f"{value:g}"
+
+
+def operate(
+    name: str,
+    existing: RolloutState | None,
+    action: Action,
+    *,
+    by: str,
+    reason: str = "",
+    percent: float | None = None,
+    now: float | None = None,
+) -> tuple[RolloutState, Change]:
+    """The state an operator's ``action`` makes of ``existing`` (pure; raises on mistakes).
+
+    ``set`` needs ``percent``; ``promote`` is ``set`` 100, ``rollback`` is ``set`` 0 and
+    holds the rollout against deploys; ``pause`` holds it as it is; ``resume`` lifts
+    the pause. A ``set``/``promote``/``resume`` ends an earlier hold.
+    """
+    if action not in OPERATOR_ACTIONS:
+        raise ValueError(f"unknown action {action!r}; use one of {', '.join(OPERATOR_ACTIONS)}.")
+    if existing is None:
+        raise UnknownRollout(
+            f"the store has no rollout {name!r}; it appears once a process running it has started."
+        )
+    if not by or not isinstance(by, str):
+        raise ValueError("say who makes the change (by=..., or --by on the command line).")
+    at = time.time() if now is None else now
+    new = {"updated_at": at, "updated_by": by, "reason": reason, "version": existing.version + 1}
+    if action == "set":
+        if percent is None:
+            raise ValueError("set needs a percent from 0 to 100.")
+        new.update(percent=check_percent(percent), held=False)
+    elif action == "promote":
+        new.update(percent=100.0, held=False)
+    elif action == "rollback":
+        new.update(percent=0.0, held=True)
+    elif action == "pause":
+        new.update(paused=True, held=True)
+    else:  # resume
+        new.update(paused=False, held=False)
+    after = replace(existing, **new)  # type: ignore[arg-type]
+    return after, _change(name, existing, after, action, by, reason)

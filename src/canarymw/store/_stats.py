@@ -1,0 +1,122 @@
+"""Per-variant numbers from a store's outcome counters, as ``canarymw status`` shows them.
+
+The counters of every process and window are summed first, then the quantiles are read
+from the summed latency histogram, so they describe the whole service over the window
+(to the 4% resolution of the buckets of :class:`~canarymw.MemorySink`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from ..sinks.memory import _bucket_bounds, _quantile
+from ._model import Counts
+
+VARIANTS = ("old", "new")
+"""The variants every rollout's summary holds, with or without traffic."""
+
+
+@dataclass(frozen=True)
+class VariantSummary:
+    """The outcomes of one variant of one rollout, summed over windows and processes.
+
+    Without requests the counts are 0 and the rates and latencies None (no traffic is
+    not a success rate of 100%). Latencies are in seconds.
+    """
+
+    requests: int
+    errors: int
+    """Outcomes judged unsuccessful (5xx, exceptions, no response)."""
+    exceptions: int
+    disconnects: int
+    error_rate: float | None
+    """errors / requests; None without requests."""
+    success_rate: float | None
+    """1 - error_rate; None without requests."""
+    latency_mean: float | None
+    p50: float | None
+    p95: float | None
+    p99: float | None
+
+
+_EMPTY = VariantSummary(0, 0, 0, 0, None, None, None, None, None, None)
+
+
+def _summary(total: Counts) -> VariantSummary:
+    n = total.requests
+    if n <= 0:
+        return _EMPTY
+    buckets = {i: c for i, c in total.buckets.items() if c > 0}
+    error_rate = total.errors / n
+    p50 = p95 = p99 = None
+    if buckets:
+        # Clamp to what the buckets say was observed: no quantile below the lowest
+        # non-empty bucket or above the highest one.
+        low = _bucket_bounds(min(buckets))[0]
+        high = _bucket_bounds(max(buckets))[1]
+        # The histogram's own total: a process that counted a request without a
+        # latency (none measured) must not shift the ranks.
+        counted = sum(buckets.values())
+        p50 = _quantile(buckets, counted, 0.50, low, high)
+        p95 = _quantile(buckets, counted, 0.95, low, high)
+        p99 = _quantile(buckets, counted, 0.99, low, high)
+    return VariantSummary(
+        requests=n,
+        errors=total.errors,
+        exceptions=total.exceptions,
+        disconnects=total.disconnects,
+        error_rate=error_rate,
+        success_rate=1.0 - error_rate,
+        latency_mean=total.latency_sum / n,
+        p50=p50,
+        p95=p95,
+        p99=p99,
+    )
+
+
+def summarize(counts: Iterable[Counts], names: Iterable[str] = ()) -> dict[str, dict[str, VariantSummary]]:
+    """Sum ``counts`` (any windows, any processes) into one summary per rollout and variant.
+
+    Returns ``{rollout: {variant: VariantSummary}}``. Every rollout in ``counts`` or in
+    ``names`` is present, and each has at least the variants ``old`` and ``new`` (empty
+    ones without traffic), first; any other variant follows, sorted by name.
+    """
+    totals: dict[str, dict[str, Counts]] = {name: {} for name in names}
+    for c in counts:
+        per = totals.setdefault(c.rollout, {})
+        total = per.get(c.variant)
+        if total is None:
+            total = per[c.variant] = Counts(c.rollout, c.variant, c.window)
+        total.add(c)
+    out: dict[str, dict[str, VariantSummary]] = {}
+    for rollout in sorted(totals):
+        per = totals[rollout]
+        variants = [*VARIANTS, *sorted(per.keys() - set(VARIANTS))]
+        out[rollout] = {v: _summary(per[v]) if v in per else _EMPTY for v in variants}
+    return out
+
+
+def blended(old: VariantSummary, new: VariantSummary, percent: float) -> float | None:
+    """The success rate the service would have with ``percent`` of cohorts on ``new``:
+    ``s = s_new * w + s_old * (1 - w)`` with ``w = percent / 100``.
+
+    Weighs the variants by the configured split instead of by the traffic that happened
+    to arrive, so a bad ``new`` shows at its true share. None when a variant that has
+    weight has no requests (nothing to estimate its success rate from).
+    """
+    w = percent / 100.0
+    s_new = new.success_rate
+    s_old = old.success_rate
+    if (w > 0.0 and s_new is None) or (w < 1.0 and s_old is None):
+        return None
+    return (s_new or 0.0) * w + (s_old or 0.0) * (1.0 - w)
+
+
+def measured(summaries: Iterable[VariantSummary]) -> float | None:
+    """The success rate of all requests together (None without any)."""
+    requests = errors = 0
+    for s in summaries:
+        requests += s.requests
+        errors += s.errors
+    return 1.0 - errors / requests if requests else None

@@ -1,0 +1,99 @@
+"""StoreSink: whole-service counters through both adapters, and through a store that fails."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from canarymw import Rollout
+from canarymw.sinks import Outcome
+from canarymw.sinks.memory import _BOUNDS
+from canarymw.sinks.store import StoreSink
+from canarymw.store import WINDOW, MemoryStore
+
+from ..conftest import KEY
+from ..harness import ASGIKit, WSGIKit
+from .test_follow import FlakyStore
+
+
+def outcome(variant: str = "new", status: int | None = 200, duration: float = 0.01, **kw: object) -> Outcome:
+    fields: dict[str, object] = {
+        "rollout": "r",
+        "variant": variant,
+        "status": status,
+        "duration": duration,
+        "error": None,
+        "disconnected": False,
+        "method": "GET",
+        "route": None,
+        "timestamp": 1_000_003.0,
+    }
+    fields.update(kw)
+    return Outcome(**fields)  # type: ignore[arg-type]
+
+
+def test_counts_per_variant_window_and_class() -> None:
+    store = MemoryStore()
+    sink = StoreSink(store, interval=60)
+    sink.record(outcome(duration=0.002))
+    sink.record(outcome(status=503))
+    sink.record(outcome(status=None, error="Boom"))
+    sink.record(outcome(disconnected=True))
+    sink.record(outcome("old"))
+    sink.record(outcome(timestamp=1_000_003.0 + WINDOW))
+    assert store.read_counts(["r"], 0) == []  # nothing before a flush
+    assert sink.flush() and sink.flushed == 6
+    got = {(c.variant, c.window): c for c in store.read_counts(["r"], 0)}
+    first = got[("new", 1_000_000)]
+    assert (first.requests, first.errors, first.exceptions, first.disconnects) == (4, 2, 1, 1)
+    assert first.latency_sum == pytest.approx(0.032)
+    assert sum(first.buckets.values()) == 4
+    low = min(first.buckets)
+    assert _BOUNDS[low - 1] < 0.002 <= _BOUNDS[low]  # MemorySink's buckets
+    assert got[("old", 1_000_000)].requests == 1 and got[("new", 1_000_010)].requests == 1
+    sink.close()
+
+
+def test_a_failing_store_keeps_the_counts_and_never_fails_a_request() -> None:
+    store = FlakyStore()
+    sink = StoreSink(store, interval=60)
+    store.down = True
+    now = time.time()
+    for _ in range(5):
+        sink.record(outcome(timestamp=now))
+    assert sink.flush() is False and sink.failures == 1
+    sink.record(outcome(timestamp=now))
+    store.down = False
+    assert sink.flush() is True
+    counts = store.read_counts(["r"], 0)
+    assert sum(c.requests for c in counts) == 6 and sink.dropped == 0 and sink.flushed == 6
+    old = outcome(timestamp=time.time() - 7200)
+    store.down = True
+    sink.record(old)
+    sink.flush()
+    assert sink.dropped == 1  # older than an hour while the store was down
+
+
+def test_through_the_adapters_the_store_sums_every_request(kit: WSGIKit | ASGIKit) -> None:
+    store = MemoryStore()
+    sink = StoreSink(store, interval=0.05)
+    rollout = Rollout("r", percent=50, secret_key=KEY)
+    app = kit.wrap(kit.echo("old"), kit.echo("new"), rollout, sink=sink)
+    with kit.client(app) as client:
+        for _ in range(40):
+            assert client.get("/").status_code == 200
+    deadline = time.monotonic() + 5
+    while sink.flushed < 40 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    counts = store.read_counts(["r"], 0)
+    assert sum(c.requests for c in counts) == 40 and {c.variant for c in counts} <= {"old", "new"}
+    assert sum(c.errors for c in counts) == 0
+    sink.close()
+
+
+def test_bad_arguments_are_sentences() -> None:
+    with pytest.raises(TypeError, match="pass a store"):
+        StoreSink(42)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="interval=0"):
+        StoreSink(MemoryStore(), interval=0)
