@@ -435,7 +435,9 @@ class Rollout:
         at = time_now() if now is None else now
         with self._store_lock:
             held = self._store_state
-            if held is None or state.version > held.version:  # never back to an older state
+            # Never back to an older state of one epoch; a new epoch (the store lost the
+            # rollout and it was seeded or restored anew) counts again from its start.
+            if held is None or state.version > held.version or state.epoch != held.epoch:
                 # Percent first: whoever sees the new version also sees its percent.
                 if self._override is None and state.percent != self.percent:
                     self._set_local(state.percent)

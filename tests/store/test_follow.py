@@ -22,7 +22,7 @@ from canarymw.store import (
 from canarymw.store._follow import _followers, change
 
 from ..conftest import KEY
-from .conftest import Backend
+from .conftest import REDIS_URL, Backend
 
 
 def until(check: Callable[[], bool], timeout: float = 5.0) -> float:
@@ -248,3 +248,59 @@ def test_status_says_when_the_state_was_applied() -> None:
     until(lambda: r.store_status()["version"] == 2)
     status = r.store_status()
     assert status["percent"] == 9 and status["applied_at"] >= before
+
+
+def test_a_store_that_lost_the_rollout_gets_the_last_known_state_back(backend: Backend) -> None:
+    a = Rollout("lost", percent=10, secret_key=KEY, store=backend(), store_interval=0.05)
+    b = Rollout("lost", percent=10, secret_key=KEY, store=backend(), store_interval=0.05)
+    change(backend(), "lost", "set", percent=40, by="ops")
+    until(lambda: a.percent == 40 and b.percent == 40)
+    store = backend()
+    if isinstance(store, MemoryStore):
+        with store._cond:
+            store._states.clear()  # what a restarted Redis without persistence looks like
+            store._seq += 1
+            store._cond.notify_all()
+    else:
+        for name in ("lost",):
+            _forget(store, name)
+    until(lambda: "lost" in backend().read(["lost"]))
+    back = backend().read(["lost"])["lost"]
+    assert back.percent == 40 and back.version == 3  # not the code's 10; one version up
+    assert backend().history("lost")[-1].action == "restore"
+    change(backend(), "lost", "set", percent=60, by="ops")
+    until(lambda: a.percent == 60 and b.percent == 60)  # both follow on from there
+
+
+def _forget(store: Any, name: str) -> None:
+    from canarymw.store.redis import RedisStore
+    from canarymw.store.sqlite import SQLiteStore
+
+    if isinstance(store, SQLiteStore):
+        import sqlite3
+
+        with sqlite3.connect(store.path) as conn:
+            conn.execute("DELETE FROM state WHERE name = ?", (name,))
+    elif isinstance(store, RedisStore):
+        import redis
+
+        client = redis.Redis.from_url(REDIS_URL)
+        client.delete(f"{store.prefix}{{{name}}}:state")
+        client.publish(f"{store.prefix}changes", "{}")
+        client.close()
+
+
+def test_a_process_seeding_a_store_that_lost_the_rollout_is_followed_by_all() -> None:
+    # Redis restarted empty, and a new worker seeded it (version 1, the code's percent)
+    # before the old ones restored: the old ones must follow that, and every change after.
+    store = MemoryStore()
+    old = Rollout("epoch", percent=30, secret_key=KEY, store=store, store_interval=0.05)
+    change(store, "epoch", "set", percent=55, by="ops")
+    until(lambda: old.percent == 55)
+    with store._cond:
+        store._states.clear()
+    new = Rollout("epoch", percent=30, secret_key=KEY, store=store, store_interval=0.05)
+    assert new.percent == 30 and new.store_status()["version"] == 1
+    until(lambda: old.percent == 30)  # a new epoch: version 1 is not "older" than 2
+    change(store, "epoch", "rollback", by="ops")
+    until(lambda: old.percent == 0 and new.percent == 0)  # the kill switch reaches everyone

@@ -100,3 +100,13 @@ def test_states_and_changes_round_trip_through_json() -> None:
     assert type(change).from_json(change.to_json()) == change
     newer = s.to_json()[:-1] + ',"field_from_the_future":1}'
     assert RolloutState.from_json(newer) == s  # a newer writer's fields are ignored
+
+
+def test_a_lost_rollout_is_restored_one_version_up() -> None:
+    from canarymw.store._model import restore
+
+    known = state(percent=40.0, version=7, paused=True, updated_by="alice")
+    back, change = restore("r", known, now=50.0)
+    assert (back.percent, back.paused, back.version, back.updated_by) == (40.0, True, 8, "canarymw")
+    assert (change.action, change.version, change.percent_before, change.at) == ("restore", 8, None, 50.0)
+    assert "lost" in change.reason

@@ -16,7 +16,7 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 from .._runtime import RateLimit, reset_after_fork
-from ._model import RolloutState, Store, StoreError, VersionConflict, on_start, operate
+from ._model import RolloutState, Store, StoreError, VersionConflict, on_start, operate, restore
 
 if TYPE_CHECKING:
     from .._rollout import Rollout
@@ -128,11 +128,23 @@ class Follower:
             if not rollout._store_started:
                 states[rollout.name] = self._start(rollout, states.get(rollout.name))
                 rollout._store_started = True
+            elif rollout.name not in states and rollout._store_state is not None:
+                states[rollout.name] = self._restore(rollout, rollout._store_state)
         now = time.time()
         for rollout in rollouts:
             state = states.get(rollout.name)
             if state is not None:
                 rollout._apply_state(state, now)
+
+    def _restore(self, rollout: Rollout, known: RolloutState) -> RolloutState:
+        try:
+            self.store.write(rollout.name, 0, *restore(rollout.name, known))
+        except VersionConflict:
+            pass  # another process restored it first: take theirs
+        got = self.store.read([rollout.name]).get(rollout.name)
+        if got is None:
+            raise StoreError(f"rollout {rollout.name!r} could not be restored in the store.")
+        return got
 
     def _start(self, rollout: Rollout, state: RolloutState | None) -> RolloutState:
         for _ in range(20):

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
-Action = Literal["seed", "deploy", "deploy-held", "set", "promote", "rollback", "pause", "resume"]
+Action = Literal["seed", "restore", "deploy", "deploy-held", "set", "promote", "rollback", "pause", "resume"]
 OPERATOR_ACTIONS = ("set", "promote", "rollback", "pause", "resume")
 
 
@@ -68,6 +69,9 @@ class RolloutState:
     """Room for an automated rollout's stage (guarded rollouts)."""
     verdict: str | None = None
     """Room for an automated rollout's last verdict (guarded rollouts)."""
+    epoch: str = ""
+    """Who created this line of versions: new at every seed and restore. A store that lost
+    a rollout starts counting again; followers take any state of another epoch."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True)
@@ -126,7 +130,10 @@ def check_name(name: object) -> str:
 def check_write(name: str, expected_version: int, state: RolloutState, change: Change) -> None:
     """What every store checks before a write: a caller's mistake, never a race."""
     check_name(name)
-    if state.version != expected_version + 1 or change.version != state.version or change.rollout != name:
+    # A creation (expected 0) may start above 1: a rollout restored after the store lost it
+    # keeps counting up from the version its followers hold.
+    step = state.version >= 1 if expected_version == 0 else state.version == expected_version + 1
+    if not step or change.version != state.version or change.rollout != name:
         raise ValueError(
             f"a write to rollout {name!r} must take it from version {expected_version} to "
             f"{expected_version + 1}, with a change of that rollout and version."
@@ -261,6 +268,7 @@ def on_start(
     if existing is None:
         seeded = RolloutState(
             percent=code_percent,
+            epoch=secrets.token_hex(8),
             version=1,
             updated_at=at,
             updated_by="code",
@@ -286,6 +294,23 @@ def on_start(
         code_percent=code_percent,
     )
     return applied, _change(name, existing, applied, "deploy", "deploy", reason)
+
+
+def restore(name: str, known: RolloutState, now: float | None = None) -> tuple[RolloutState, Change]:
+    """What a process writes when the store has lost a rollout it follows (a Redis that
+    restarted without persistence): its last known state, one version up, so that every
+    follower takes it and an operator's last change is not undone by the code's percent."""
+    at = time.time() if now is None else now
+    reason = "the store had lost this rollout; restored from a process's last known state"
+    restored = replace(
+        known,
+        version=known.version + 1,
+        updated_at=at,
+        updated_by="canarymw",
+        reason=reason,
+        epoch=secrets.token_hex(8),
+    )
+    return restored, _change(name, None, restored, "restore", "canarymw", reason)
 
 
 def _fmt(value: float | None) -> str:
