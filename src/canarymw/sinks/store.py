@@ -8,14 +8,18 @@ import threading
 import time
 import weakref
 from bisect import bisect_left
+from collections import Counter, deque
+from itertools import compress, islice, repeat
+from operator import floordiv, is_not, mul
 from typing import TYPE_CHECKING
 
 from .._runtime import RateLimit, reset_after_fork
+from ..store._model import WINDOW, Counts
 from ._base import Classifier, Outcome, default_classifier
 from .memory import _BOUNDS
 
 if TYPE_CHECKING:
-    from ..store import Counts, Store
+    from ..store import Store
 
 log = logging.getLogger("canarymw")
 
@@ -28,9 +32,9 @@ class StoreSink:
     Every process adds its counts to the same store (SQLite for one host, Redis for
     many), so any process, the CLI (``canarymw status``) or an operator page reads the
     whole service: requests, errors, exceptions, disconnects and a latency histogram
-    (the 4% buckets of :class:`MemorySink`). Recording is a few dict operations under a
-    lock; a background thread adds the batch to the store every ``interval`` seconds
-    (one round trip). Composes with other sinks (pass a list to the middleware).
+    (the 4% buckets of :class:`MemorySink`). Recording appends the outcome to a queue; a
+    background thread counts the queue and adds the batch to the store every
+    ``interval`` seconds (one round trip). Composes with other sinks (pass a list to the middleware).
 
     If the store cannot be reached the counts wait in memory (at most an hour of
     windows; older ones are dropped and counted in :attr:`dropped`) and go with the
@@ -76,6 +80,7 @@ class StoreSink:
         # Also in a forked child: the parent's counts and thread are not ours.
         self._lock = threading.Lock()
         self._pending: dict[tuple[str, str, int], Counts] = {}
+        self._queue: deque[Outcome] = deque()
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()
         self._closed = False
@@ -84,28 +89,48 @@ class StoreSink:
         return f"StoreSink({self.store!r})"
 
     def record(self, outcome: Outcome) -> None:
-        """Count one outcome (thread-safe; never does I/O)."""
-        from ..store import WINDOW, Counts
-
-        ok = self._classify(outcome)
-        window = int(outcome.timestamp // WINDOW * WINDOW)
-        key = (outcome.rollout, outcome.variant, window)
-        bucket = bisect_left(_BOUNDS, outcome.duration)
-        with self._lock:
-            counts = self._pending.get(key)
-            if counts is None:
-                counts = self._pending[key] = Counts(outcome.rollout, outcome.variant, window)
-            counts.requests += 1
-            if not ok:
-                counts.errors += 1
-            if outcome.error is not None:
-                counts.exceptions += 1
-            if outcome.disconnected:
-                counts.disconnects += 1
-            counts.latency_sum += outcome.duration
-            counts.buckets[bucket] = counts.buckets.get(bucket, 0) + 1
+        """Queue one outcome (thread-safe, lock-free; never does I/O): counting it is the
+        flushing thread's work, off the request path."""
+        self._queue.append(outcome)  # deque.append is atomic
         if self._thread is None:
             self._start()
+
+    def _count(self) -> dict[tuple[str, str, int], Counts]:
+        # Under the lock: what was queued, counted into the counts held back so far. Column
+        # by column (zip, map and Counter loop in C), as MemorySink folds its batches.
+        pending, queue = self._pending, self._queue
+        batch = [queue.popleft() for _ in range(len(queue))]
+        if not batch:
+            return pending
+        rollouts, variants, statuses, durations, errors, disconnected = islice(zip(*batch, strict=True), 6)
+        timestamps = [o.timestamp for o in batch]
+        windows = map(int, map(mul, map(floordiv, timestamps, repeat(WINDOW)), repeat(WINDOW)))
+        keys = list(zip(rollouts, variants, windows, strict=True))
+        if self._classify is default_classifier:
+            failed = [s is None or s >= 500 or e is not None for s, e in zip(statuses, errors, strict=True)]
+        else:
+            failed = [not self._classify(o) for o in batch]
+        buckets = Counter(zip(keys, map(bisect_left, repeat(_BOUNDS), durations), strict=True))
+        sums: dict[tuple[str, str, int], float] = {}
+        for key, duration in zip(keys, durations, strict=True):
+            sums[key] = sums.get(key, 0.0) + duration
+        requests = Counter(keys)
+        failures = Counter(compress(keys, failed))
+        exceptions = Counter(compress(keys, map(is_not, errors, repeat(None))))
+        disconnects = Counter(compress(keys, disconnected))
+        for key, n in requests.items():
+            counts = pending.get(key)
+            if counts is None:
+                counts = pending[key] = Counts(key[0], key[1], key[2])
+            counts.requests += n
+            counts.errors += failures[key]
+            counts.exceptions += exceptions[key]
+            counts.disconnects += disconnects[key]
+            counts.latency_sum += sums[key]
+        for (key, bucket), n in buckets.items():
+            held = pending[key].buckets
+            held[bucket] = held.get(bucket, 0) + n
+        return pending
 
     def _start(self) -> None:
         with self._lock:
@@ -127,7 +152,8 @@ class StoreSink:
         own timeouts bound the call.
         """
         with self._lock:
-            batch, self._pending = self._pending, {}
+            batch = self._count()
+            self._pending = {}
         if not batch:
             return True
         try:

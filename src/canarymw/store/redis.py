@@ -50,6 +50,21 @@ _HEALTH_CHECK_INTERVAL = 10
 """Seconds a connection of ours may sit idle before redis-py pings it before use."""
 _COUNT_FIELDS = ("requests", "errors", "exceptions", "disconnects")
 
+# KEYS[1] a counter hash, KEYS[2] its rollout's set of windows. ARGV: the integer fields to
+# add (JSON), the latency sum to add, the window's member and start, the TTL in seconds.
+_ADD_LUA = """
+for field, n in pairs(cjson.decode(ARGV[1])) do
+    redis.call('HINCRBY', KEYS[1], field, n)
+end
+if tonumber(ARGV[2]) ~= 0 then
+    redis.call('HINCRBYFLOAT', KEYS[1], 'latency_sum', ARGV[2])
+end
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. (tonumber(ARGV[4]) - tonumber(ARGV[5])))
+redis.call('EXPIRE', KEYS[2], ARGV[5])
+"""
+
 # KEYS[1] the state hash, KEYS[2] the audit list, KEYS[3] (absent on a cluster) the set of names.
 # ARGV: expected version, new version, state JSON, change JSON, rollout name, channel,
 # notification payload, audit entries kept.
@@ -416,25 +431,30 @@ class RedisStore:
             return
 
         def run(client: redis.Redis | RedisCluster) -> None:
-            # One MULTI/EXEC (on a cluster, keys of several rollouts live on several nodes).
+            # One script call per counter (its keys share a rollout's hash tag, so this also
+            # works on a cluster), all in one round trip: packing a command per field and
+            # bucket in Python cost about 3 us per outcome at 1,000 outcomes/s.
+            add = client.register_script(_ADD_LUA)
+            if self._cluster:
+                client.script_load(_ADD_LUA)  # a cluster pipeline does not load scripts itself
             pipe = client.pipeline(transaction=not self._cluster)
             for c in counts:
-                key = self._key(c.rollout, f"c:{int(c.window)}:{c.variant}")
-                windows = self._key(c.rollout, "windows")
-                pipe.hincrby(key, "requests", int(c.requests))
-                for field in _COUNT_FIELDS[1:]:
-                    value = int(getattr(c, field))
-                    if value:
-                        pipe.hincrby(key, field, value)
-                if c.latency_sum:
-                    pipe.hincrbyfloat(key, "latency_sum", float(c.latency_sum))
-                for index, n in c.buckets.items():
-                    if n:
-                        pipe.hincrby(key, f"b:{int(index)}", int(n))
-                pipe.expire(key, _COUNTS_TTL)
-                pipe.zadd(windows, {f"{int(c.window)}:{c.variant}": int(c.window)})
-                pipe.zremrangebyscore(windows, "-inf", f"({int(c.window) - _COUNTS_TTL}")
-                pipe.expire(windows, _COUNTS_TTL)
+                fields = {f: int(getattr(c, f)) for f in _COUNT_FIELDS if getattr(c, f)}
+                fields.update({f"b:{int(i)}": int(n) for i, n in c.buckets.items() if n})
+                add(
+                    keys=[
+                        self._key(c.rollout, f"c:{int(c.window)}:{c.variant}"),
+                        self._key(c.rollout, "windows"),
+                    ],
+                    args=[
+                        json.dumps(fields, separators=(",", ":")),
+                        repr(float(c.latency_sum)),
+                        f"{int(c.window)}:{c.variant}",
+                        int(c.window),
+                        _COUNTS_TTL,
+                    ],
+                    client=pipe,
+                )
             pipe.execute()
 
         self._call("add outcome counters", run)
