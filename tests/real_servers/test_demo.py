@@ -203,7 +203,7 @@ def test_demo_against_redis(capsys: pytest.CaptureFixture[str], redis_prefix: st
     url = f"{REDIS_URL}?prefix={redis_prefix}"
     flags = ["--users", "100", "--requests-per-user", "3", "--store", url] + (["--asgi"] if asgi else [])
     code, data = run_json(capsys, *flags)
-    assert code == 0
+    assert code == 0, [check for check in data["checks"] if not check["ok"]]
     assert data["config"]["store"].startswith("RedisStore(") and redis_prefix in data["config"]["store"]
     # A store that outlives the run: a rollout name of its own, so no rerun inherits its state.
     name = data["config"]["rollout"]

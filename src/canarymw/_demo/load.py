@@ -111,15 +111,15 @@ def run_user(
     cookie_name: str,
     stop: threading.Event,
     on_hit: Callable[[], None],
-    gate: threading.Event | None = None,
+    admit: Callable[[], None] | None = None,
 ) -> UserRun:
     """Make ``requests`` sequential requests as one new visitor with an empty jar; each
-    waits for ``gate`` to be open, if there is one."""
+    first calls ``admit``, if given (which may hold it back)."""
     jar = CookieJar()
     run = UserRun(index)
     for n in range(requests):
-        if gate is not None:
-            gate.wait()
+        if admit is not None:
+            admit()
         if stop.is_set():
             break
         headers = {"Connection": "close"}
@@ -187,23 +187,37 @@ def drive(
     concurrency: int,
     cookie_name: str,
     on_progress: Callable[[int], None],
-    gate: threading.Event | None = None,
+    at_half: Callable[[threading.Event], None] | None = None,
 ) -> list[UserRun]:
     """Run ``users`` simulated users, ``concurrency`` at a time; return what each saw, in order.
 
     ``on_progress`` is called from this thread with the number of finished requests,
-    ten times a second. New requests wait while ``gate`` (if given) is closed. On
-    ``KeyboardInterrupt`` the users stop after their current request, the others never
-    start, and the interrupt propagates.
+    ten times a second. ``at_half``, if given, is called by the user about to start the
+    request half way through the run, with a gate that is closed then: new requests wait
+    until the callee opens it (requests in flight go on). On ``KeyboardInterrupt`` the
+    users stop after their current request, the others never start, and the interrupt
+    propagates.
     """
     stop = threading.Event()
     lock = threading.Lock()
     runs: list[UserRun | None] = [None] * users
-    state = {"next": 0, "requests": 0}
+    state = {"next": 0, "requests": 0, "started": 0}
+    half = max(1, users * requests // 2)
+    gate = threading.Event()
+    gate.set()
 
     def hit() -> None:
         with lock:
             state["requests"] += 1
+
+    def admit() -> None:
+        with lock:
+            state["started"] += 1
+            now_half = state["started"] == half
+        if now_half and at_half is not None:
+            gate.clear()
+            at_half(gate)
+        gate.wait()
 
     def worker() -> None:
         # Each thread takes the next user until none is left: memory stays flat in the
@@ -214,7 +228,7 @@ def drive(
                 state["next"] += 1
             if index >= users:
                 return
-            runs[index] = run_user(host, port, index, requests, cookie_name, stop, hit, gate)
+            runs[index] = run_user(host, port, index, requests, cookie_name, stop, hit, admit)
 
     pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="canarymw-demo-user")
     try:

@@ -228,17 +228,17 @@ def _run(
                     workers=options.workers,
                     started=time.time(),
                 )
-            half = max(1, total // 2)
-            # New requests wait while the change spreads (a fraction of a second), so
-            # that every run, however small, has requests after every worker switched.
-            gate = threading.Event()
-            gate.set()
 
             def on_progress(done: int) -> None:
                 progress.update(done)
-                if ramp is not None and done >= half and not ramp.triggered:
-                    gate.clear()
+
+            def at_half(gate: threading.Event) -> None:
+                # New requests wait while the change spreads (a fraction of a second), so
+                # that every run, however small, has requests after every worker switched.
+                if ramp is not None:
                     ramp.trigger(then=gate.set)
+                else:
+                    gate.set()
 
             started = time.perf_counter()
             runs = drive(
@@ -249,7 +249,7 @@ def _run(
                 concurrency=options.concurrency,
                 cookie_name=settings.local_rollout().cookie_name,
                 on_progress=on_progress,
-                gate=gate,
+                at_half=at_half,
             )
             elapsed = time.perf_counter() - started
             progress.close(sum(len(r.hits) for r in runs))
