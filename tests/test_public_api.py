@@ -137,3 +137,19 @@ def test_a_middleware_keeps_the_sink_it_was_given() -> None:
         pair = [one, two]
         assert cls(app, new=None, rollout=rollout, sink=pair).sink is pair
         assert cls(app, new=None, rollout=rollout).sink is None
+
+
+def test_the_store_package_documents_its_public_names() -> None:
+    import inspect
+
+    import canarymw.store
+    from canarymw.sinks.store import StoreSink
+
+    assert len(set(canarymw.store.__all__)) == len(canarymw.store.__all__)
+    for name in canarymw.store.__all__:
+        obj = getattr(canarymw.store, name)
+        if inspect.isclass(obj) or inspect.isfunction(obj):
+            assert obj.__doc__ and len(obj.__doc__.strip()) > 20, name
+    for name in ("switch_off", "store_status"):
+        assert len((getattr(canarymw.Rollout, name).__doc__ or "").strip()) > 20, name
+    assert StoreSink.__doc__ and "Args:" in StoreSink.__doc__
