@@ -16,7 +16,7 @@ from wsgiref.validate import validator
 
 import httpx
 
-from canarymw import Rollout, WSGICanaryMiddleware
+from canarymw import Outcome, Rollout, WSGICanaryMiddleware
 from canarymw.asgi import ASGICanaryMiddleware
 
 with warnings.catch_warnings():
@@ -399,6 +399,25 @@ async def _lifespan_ok(receive: Callable[[], Any], send: Callable[[dict[str, Any
         elif message["type"] == "lifespan.shutdown":
             await send({"type": "lifespan.shutdown.complete"})
             return
+
+
+def make_outcome(
+    variant: str = "new", status: int | None = 200, duration: float = 0.02, **kw: Any
+) -> Outcome:
+    """An outcome of rollout ``r`` for sink tests; any field can be given by name."""
+    fields: dict[str, Any] = {
+        "rollout": "r",
+        "variant": variant,
+        "status": status,
+        "duration": duration,
+        "error": None,
+        "disconnected": False,
+        "method": "GET",
+        "route": None,
+        "timestamp": 1.0,
+    }
+    fields.update(kw)
+    return Outcome(**fields)
 
 
 def build() -> str:

@@ -17,23 +17,13 @@ from canarymw import Outcome, Rollout
 from canarymw.sinks import DEFAULT_BUCKETS, BackgroundSink
 from canarymw.sinks.otel import OpenTelemetrySink
 
+from ..harness import make_outcome
+
 KEY = "test-secret-key-0123456789abcdef"
 
 
 def outcome(variant: str = "new", status: int | None = 200, duration: float = 0.02, **kw: Any) -> Outcome:
-    base: dict[str, Any] = {
-        "rollout": "r",
-        "variant": variant,
-        "status": status,
-        "duration": duration,
-        "error": None,
-        "disconnected": False,
-        "method": "GET",
-        "route": None,
-        "timestamp": 1.0,
-    }
-    base.update(kw)
-    return Outcome(**base)
+    return make_outcome(variant, status, duration, **kw)
 
 
 class OTel(NamedTuple):

@@ -24,26 +24,14 @@ from canarymw import MemorySink, Outcome, Rollout, WSGICanaryMiddleware  # noqa:
 from canarymw.sinks import DEFAULT_BUCKETS, BackgroundSink, CallableSink  # noqa: E402
 from canarymw.sinks.prometheus import PrometheusSink  # noqa: E402
 
-from ..harness import WSGITransport  # noqa: E402
+from ..harness import WSGITransport, make_outcome  # noqa: E402
 from ..servers import ROOT, free_port, serve  # noqa: E402
 
 KEY = "test-secret-key-0123456789abcdef"
 
 
 def outcome(variant: str = "new", status: int | None = 200, duration: float = 0.02, **kw: Any) -> Outcome:
-    base: dict[str, Any] = {
-        "rollout": "r",
-        "variant": variant,
-        "status": status,
-        "duration": duration,
-        "error": None,
-        "disconnected": False,
-        "method": "GET",
-        "route": "/items/<id>",
-        "timestamp": 1.0,
-    }
-    base.update(kw)
-    return Outcome(**base)
+    return make_outcome(variant, status, duration, **{"route": "/items/<id>", **kw})
 
 
 def samples(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

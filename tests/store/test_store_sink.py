@@ -13,24 +13,12 @@ from canarymw.sinks.store import StoreSink
 from canarymw.store import WINDOW, MemoryStore
 
 from ..conftest import KEY
-from ..harness import ASGIKit, WSGIKit
+from ..harness import ASGIKit, WSGIKit, make_outcome
 from .test_follow import FlakyStore
 
 
 def outcome(variant: str = "new", status: int | None = 200, duration: float = 0.01, **kw: object) -> Outcome:
-    fields: dict[str, object] = {
-        "rollout": "r",
-        "variant": variant,
-        "status": status,
-        "duration": duration,
-        "error": None,
-        "disconnected": False,
-        "method": "GET",
-        "route": None,
-        "timestamp": 1_000_003.0,
-    }
-    fields.update(kw)
-    return Outcome(**fields)  # type: ignore[arg-type]
+    return make_outcome(variant, status, duration, **{"timestamp": 1_000_003.0, **kw})
 
 
 def test_counts_per_variant_window_and_class() -> None:
