@@ -27,11 +27,14 @@ from typing import TYPE_CHECKING, Any
 
 from ._follow import change
 from ._model import (
+    GUARD_ACTIONS,
     OPERATOR_ACTIONS,
     WINDOW,
     Action,
     Change,
     Counts,
+    Lease,
+    LeaseLost,
     RolloutState,
     Store,
     StoreError,
@@ -48,11 +51,14 @@ if TYPE_CHECKING:
     from .sqlite import SQLiteStore
 
 __all__ = [
+    "GUARD_ACTIONS",
     "OPERATOR_ACTIONS",
     "WINDOW",
     "Action",
     "Change",
     "Counts",
+    "Lease",
+    "LeaseLost",
     "MemoryStore",
     "RedisStore",
     "RolloutState",

@@ -188,7 +188,12 @@ def change(
         )
     new, entry = operate(name, current, action, by=by, reason=reason, percent=percent)
     assert current is not None  # operate raises UnknownRollout otherwise
-    if (new.percent, new.paused, new.held) == (current.percent, current.paused, current.held):
+    if (new.percent, new.paused, new.held, new.stage) == (
+        current.percent,
+        current.paused,
+        current.held,
+        current.stage,
+    ):
         return current  # pausing a paused rollout (and the like) changes nothing: no version, no entry
     store.write(name, current.version, new, entry)
     return new

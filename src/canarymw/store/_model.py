@@ -13,8 +13,24 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
-Action = Literal["seed", "restore", "deploy", "deploy-held", "set", "promote", "rollback", "pause", "resume"]
+Action = Literal[
+    "seed",
+    "restore",
+    "deploy",
+    "deploy-held",
+    "set",
+    "promote",
+    "rollback",
+    "pause",
+    "resume",
+    "guard",
+    "advance",
+    "auto-rollback",
+    "auto-pause",
+]
 OPERATOR_ACTIONS = ("set", "promote", "rollback", "pause", "resume")
+GUARD_ACTIONS = ("guard", "advance", "auto-rollback", "auto-pause")
+"""What a guarded rollout's controller writes: start, a step up, a rollback, a pause."""
 
 
 T = TypeVar("T")
@@ -43,6 +59,21 @@ class UnknownRollout(StoreError):
     """The store holds no state for this rollout name."""
 
 
+class LeaseLost(StoreError):
+    """A fenced write was refused: the writer no longer holds the rollout's controller lease."""
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Who holds a rollout's controller lease, as :meth:`Store.lease_info` reads it."""
+
+    holder: str
+    token: int
+    """The fencing token: it grows every time the lease changes hands (never on a renewal)."""
+    expires_in: float
+    """Seconds until the lease expires unless renewed (by the store's clock)."""
+
+
 @dataclass(frozen=True)
 class RolloutState:
     """The shared state of one rollout, as a store holds it. Immutable.
@@ -66,9 +97,17 @@ class RolloutState:
     held: bool = False
     """An operator paused or rolled back since the code percent was last applied."""
     stage: str | None = None
-    """Room for an automated rollout's stage (guarded rollouts)."""
+    """A guarded rollout's stage: ``ramping``, ``paused`` (by the guard), ``rolled-back`` or
+    ``done``; None for a rollout without a guard."""
     verdict: str | None = None
-    """Room for an automated rollout's last verdict (guarded rollouts)."""
+    """The sentence of the verdict behind the guard's last action."""
+    stage_since: float | None = None
+    """Unix time the current step of a guarded rollout began (its bake time counts from it)."""
+    guard_since: float | None = None
+    """Unix time the guard began judging this attempt (its evidence counts from it)."""
+    guard: dict[str, Any] | None = None
+    """The guard's settings (steps, bake time, levels), so that any reader can judge the
+    counters as the controller does."""
     epoch: str = ""
     """Who created this line of versions: new at every seed and restore. A store that lost
     a rollout starts counting again; followers take any state of another epoch."""
@@ -140,6 +179,43 @@ def check_write(name: str, expected_version: int, state: RolloutState, change: C
         )
 
 
+def check_holder(holder: object) -> str:
+    """A lease holder every store can keep: non-empty text, or ValueError."""
+    if not isinstance(holder, str) or not holder:
+        raise ValueError(f"lease holder {holder!r} cannot be used; name the holder with non-empty text.")
+    return holder
+
+
+def check_ttl(ttl: object) -> float:
+    """A lease's time to live: a finite number of seconds above 0 (as a float), or ValueError."""
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not math.isfinite(ttl) or ttl <= 0:
+        raise ValueError(f"lease ttl {ttl!r} cannot be used; give a finite number of seconds above 0.")
+    return float(ttl)
+
+
+def check_fence(fence: object) -> int | None:
+    """A write's ``fence``: None, or a lease token (an int), else ValueError."""
+    if fence is not None and (isinstance(fence, bool) or not isinstance(fence, int)):
+        raise ValueError(
+            f"fence {fence!r} is not a lease token; pass the int that lease() returned, or None."
+        )
+    return fence
+
+
+def lease_lost(name: str, current: int | None, fence: int) -> LeaseLost:
+    """The error of a fenced write refused: ``current`` is the token of the unexpired lease
+    (None: no one holds it, so ours expired or was released)."""
+    if current is None:
+        return LeaseLost(
+            f"the controller lease of rollout {name!r} expired or was released (ours had token {fence}); "
+            "this write was refused."
+        )
+    return LeaseLost(
+        f"rollout {name!r} is controlled by another process now (lease token {current}, ours {fence}); "
+        "this write was refused."
+    )
+
+
 def conflict(name: str, have: int, expected: int) -> VersionConflict:
     """The error of a lost compare-and-set."""
     return VersionConflict(
@@ -190,11 +266,38 @@ class Store(Protocol):
         """The current state of each named rollout the store holds (absent ones are left out)."""
         ...
 
-    def write(self, name: str, expected_version: int, state: RolloutState, change: Change) -> None:
+    def write(
+        self, name: str, expected_version: int, state: RolloutState, change: Change, fence: int | None = None
+    ) -> None:
         """Store ``state`` and append ``change`` to the audit log, atomically, if the
         rollout's version is still ``expected_version`` (0: it must not exist yet);
         else raise :class:`VersionConflict`. Keeps the newest :data:`HISTORY` entries.
-        Checks :func:`check_write` first."""
+        Checks :func:`check_write` first.
+
+        With ``fence`` (a token :meth:`lease` returned), the write also needs the
+        rollout's controller lease to be unexpired and still carry that token, checked
+        in the same atomic step; else it raises :class:`LeaseLost` and writes nothing.
+        So a controller that lost its lease (paused by GC, cut off by a partition)
+        cannot write after another has taken over."""
+        ...
+
+    def lease(self, name: str, holder: str, ttl: float) -> int | None:
+        """Take or renew the controller lease of rollout ``name`` for ``ttl`` seconds.
+
+        Returns the fencing token if ``holder`` holds the lease after the call: the
+        same token when it renews its own unexpired lease, a larger one than ever
+        given before for this rollout when it takes a free or expired lease. Returns
+        None (and changes nothing) while someone else holds an unexpired lease. Atomic
+        across processes and hosts; the lease exists without any rollout state."""
+        ...
+
+    def release(self, name: str, holder: str) -> None:
+        """Give up ``holder``'s lease of ``name`` at once (nothing if it holds none), so
+        another process can take over without waiting for the expiry."""
+        ...
+
+    def lease_info(self, name: str) -> Lease | None:
+        """Who holds the unexpired lease of ``name``, or None."""
         ...
 
     def history(self, name: str, limit: int = 50) -> list[Change]:
@@ -355,5 +458,25 @@ def operate(
         new.update(paused=True, held=True)
     else:  # resume
         new.update(paused=False, held=False)
+    if existing.stage is not None:
+        new.update(_guarded(existing, action, new, at))
     after = replace(existing, **new)  # type: ignore[arg-type]
     return after, _change(name, existing, after, action, by, reason)
+
+
+def _guarded(existing: RolloutState, action: Action, new: dict[str, Any], at: float) -> dict[str, Any]:
+    # An operator's action on a guarded rollout also moves its stage, so the guard
+    # carries on from what the operator did (an operator always wins).
+    if action == "pause":
+        return {}
+    if action == "resume":
+        if existing.stage == "rolled-back" or existing.percent == 0:
+            # A new attempt from the first step: the evidence against the last one is void.
+            steps = (existing.guard or {}).get("steps") or [existing.percent]
+            return {"stage": "ramping", "stage_since": at, "guard_since": at, "percent": float(steps[0])}
+        if existing.stage == "paused":
+            return {"stage": "ramping", "stage_since": at}
+        return {}
+    percent = new["percent"]
+    stage = "done" if percent >= 100 else "rolled-back" if percent <= 0 else "ramping"
+    return {"stage": stage, "stage_since": at}

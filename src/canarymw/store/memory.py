@@ -3,9 +3,33 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
+from dataclasses import dataclass
 
-from ._model import HISTORY, RETENTION, WINDOW, Change, Counts, RolloutState, check_write, conflict
+from ._model import (
+    HISTORY,
+    RETENTION,
+    WINDOW,
+    Change,
+    Counts,
+    Lease,
+    RolloutState,
+    check_fence,
+    check_holder,
+    check_name,
+    check_ttl,
+    check_write,
+    conflict,
+    lease_lost,
+)
+
+
+@dataclass(slots=True)
+class _Held:
+    holder: str | None  # None once released
+    token: int
+    expires_at: float  # time.monotonic()
 
 
 class MemoryStore:
@@ -14,7 +38,8 @@ class MemoryStore:
     For one-process apps, tests, and as the reference for the other stores: it keeps
     their contract (compare-and-set on the version, an audit entry with every change)
     without I/O. Nothing is shared with other processes; use :class:`SQLiteStore` for
-    one host and :class:`RedisStore` for many.
+    one host and :class:`RedisStore` for many. Controller leases expire by this
+    process's monotonic clock.
     """
 
     def __init__(self) -> None:
@@ -22,6 +47,8 @@ class MemoryStore:
         self._states: dict[str, RolloutState] = {}
         self._log: dict[str, deque[Change]] = {}
         self._counts: dict[tuple[str, str, int], Counts] = {}
+        # Kept after a release or an expiry: the next holder's token must be larger.
+        self._leases: dict[str, _Held] = {}
         self._seq = 0
         self._seen = 0
 
@@ -32,9 +59,18 @@ class MemoryStore:
         with self._cond:
             return {n: self._states[n] for n in names if n in self._states}
 
-    def write(self, name: str, expected_version: int, state: RolloutState, change: Change) -> None:
+    def write(
+        self, name: str, expected_version: int, state: RolloutState, change: Change, fence: int | None = None
+    ) -> None:
+        """Store ``state`` and log ``change`` if the version is still ``expected_version``
+        (and, with ``fence``, the lease still carries that token); see :class:`Store`."""
         check_write(name, expected_version, state, change)
+        check_fence(fence)
         with self._cond:
+            if fence is not None:
+                held = self._current(name, time.monotonic())
+                if held is None or held.token != fence:
+                    raise lease_lost(name, None if held is None else held.token, fence)
             current = self._states.get(name)
             have = 0 if current is None else current.version
             if have != expected_version:
@@ -43,6 +79,52 @@ class MemoryStore:
             self._log.setdefault(name, deque(maxlen=HISTORY)).append(change)
             self._seq += 1
             self._cond.notify_all()
+
+    def lease(self, name: str, holder: str, ttl: float) -> int | None:
+        """Take or renew the controller lease of ``name`` for ``ttl`` seconds; the fencing
+        token, or None while another holder's lease is unexpired. See :class:`Store`."""
+        check_name(name)
+        check_holder(holder)
+        seconds = check_ttl(ttl)
+        with self._cond:
+            now = time.monotonic()
+            current = self._current(name, now)
+            if current is not None:
+                if current.holder != holder:
+                    return None
+                current.expires_at = now + seconds
+                return current.token
+            held = self._leases.get(name)
+            token = 1 if held is None else held.token + 1
+            self._leases[name] = _Held(holder, token, now + seconds)
+            return token
+
+    def release(self, name: str, holder: str) -> None:
+        """Give up ``holder``'s lease of ``name`` now (nothing if it holds none)."""
+        check_name(name)
+        check_holder(holder)
+        with self._cond:
+            held = self._leases.get(name)
+            if held is not None and held.holder == holder:
+                held.holder = None
+                held.expires_at = 0.0
+
+    def lease_info(self, name: str) -> Lease | None:
+        """Who holds the unexpired lease of ``name``, its token and seconds left; or None."""
+        check_name(name)
+        with self._cond:
+            now = time.monotonic()
+            held = self._current(name, now)
+            if held is None or held.holder is None:  # the second test is for mypy
+                return None
+            return Lease(held.holder, held.token, held.expires_at - now)
+
+    def _current(self, name: str, now: float) -> _Held | None:
+        """The unexpired lease of ``name``, if anyone holds it."""
+        held = self._leases.get(name)
+        if held is None or held.holder is None or held.expires_at <= now:
+            return None
+        return held
 
     def history(self, name: str, limit: int = 50) -> list[Change]:
         with self._cond:

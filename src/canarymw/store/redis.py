@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
@@ -30,10 +32,16 @@ from ._model import (
     WINDOW,
     Change,
     Counts,
+    Lease,
     RolloutState,
     StoreUnavailable,
+    check_fence,
+    check_holder,
+    check_name,
+    check_ttl,
     check_write,
     conflict,
+    lease_lost,
 )
 
 __all__ = ["RedisStore"]
@@ -65,11 +73,11 @@ redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. (tonumber(ARGV[4]) - tonu
 redis.call('EXPIRE', KEYS[2], ARGV[5])
 """
 
-# KEYS[1] the state hash, KEYS[2] the audit list, KEYS[3] (absent on a cluster) the set of names.
-# ARGV: expected version, new version, state JSON, change JSON, rollout name, channel,
-# notification payload, audit entries kept.
-# Returns {1, new version} once written, {0, the version the store holds} on a conflict.
-_CAS_LUA = """
+# The compare-and-set, after a line that sets ``names_key`` (the set of names; nil on a
+# cluster). KEYS[1] the state hash, KEYS[2] the audit list. ARGV: expected version, new
+# version, state JSON, change JSON, rollout name, channel, notification payload, audit
+# entries kept. Returns {1, new version} once written, {0, the version held} on a conflict.
+_CAS_BODY = """
 local have = tonumber(redis.call('HGET', KEYS[1], 'version') or '0') or 0
 if have ~= tonumber(ARGV[1]) then
   return {0, have}
@@ -77,12 +85,122 @@ end
 redis.call('HSET', KEYS[1], 'version', ARGV[2], 'json', ARGV[3])
 redis.call('RPUSH', KEYS[2], ARGV[4])
 redis.call('LTRIM', KEYS[2], -tonumber(ARGV[8]), -1)
-if KEYS[3] then
-  redis.call('SADD', KEYS[3], ARGV[5])
+if names_key then
+  redis.call('SADD', names_key, ARGV[5])
 end
 redis.call('PUBLISH', ARGV[6], ARGV[7])
 return {1, tonumber(ARGV[2])}
 """
+
+_CAS_LUA = "local names_key = KEYS[3]\n" + _CAS_BODY
+
+# Every lease script reads the clock of the server that holds the lease, never a host's.
+# Calling TIME before a write needs effects replication: the default from Redis 5 on,
+# asked for explicitly in case a server was configured otherwise.
+_NOW = """
+if redis.replicate_commands then redis.replicate_commands() end
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+"""
+
+# The lease hash (never expires, so its token outlives every holder): ``holder`` (absent
+# once released), ``token``, ``until`` (server time in ms). After this, ``holder`` is the
+# holder of the unexpired lease, or false.
+_HELD = """
+local held = redis.call('HMGET', KEY_LEASE, 'holder', 'token', 'until')
+local holder = held[1]
+if holder and (tonumber(held[3]) or 0) <= now then
+  holder = false
+end
+"""
+
+# KEYS[1] the lease hash. ARGV: holder, TTL in ms. Returns the token, or false while
+# another holder's lease is unexpired. A new token is at least the server time in ms, so
+# tokens keep growing even if Redis lost the hash (a restart without persistence, a
+# failover to a replica that lagged): a plain counter would give an old token again.
+_LEASE_LUA = (
+    "local KEY_LEASE = KEYS[1]\n"
+    + _NOW
+    + _HELD
+    + """
+local expires = string.format('%d', now + tonumber(ARGV[2]))
+if holder then
+  if holder ~= ARGV[1] then
+    return false
+  end
+  redis.call('HSET', KEY_LEASE, 'until', expires)
+  return tonumber(held[2])
+end
+local token = math.max((tonumber(held[2]) or 0) + 1, now)
+redis.call('HSET', KEY_LEASE, 'holder', ARGV[1], 'token', string.format('%d', token), 'until', expires)
+return token
+"""
+)
+
+# KEYS[1] the lease hash. ARGV: holder. Keeps the token for the next holder.
+_RELEASE_LUA = """
+if redis.call('HGET', KEYS[1], 'holder') == ARGV[1] then
+  redis.call('HDEL', KEYS[1], 'holder')
+  redis.call('HSET', KEYS[1], 'until', '0')
+end
+return 0
+"""
+
+# KEYS[1] the lease hash. Returns {holder, token, ms left} of the unexpired lease, or false.
+_LEASE_INFO_LUA = (
+    "local KEY_LEASE = KEYS[1]\n"
+    + _NOW
+    + _HELD
+    + """
+if not holder then
+  return false
+end
+return {holder, held[2], tonumber(held[3]) - now}
+"""
+)
+
+# A compare-and-set that also needs the lease: KEYS[1] state, KEYS[2] log, KEYS[3] the
+# lease hash, KEYS[4] (absent on a cluster) the set of names; ARGV as _CAS_LUA, then the
+# fence token. Returns {-1, the token of the unexpired lease, or 0} if the fence is stale.
+# The fence is compared as text: as a Lua number, a wrong one could round to the token.
+_FENCED_CAS_LUA = (
+    "local KEY_LEASE = KEYS[3]\nlocal names_key = KEYS[4]\n"
+    + _NOW
+    + _HELD
+    + """
+if not holder then
+  return {-1, 0}
+end
+if held[2] ~= ARGV[9] then
+  return {-1, tonumber(held[2])}
+end
+"""
+    + _CAS_BODY
+)
+
+_MAX_TTL = 1e9
+"""Seconds (about 30 years): a longer ``ttl`` is cut to it, so the scripts' ms stay exact."""
+
+
+@dataclass(frozen=True)
+class _Scripts:
+    """The Lua scripts, registered with one client (computed locally; loaded on first use)."""
+
+    cas: Script
+    fenced_cas: Script
+    lease: Script
+    release: Script
+    lease_info: Script
+
+    @classmethod
+    def register(cls, client: redis.Redis | RedisCluster) -> _Scripts:
+        return cls(
+            client.register_script(_CAS_LUA),
+            client.register_script(_FENCED_CAS_LUA),
+            client.register_script(_LEASE_LUA),
+            client.register_script(_RELEASE_LUA),
+            client.register_script(_LEASE_INFO_LUA),
+        )
 
 
 def _text(value: object) -> str:
@@ -117,9 +235,20 @@ class RedisStore:
     Keys, per rollout ``NAME``: ``PREFIX{NAME}:state`` (a hash: ``version`` and ``json``),
     ``PREFIX{NAME}:log`` (the newest 1000 audit entries, JSON), ``PREFIX{NAME}:c:WINDOW:VARIANT``
     (a hash of counters and latency buckets ``b:INDEX``, expiring 8 days after its last
-    addition) and ``PREFIX{NAME}:windows`` (a sorted set of those windows); and
-    ``PREFIXnames`` (the set of rollout names). Every change is published on the channel
-    ``PREFIXchanges`` as JSON ``{"rollout": NAME, "version": N}``.
+    addition), ``PREFIX{NAME}:windows`` (a sorted set of those windows) and
+    ``PREFIX{NAME}:lease`` (the controller lease, a hash: ``holder``, absent once released;
+    ``token``; ``until``, the Redis server's time in ms when it expires; the hash never
+    expires, so the token keeps growing across holders); and ``PREFIXnames`` (the set of
+    rollout names). Every change is published on the channel ``PREFIXchanges`` as JSON
+    ``{"rollout": NAME, "version": N}``.
+
+    Leases: taken, renewed, released and checked by Lua scripts on the server that holds
+    the rollout's keys, by that server's clock (``TIME``), so the hosts' clocks do not
+    matter. A fenced :meth:`write` checks the lease in its compare-and-set script (the
+    lease key carries the same hash tag, so this holds on a cluster too). A new token is
+    at least the server's time in milliseconds: it still grows if Redis lost the lease
+    (a restart without persistence, a failover to a replica that lagged), where a plain
+    counter would hand an old token out again.
 
     How changes propagate: :meth:`wait` subscribes to the channel (its own connection,
     made on the first call, which returns True at once so the caller reads what it may
@@ -189,7 +318,7 @@ class RedisStore:
         self._timeout = timeout
         self._cluster = isinstance(client, RedisCluster)
         self._client: redis.Redis | RedisCluster | None = client
-        self._cas: Script | None = None
+        self._scripts: _Scripts | None = None
         self._pubsub: Any = None  # redis.client.PubSub, or ClusterPubSub
         self._subscribe_after = 0.0  # monotonic time of the next attempt to subscribe
         self._names_key = f"{prefix}names"
@@ -205,16 +334,16 @@ class RedisStore:
         assert self._url is not None
         return redis.Redis.from_url(self._url, **self._client_kwargs)
 
-    def _conn(self) -> tuple[redis.Redis | RedisCluster, Script]:
+    def _conn(self) -> tuple[redis.Redis | RedisCluster, _Scripts]:
         with self._lock:
             client = self._client
             if client is None:
                 client = self._client = self._make_client()
-                self._cas = None
-            cas = self._cas
-            if cas is None:
-                cas = self._cas = client.register_script(_CAS_LUA)
-            return client, cas
+                self._scripts = None
+            scripts = self._scripts
+            if scripts is None:
+                scripts = self._scripts = _Scripts.register(client)
+            return client, scripts
 
     def _after_fork(self) -> None:
         # In a child: new locks (another thread of the parent may have held ours), no
@@ -227,7 +356,7 @@ class RedisStore:
         self._subscribe_after = 0.0
         if self._owned:
             self._client = None
-            self._cas = None
+            self._scripts = None
 
     def close(self) -> None:
         """Close the subscription, and the connections of a client this store made."""
@@ -236,7 +365,7 @@ class RedisStore:
             client = self._client if self._owned else None
             if self._owned:
                 self._client = None
-                self._cas = None
+                self._scripts = None
         self._subscribe_after = 0.0
         # A subscription in use by wait() is closed by wait() when it returns (closing a
         # pool wakes it): closing it under its feet would let redis-py reconnect it.
@@ -288,10 +417,18 @@ class RedisStore:
             if raw is not None
         }
 
-    def write(self, name: str, expected_version: int, state: RolloutState, change: Change) -> None:
+    def write(
+        self, name: str, expected_version: int, state: RolloutState, change: Change, fence: int | None = None
+    ) -> None:
+        """Store ``state`` and log ``change`` if the version is still ``expected_version``
+        (and, with ``fence``, the lease still carries that token), in one script; see
+        :class:`Store`."""
         check_write(name, expected_version, state, change)
-        client, cas = self._conn()
+        check_fence(fence)
+        client, scripts = self._conn()
         keys = [self._key(name, "state"), self._key(name, "log")]
+        if fence is not None:
+            keys.append(self._key(name, "lease"))
         if not self._cluster:
             keys.append(self._names_key)
         note = json.dumps({"rollout": name, "version": state.version}, separators=(",", ":"))
@@ -305,14 +442,63 @@ class RedisStore:
             note,
             _HISTORY,
         ]
+        script = scripts.cas
+        if fence is not None:
+            args.append(str(fence))
+            script = scripts.fenced_cas
         try:
-            done, have = cast(list[int], cas(keys=keys, args=args, client=client))
-            if done and self._cluster:
+            done, have = cast(list[int], script(keys=keys, args=args, client=client))
+            if done == 1 and self._cluster:
                 client.sadd(self._names_key, name)
         except (RedisError, OSError) as exc:
             raise self._unavailable(f"write rollout {name!r}", exc) from exc
+        if done == -1:
+            assert fence is not None
+            raise lease_lost(name, int(have) or None, fence)
         if not done:
             raise conflict(name, int(have), expected_version)
+
+    def lease(self, name: str, holder: str, ttl: float) -> int | None:
+        """Take or renew the controller lease of ``name`` for ``ttl`` seconds; the fencing
+        token, or None while another holder's lease is unexpired. See :class:`Store`.
+
+        Expiry is by the Redis server's clock, so the hosts' clocks do not matter. A new
+        token is at least the server's time in milliseconds (see the class docstring)."""
+        check_name(name)
+        check_holder(holder)
+        ms = max(1, math.ceil(min(check_ttl(ttl), _MAX_TTL) * 1000))
+        key = self._key(name, "lease")
+        client, scripts = self._conn()
+        try:
+            token = scripts.lease(keys=[key], args=[holder, ms], client=client)
+        except (RedisError, OSError) as exc:
+            raise self._unavailable(f"take the controller lease of rollout {name!r}", exc) from exc
+        return None if token is None else int(token)
+
+    def release(self, name: str, holder: str) -> None:
+        """Give up ``holder``'s lease of ``name`` now (nothing if it holds none)."""
+        check_name(name)
+        check_holder(holder)
+        key = self._key(name, "lease")
+        client, scripts = self._conn()
+        try:
+            scripts.release(keys=[key], args=[holder], client=client)
+        except (RedisError, OSError) as exc:
+            raise self._unavailable(f"release the controller lease of rollout {name!r}", exc) from exc
+
+    def lease_info(self, name: str) -> Lease | None:
+        """Who holds the unexpired lease of ``name``, its token and seconds left; or None."""
+        check_name(name)
+        key = self._key(name, "lease")
+        client, scripts = self._conn()
+        try:
+            found = scripts.lease_info(keys=[key], args=[], client=client)
+        except (RedisError, OSError) as exc:
+            raise self._unavailable(f"read the controller lease of rollout {name!r}", exc) from exc
+        if found is None:
+            return None
+        holder, token, left_ms = cast(list[Any], found)
+        return Lease(_text(holder), int(_text(token)), int(left_ms) / 1000)
 
     def history(self, name: str, limit: int = 50) -> list[Change]:
         if limit <= 0:

@@ -18,20 +18,26 @@ from ._model import (
     WINDOW,
     Change,
     Counts,
+    Lease,
     RolloutState,
     StoreUnavailable,
+    check_fence,
+    check_holder,
+    check_name,
+    check_ttl,
     check_write,
     conflict,
+    lease_lost,
 )
 
 T = TypeVar("T")
 
 _CHUNK = 500  # names per ``IN (...)``: well under SQLite's limit of bound parameters
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """Kept in the file's ``PRAGMA user_version``; a later release migrates from it."""
 
-_SCHEMA = (
+_SCHEMA_1 = (
     """CREATE TABLE IF NOT EXISTS state (
         name TEXT PRIMARY KEY,
         version INTEGER NOT NULL,
@@ -64,6 +70,21 @@ _SCHEMA = (
         PRIMARY KEY (rollout, window_start, variant, bucket)
     )""",
 )
+
+_SCHEMA_2 = (
+    # A released or expired lease keeps its row (holder NULL or expires_at passed): the
+    # next holder's token must be larger than every one given before.
+    """CREATE TABLE IF NOT EXISTS lease (
+        name TEXT PRIMARY KEY,
+        holder TEXT,
+        token INTEGER NOT NULL,
+        expires_at REAL NOT NULL
+    )""",
+)
+
+_MIGRATIONS = (_SCHEMA_1, _SCHEMA_2)
+"""The statements that take a file from version ``i`` to ``i + 1``, at index ``i``."""
+assert len(_MIGRATIONS) == SCHEMA_VERSION
 
 _ADD_COUNTS = """
 INSERT INTO counts (rollout, window_start, variant, requests, errors, exceptions, disconnects, latency_sum)
@@ -117,6 +138,10 @@ class SQLiteStore:
     (``PRAGMA data_version``, one cheap query), and only then whether a rollout's state
     changed (counter updates by other processes do not wake it). Changes made through
     this object wake it at once.
+
+    Controller leases (:meth:`lease`) are rows of the same file, taken and renewed under
+    the write lock; they expire by ``time.time()``, the clock every process of the host
+    shares. A fenced :meth:`write` checks the lease in its own transaction.
 
     Every SQLite error (a lock held longer than ``timeout``, a full disk, a file that is
     not a database) is raised as :class:`StoreUnavailable`, with a sentence naming the
@@ -187,10 +212,20 @@ class SQLiteStore:
 
         return self._run("reading rollout states", run)
 
-    def write(self, name: str, expected_version: int, state: RolloutState, change: Change) -> None:
+    def write(
+        self, name: str, expected_version: int, state: RolloutState, change: Change, fence: int | None = None
+    ) -> None:
+        """Store ``state`` and log ``change`` if the version is still ``expected_version``
+        (and, with ``fence``, the lease still carries that token); see :class:`Store`."""
         check_write(name, expected_version, state, change)
+        check_fence(fence)
 
         def run(conn: sqlite3.Connection) -> None:
+            if fence is not None:
+                # Under the write lock: no lease can change hands until this commits.
+                current = _current_lease(conn, name, time.time())
+                if current is None or current.token != fence:
+                    raise lease_lost(name, None if current is None else current.token, fence)
             row = conn.execute("SELECT version FROM state WHERE name = ?", (name,)).fetchone()
             have = 0 if row is None else int(row[0])
             if have != expected_version:
@@ -220,6 +255,55 @@ class SQLiteStore:
         with self._cond:
             self._seq += 1
             self._cond.notify_all()
+
+    def lease(self, name: str, holder: str, ttl: float) -> int | None:
+        """Take or renew the controller lease of ``name`` for ``ttl`` seconds; the fencing
+        token, or None while another holder's lease is unexpired. See :class:`Store`.
+
+        Expiry is by ``time.time()``, which every process of the host shares."""
+        check_name(name)
+        check_holder(holder)
+        seconds = check_ttl(ttl)
+
+        def run(conn: sqlite3.Connection) -> int | None:
+            now = time.time()  # read under the write lock, so takers see it in order
+            current = _current_lease(conn, name, now)
+            if current is not None:
+                if current.holder != holder:
+                    return None
+                conn.execute("UPDATE lease SET expires_at = ? WHERE name = ?", (now + seconds, name))
+                return current.token
+            row = conn.execute("SELECT token FROM lease WHERE name = ?", (name,)).fetchone()
+            token = 1 if row is None else int(row[0]) + 1
+            conn.execute(
+                "INSERT INTO lease (name, holder, token, expires_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, token = excluded.token, "
+                "expires_at = excluded.expires_at",
+                (name, holder, token, now + seconds),
+            )
+            return token
+
+        return self._run(f"taking the controller lease of rollout {name!r}", run, transaction="IMMEDIATE")
+
+    def release(self, name: str, holder: str) -> None:
+        """Give up ``holder``'s lease of ``name`` now (nothing if it holds none)."""
+        check_name(name)
+        check_holder(holder)
+
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE lease SET holder = NULL, expires_at = 0 WHERE name = ? AND holder = ?", (name, holder)
+            )
+
+        self._run(f"releasing the controller lease of rollout {name!r}", run)
+
+    def lease_info(self, name: str) -> Lease | None:
+        """Who holds the unexpired lease of ``name``, its token and seconds left; or None."""
+        check_name(name)
+        return self._run(
+            f"reading the controller lease of rollout {name!r}",
+            lambda conn: _current_lease(conn, name, time.time()),
+        )
 
     def history(self, name: str, limit: int = 50) -> list[Change]:
         if limit <= 0:
@@ -400,7 +484,8 @@ class SQLiteStore:
         return conn
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
-        """Create the tables (or, in a later release, migrate them) once per file."""
+        """Create the tables of a new file, or add what a file of an older version lacks,
+        once per file (every step is idempotent: ``IF NOT EXISTS``)."""
         if _user_version(conn) == SCHEMA_VERSION:
             return
         conn.execute("BEGIN IMMEDIATE")
@@ -412,8 +497,9 @@ class SQLiteStore:
                     "this canarymw knows; upgrade canarymw in every process that uses it."
                 )
             if found < SCHEMA_VERSION:
-                for statement in _SCHEMA:
-                    conn.execute(statement)
+                for step in _MIGRATIONS[found:]:
+                    for statement in step:
+                        conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         except BaseException:
             conn.rollback()
@@ -453,6 +539,15 @@ def _chunks(names: list[str]) -> Iterator[tuple[list[str], str]]:
     for start in range(0, len(names), _CHUNK):
         chunk = names[start : start + _CHUNK]
         yield chunk, ", ".join("?" * len(chunk))
+
+
+def _current_lease(conn: sqlite3.Connection, name: str, now: float) -> Lease | None:
+    row = conn.execute(
+        "SELECT holder, token, expires_at FROM lease "
+        "WHERE name = ? AND holder IS NOT NULL AND expires_at > ?",
+        (name, now),
+    ).fetchone()
+    return None if row is None else Lease(row[0], int(row[1]), float(row[2]) - now)
 
 
 def _user_version(conn: sqlite3.Connection) -> int:
