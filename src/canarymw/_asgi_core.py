@@ -13,7 +13,7 @@ from mypy_extensions import mypyc_attr
 
 from ._headers import joined_cookie, with_ours
 from ._rollout import FORCE_HEADER, FORCE_PARAM, Decision, Rollout, split_force_query
-from ._setup import check_adapter_args, resolve_upstreams
+from ._setup import check_adapter_args, resolve_upstreams, with_guard_sink
 from ._types import ASGIApp, Message, Receive, Scope, Send
 from .sinks._base import Sink
 from .sinks._dispatch import as_sink, direct_queue, record
@@ -128,8 +128,9 @@ class _Core:
         self.new_app = old_app if new is None else new
         self.rollout = rollout
         self.sink = sink
-        """The sink(s) as given; outcomes reach them through an internal guard."""
-        self._guard = as_sink(sink)
+        """The sink(s) as given; outcomes reach them through an internal guard (with a
+        StoreSink added when the rollout has a guard and no sink given feeds its store)."""
+        self._guard = as_sink(with_guard_sink(sink, rollout))
         self.cache_control = cache_control or None
         self.on_new_startup_failure: StartupFailurePolicy = on_new_startup_failure
         self.shutdown_flush_timeout = shutdown_flush_timeout

@@ -26,6 +26,8 @@ from ._cookie import (
 from ._runtime import BoundedCache, reset_after_fork
 
 if TYPE_CHECKING:
+    from .guard import Guard
+    from .guard._controller import Controller
     from .store import RolloutState, Store
 
 Variant = Literal["old", "new"]
@@ -194,6 +196,8 @@ _CONFIG = frozenset(
         "counters",
         "cookie_only",
         "store",
+        "guard",
+        "controller",
     )
 )
 
@@ -256,6 +260,12 @@ class Rollout:
             ``percent``) stays in force. See docs/stores.md.
         store_interval: Longest time, in seconds, between two reads of the store
             (changes usually arrive sooner: Redis pushes them, SQLite is polled cheaply).
+        guard: Ramp, judge and roll back by itself: a :class:`~canarymw.guard.Guard`
+            (steps, bake time, statistics). Needs the outcome counters of the whole
+            service in the store: the middlewares add a
+            :class:`~canarymw.sinks.store.StoreSink` on this rollout's store unless
+            given one. Without ``store=``, a :class:`~canarymw.store.MemoryStore` (one
+            process). See docs/guard.md.
     """
 
     def __init__(
@@ -281,6 +291,7 @@ class Rollout:
         on_exposure: Callable[[Decision], object] | None = None,
         store: Store | str | None = None,
         store_interval: float = 1.0,
+        guard: Guard | None = None,
     ) -> None:
         if not isinstance(name, str) or not name.strip():
             raise ValueError("Rollout needs a non-empty name, such as 'checkout-v2'.")
@@ -363,12 +374,32 @@ class Rollout:
         """Health counters: new ids assigned, cookies rejected (tampered, foreign
         key, malformed), cookies re-issued (refresh or key rotation), failures of the
         ``key`` callable, forced requests, failed reads of the store."""
+        if guard is not None:
+            from .guard import Guard as GuardType
+
+            if not isinstance(guard, GuardType):
+                raise TypeError(f"{owner} got guard={guard!r}; pass a canarymw.guard.Guard or None.")
+            if store is None:
+                from .store import MemoryStore
+
+                store = MemoryStore()
+        self.guard = guard
+        """The rollout's :class:`~canarymw.guard.Guard` (``guard=``), or None."""
         self.store: Store | None = None if store is None else _open_store(store, store_interval, owner)
         """The store this rollout follows (``store=``), or None."""
+        controller = None
+        if guard is not None and self.store is not None:
+            from .guard._controller import Controller
+
+            controller = Controller(self, self.store, guard)
+        self.controller: Controller | None = controller
+        """This process's controller of the guard (None without ``guard=``)."""
         if self.store is not None:
             from .store._follow import follow
 
             follow(self, self.store, store_interval)
+        if controller is not None:
+            controller.ensure_thread()
 
     def __repr__(self) -> str:
         return f"Rollout({self.name!r}, percent={self.percent!r})"

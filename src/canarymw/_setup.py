@@ -37,3 +37,30 @@ def resolve_upstreams(old: Any, new: Any, protocol: Literal["wsgi", "asgi"]) -> 
         if isinstance(new, module.Upstream):
             new = getattr(new, f"{protocol}_app")(fallback=old)
     return old, new
+
+
+_GUARD_SINKS: dict[int, tuple[Any, Any]] = {}  # id(store) -> (store, its StoreSink)
+
+
+def with_guard_sink(sink: Any, rollout: Any) -> Any:
+    """``sink``, plus a StoreSink on the rollout's store when the rollout has a guard
+    (which judges the whole service's counters in the store) and no sink given feeds
+    that store already. One StoreSink per store and process, shared by every middleware."""
+    store = getattr(rollout, "store", None)
+    if getattr(rollout, "guard", None) is None or store is None:
+        return sink
+    given = [] if sink is None else list(sink) if isinstance(sink, list | tuple) else [sink]
+    if any(_feeds(s, store) for s in given):
+        return sink
+    held = _GUARD_SINKS.get(id(store))
+    if held is None or held[0] is not store:
+        from .sinks.store import StoreSink
+
+        held = _GUARD_SINKS[id(store)] = (store, StoreSink(store))
+    return [*given, held[1]]
+
+
+def _feeds(sink: Any, store: Any) -> bool:
+    if getattr(sink, "store", None) is store:
+        return True
+    return any(_feeds(s, store) for s in getattr(sink, "sinks", ()))

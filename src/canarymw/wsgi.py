@@ -31,7 +31,7 @@ from mypy_extensions import mypyc_attr
 
 from ._headers import with_ours
 from ._rollout import FORCE_HEADER, FORCE_PARAM, Decision, Rollout, split_force_query
-from ._setup import check_adapter_args, resolve_upstreams
+from ._setup import check_adapter_args, resolve_upstreams, with_guard_sink
 from ._types import StartResponse, WSGIApplication, WSGIEnvironment
 from .sinks._base import Sink
 from .sinks._dispatch import as_sink, direct_queue, record
@@ -89,8 +89,9 @@ class WSGICanaryMiddleware:
         self.new_app = old if new_app is None else new_app
         self.rollout = rollout
         self.sink = sink
-        """The sink(s) as given; outcomes reach them through an internal guard."""
-        self._guard = as_sink(sink)
+        """The sink(s) as given; outcomes reach them through an internal guard (with a
+        StoreSink added when the rollout has a guard and no sink given feeds its store)."""
+        self._guard = as_sink(with_guard_sink(sink, rollout))
         self._record = self._guard.sink.record if self._guard is not None else None
         self._memory = direct_queue(self._guard)
         self._excluded = rollout.is_excluded if rollout.is_excluded else None

@@ -83,8 +83,16 @@ class Server:
 
 
 @contextlib.contextmanager
-def gunicorn(store_url: str, *, workers: int, sink_interval: float | None = None) -> Iterator[Server]:
-    """Serve the store app with ``workers`` sync workers; ready once ``/stats`` answers."""
+def gunicorn(
+    store_url: str,
+    *,
+    workers: int,
+    sink_interval: float | None = None,
+    app: str = APP,
+    extra_env: dict[str, str] | None = None,
+) -> Iterator[Server]:
+    """Serve ``app`` (the store app by default) with ``workers`` sync workers; ready once
+    ``/stats`` answers."""
     port = free_port()
     env = {
         **os.environ,
@@ -95,9 +103,10 @@ def gunicorn(store_url: str, *, workers: int, sink_interval: float | None = None
         "CANARYMW_TEST_PERCENT": str(CODE_PERCENT),
         "CANARYMW_TEST_STORE_INTERVAL": "0.2",
         "CANARYMW_TEST_SINK_INTERVAL": "" if sink_interval is None else str(sink_interval),
+        **(extra_env or {}),
     }
     argv = [sys.executable, "-m", "gunicorn", "-w", str(workers), "-b", f"127.0.0.1:{port}"]
-    argv += ["--log-level", "warning", "--graceful-timeout", "15", APP]
+    argv += ["--log-level", "warning", "--graceful-timeout", "15", app]
     log = tempfile.TemporaryFile()  # noqa: SIM115 - closed below, after the server
     proc = subprocess.Popen(
         argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True
