@@ -247,3 +247,39 @@ def test_the_rollout_runs_its_controller_in_the_background() -> None:
 def test_guard_needs_a_guard_object() -> None:
     with pytest.raises(TypeError, match=r"pass a canarymw\.guard\.Guard"):
         Rollout(NAME, percent=0, secret_key=KEY, guard={"steps": [1, 100]})  # type: ignore[arg-type]
+
+
+def test_both_middlewares_feed_a_guarded_rollouts_store(kit: Any) -> None:
+    from canarymw.sinks.store import StoreSink
+    from canarymw.store import MemoryStore
+
+    store = MemoryStore()
+    rollout = Rollout(NAME, percent=50, secret_key=KEY, store=store, guard=guard(interval=30, lease=90))
+    try:
+        app = kit.raw_wrap(kit.echo("old"), kit.echo("new"), rollout)  # no sink given
+        with kit.client(app) as client:
+            for _ in range(40):
+                client.cookies.clear()
+                assert client.get("/").status_code == 200
+        sinks = list(app._guard.sink.sinks) if hasattr(app._guard.sink, "sinks") else [app._guard.sink]
+        added = [s for s in sinks if isinstance(s, StoreSink)]
+        assert len(added) == 1 and added[0].store is store
+        assert added[0].flush(timeout=5)
+        counted = {c.variant: c.requests for c in store.read_counts([NAME], 0.0)}
+        assert sum(counted.values()) == 40 and counted.get("new", 0) > 0
+        # A sink that already feeds the store is not doubled; one StoreSink per store is shared.
+        again = kit.raw_wrap(kit.echo("old"), kit.echo("new"), rollout, sink=added[0])
+        assert again._guard.sink is added[0]
+        other = kit.raw_wrap(kit.echo("old"), kit.echo("new"), rollout)
+        assert other._guard.sink is app._guard.sink
+    finally:
+        assert rollout.controller is not None
+        rollout.controller.stop()
+
+
+def test_an_unguarded_rollout_gets_no_sink_added(kit: Any) -> None:
+    from canarymw.store import MemoryStore
+
+    rollout = Rollout(NAME, percent=50, secret_key=KEY, store=MemoryStore())
+    app = kit.raw_wrap(kit.echo("old"), kit.echo("new"), rollout)
+    assert app._guard is None
