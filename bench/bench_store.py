@@ -406,21 +406,27 @@ def flush(kind: str, seconds: int = 60, rate: int = 1000) -> dict[str, float]:
             for o in outcomes:
                 sink.record(o)
             per_record.append((time.perf_counter() - t0) / len(outcomes) * 1e6)
-            sink._closed = True  # counted into a throwaway store below; no flush at exit
-            sink._pending = {}
+            sink._closed = True  # thrown away: no flush at exit
+            sink._queue.clear()
         # flush(): one a second at `rate` outcomes/s, over `seconds` of simulated time
         sink = StoreSink(store, interval=60)
         start = (time.time() // WINDOW) * WINDOW
-        wall, cpu, batches = [], [], []
+        wall, cpu, batches, counting, adding = [], [], [], [], []
         for s in range(seconds):
-            for o in _outcomes(rate, rate, start + s, 100 + s):
+            batch = _outcomes(rate, rate, start + s, 100 + s)
+            for o in batch:
                 sink.record(o)
-            batches.append(len(sink._pending))
+            batches.append(len({(o.rollout, o.variant, int(o.timestamp // WINDOW)) for o in batch}))
             t0, c0 = time.perf_counter(), time.thread_time()
+            with sink._lock:
+                sink._count()  # what flush() does first: counting the queue
+            cm = time.thread_time()
             assert sink.flush()
             c1, t1 = time.thread_time(), time.perf_counter()
             wall.append((t1 - t0) / rate * 1e6)
             cpu.append((c1 - c0) / rate * 1e6)
+            counting.append((cm - c0) / rate * 1e6)
+            adding.append((c1 - cm) / rate * 1e6)
         sink._closed = True
         got = store.read_counts([NAME], start - 1)
         assert sum(c.requests for c in got) == seconds * rate, "counts lost"
@@ -432,13 +438,16 @@ def flush(kind: str, seconds: int = 60, rate: int = 1000) -> dict[str, float]:
         "flush_wall_p90": statistics.quantiles(wall, n=10, method="inclusive")[8],
         "flush_cpu": statistics.median(cpu),
         "flush_cpu_p90": statistics.quantiles(cpu, n=10, method="inclusive")[8],
+        "count_cpu": statistics.median(counting),
+        "add_cpu": statistics.median(adding),
     }
     print(
         f"\nStoreSink, {kind}: record {rec:.2f} us/outcome (median of 5 x 100,000; runs "
         f"{min(per_record):.2f}..{max(per_record):.2f}); flush of {rate} outcomes "
         f"({min(batches)}-{max(batches)} counters) x {seconds}: wall {out['flush_wall']:.2f} us/outcome "
         f"(p90 {out['flush_wall_p90']:.2f}), CPU {out['flush_cpu']:.2f} us/outcome "
-        f"(p90 {out['flush_cpu_p90']:.2f})"
+        f"(p90 {out['flush_cpu_p90']:.2f}); of the CPU, counting {out['count_cpu']:.2f} and adding "
+        f"{out['add_cpu']:.2f} us/outcome"
     )
     total = rec + out["flush_cpu"]
     print(

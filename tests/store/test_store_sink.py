@@ -10,7 +10,7 @@ from canarymw import Rollout
 from canarymw.sinks import Outcome
 from canarymw.sinks.memory import _BOUNDS
 from canarymw.sinks.store import StoreSink
-from canarymw.store import WINDOW, MemoryStore
+from canarymw.store import WINDOW, Counts, MemoryStore
 
 from ..conftest import KEY
 from ..harness import ASGIKit, WSGIKit, make_outcome
@@ -85,3 +85,57 @@ def test_bad_arguments_are_sentences() -> None:
         StoreSink(42)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="interval=0"):
         StoreSink(MemoryStore(), interval=0)
+
+
+@pytest.mark.parametrize("classify", ["default", "custom"])
+def test_counting_in_columns_matches_counting_one_by_one(classify: str) -> None:
+    """The flushing thread counts a batch column by column; the result must be what
+    counting each outcome on its own gives, for any mix of rollouts, variants, windows,
+    statuses (None, 1xx-9xx, out of range), exceptions and disconnects."""
+    import random
+    from bisect import bisect_left
+
+    rng = random.Random(7)
+    outcomes = [
+        outcome(
+            rng.choice(["old", "new"]),
+            rng.choice([200, 200, 302, 404, 499, 500, 503, 599, None, 99, 1200]),
+            rng.lognormvariate(-4, 1.5),
+            rollout=rng.choice(["r", "s"]),
+            error=rng.choice([None, None, None, "Boom"]),
+            disconnected=rng.random() < 0.1,
+            timestamp=1_000_000.0 + rng.uniform(0, 35),
+        )
+        for _ in range(3000)
+    ]
+
+    def slow_rule(o: Outcome) -> bool:
+        return o.status == 200 and o.duration < 0.02
+
+    store = MemoryStore()
+    sink = StoreSink(store, interval=60, **({} if classify == "default" else {"classify": slow_rule}))
+    for o in outcomes:
+        sink.record(o)
+    assert sink.flush()
+    want: dict[tuple[str, str, int], Counts] = {}
+    for o in outcomes:
+        key = (o.rollout, o.variant, int(o.timestamp // WINDOW) * WINDOW)
+        row = want.setdefault(key, Counts(*key))
+        row.requests += 1
+        row.errors += not (o.ok if classify == "default" else slow_rule(o))
+        row.exceptions += o.error is not None
+        row.disconnects += bool(o.disconnected)
+        row.latency_sum += o.duration
+        b = bisect_left(_BOUNDS, o.duration)
+        row.buckets[b] = row.buckets.get(b, 0) + 1
+    got = {(c.rollout, c.variant, c.window): c for c in store.read_counts(["r", "s"], 0)}
+    assert set(got) == set(want) and len(got) > 8
+    for key, w in want.items():
+        c = got[key]
+        assert (c.requests, c.errors, c.exceptions, c.disconnects) == (
+            w.requests,
+            w.errors,
+            w.exceptions,
+            w.disconnects,
+        )
+        assert c.latency_sum == pytest.approx(w.latency_sum) and c.buckets == w.buckets

@@ -9,8 +9,8 @@ import time
 import weakref
 from bisect import bisect_left
 from collections import Counter, deque
-from itertools import compress, islice, repeat
-from operator import floordiv, is_not, mul
+from itertools import compress, count, repeat
+from operator import add, eq, floordiv, is_not, mul, or_
 from typing import TYPE_CHECKING
 
 from .._runtime import RateLimit, reset_after_fork
@@ -24,6 +24,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("canarymw")
 
 _KEEP = 3600.0  # seconds of unflushed windows kept while the store is down
+_TIMESTAMP = Outcome._fields.index("timestamp")
+_SLOTS = len(_BOUNDS) + 1  # latency buckets per key id in one int: id * _SLOTS + bucket
+_STATUSES = frozenset([None, *range(100, 1000)])
+_FAILING = frozenset([None, *range(500, 1000)])  # the default classifier's failures, by status
 
 
 class StoreSink:
@@ -97,38 +101,52 @@ class StoreSink:
 
     def _count(self) -> dict[tuple[str, str, int], Counts]:
         # Under the lock: what was queued, counted into the counts held back so far. Column
-        # by column (zip, map and Counter loop in C), as MemorySink folds its batches.
+        # by column, every pass in C (zip, map, compress, Counter); each outcome's
+        # (rollout, variant, window) is hashed once, into a small int id, and the per-id
+        # passes run over ints. A batch holds few ids (variants x windows), so one C pass
+        # per id for the latency sums is cheaper than a Python loop over outcomes.
         pending, queue = self._pending, self._queue
         batch = [queue.popleft() for _ in range(len(queue))]
         if not batch:
             return pending
-        rollouts, variants, statuses, durations, errors, disconnected = islice(zip(*batch, strict=True), 6)
-        timestamps = [o.timestamp for o in batch]
-        windows = map(int, map(mul, map(floordiv, timestamps, repeat(WINDOW)), repeat(WINDOW)))
-        keys = list(zip(rollouts, variants, windows, strict=True))
-        if self._classify is default_classifier:
-            failed = [s is None or s >= 500 or e is not None for s, e in zip(statuses, errors, strict=True)]
+        cols = list(zip(*batch, strict=False))
+        rollouts, variants, statuses, durations, errors, disconnected = cols[:6]
+        # Window numbers (floor(t) // WINDOW is floor(t / WINDOW) for t >= 0); times WINDOW per key.
+        windows = map(floordiv, map(int, cols[_TIMESTAMP]), repeat(WINDOW))
+        # A key's id is the position of its first outcome in the batch (setdefault keeps it).
+        index: dict[tuple[str, str, int], int] = {}  # (rollout, variant, window number) -> id
+        ids = list(map(index.setdefault, zip(rollouts, variants, windows, strict=True), count()))
+        raised = list(map(is_not, errors, repeat(None)))
+        if self._classify is default_classifier and _STATUSES.issuperset(statuses):
+            failed = list(map(or_, map(_FAILING.__contains__, statuses), raised))
+        elif self._classify is default_classifier:  # a status outside 100-999: the rule itself
+            failed = [s is None or s >= 500 or e for s, e in zip(statuses, raised, strict=True)]
         else:
             failed = [not self._classify(o) for o in batch]
-        buckets = Counter(zip(keys, map(bisect_left, repeat(_BOUNDS), durations), strict=True))
-        sums: dict[tuple[str, str, int], float] = {}
-        for key, duration in zip(keys, durations, strict=True):
-            sums[key] = sums.get(key, 0.0) + duration
-        requests = Counter(keys)
-        failures = Counter(compress(keys, failed))
-        exceptions = Counter(compress(keys, map(is_not, errors, repeat(None))))
-        disconnects = Counter(compress(keys, disconnected))
-        for key, n in requests.items():
+        requests = Counter(ids)
+        failures = Counter(compress(ids, failed))
+        exceptions = Counter(compress(ids, raised))
+        disconnects = Counter(compress(ids, disconnected))
+        buckets = Counter(
+            map(add, map(mul, ids, repeat(_SLOTS)), map(bisect_left, repeat(_BOUNDS), durations))
+        )
+        single = len(index) == 1
+        keys: dict[int, tuple[str, str, int]] = {}
+        for (rollout, variant, number), i in index.items():
+            keys[i] = key = (rollout, variant, number * WINDOW)
             counts = pending.get(key)
             if counts is None:
                 counts = pending[key] = Counts(key[0], key[1], key[2])
-            counts.requests += n
-            counts.errors += failures[key]
-            counts.exceptions += exceptions[key]
-            counts.disconnects += disconnects[key]
-            counts.latency_sum += sums[key]
-        for (key, bucket), n in buckets.items():
-            held = pending[key].buckets
+            counts.requests += requests[i]
+            counts.errors += failures[i]
+            counts.exceptions += exceptions[i]
+            counts.disconnects += disconnects[i]
+            counts.latency_sum += (
+                sum(durations) if single else sum(compress(durations, map(eq, ids, repeat(i))))
+            )
+        for slot, n in buckets.items():
+            i, bucket = divmod(slot, _SLOTS)
+            held = pending[keys[i]].buckets
             held[bucket] = held.get(bucket, 0) + n
         return pending
 
