@@ -11,7 +11,11 @@ URL`` or the environment variable ``CANARYMW_STORE``; see docs/cli.md):
 
 - ``status [NAME]``: percent, pause, version, who changed it last and why, and per
   variant over a recent window the requests, error rate, latency and the blended
-  success estimate beside the measured one.
+  success estimate beside the measured one. For a guarded rollout also its stage, the
+  verdict (judged live from the store's counters while it ramps, else the one behind
+  the guard's last action), the evidence, which process controls it, the blended
+  estimate with its uncertainty now, at the next step and at 100%, and what the guard
+  does next and when.
 - ``set NAME PERCENT``, ``promote NAME``, ``rollback NAME``, ``pause NAME``,
   ``resume NAME``: an audited operator change (``--by``, ``--reason``), compare-and-set
   against ``--if-version N`` when given.
@@ -43,7 +47,9 @@ from . import _compat
 from ._version import __version__
 
 if TYPE_CHECKING:
+    from .guard._controller import Assessor
     from .store import Change, RolloutState, Store
+    from .store._stats import VariantSummary
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -298,7 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
             "Show each rollout in the store (or NAME): its percent, pause, version, how long ago "
             "and by whom it was last changed and why; and per variant over the window the "
             "requests, error rate and p50/p95 latency, with the blended success estimate "
-            "s = s_new * w + s_old * (1 - w) beside the measured success rate."
+            "s = s_new * w + s_old * (1 - w) beside the measured success rate. For a guarded "
+            "rollout also its stage, the verdict and its evidence, the process controlling it, "
+            "the blended estimate with a 95% interval now, at the next step and at 100%, and "
+            "what the guard does next and when."
         ),
         epilog=_STORE_EPILOG,
     )
@@ -345,8 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
         one_line_errors=True,
         help="show status live, refreshed every interval, until Ctrl-C",
         description=(
-            "Show the status table refreshed every interval (the screen is redrawn when stdout is "
-            "a terminal; otherwise a new table is printed each time) until Ctrl-C."
+            "Show the status table (with the guard's verdict and outlook for a guarded rollout) "
+            "refreshed every interval (the screen is redrawn when stdout is a terminal; otherwise "
+            "a new table is printed each time) until Ctrl-C."
         ),
         epilog=_STORE_EPILOG.replace("0 ok;", "0 ok or stopped with Ctrl-C;"),
     )
@@ -516,8 +526,18 @@ def _emit_json(data: object, out: TextIO | None = None) -> None:
 # status ---------------------------------------------------------------------------------
 
 
-def _status_data(store: Store, name: str | None, window: float, now: float) -> dict[str, Any]:
-    """What ``status`` shows, as a JSON-ready object."""
+def _status_data(
+    store: Store,
+    name: str | None,
+    window: float,
+    now: float,
+    assessors: dict[str, tuple[dict[str, Any], Assessor]] | None = None,
+) -> dict[str, Any]:
+    """What ``status`` shows, as a JSON-ready object.
+
+    ``assessors`` keeps the judgement of each guarded rollout between calls (``watch``),
+    so that a refresh reads only the windows closed since the last one.
+    """
     from dataclasses import asdict
 
     from .store._stats import blended, measured, summarize
@@ -541,8 +561,107 @@ def _status_data(store: Store, name: str | None, window: float, now: float) -> d
                 "blended": blended(variants["old"], variants["new"], state.percent),
                 "measured": measured(variants.values()),
             },
+            "guard": None
+            if state.guard is None
+            else _guard_data(store, rollout, state, variants, now, assessors),
         }
     return {"at": now, "window": window, "rollouts": rollouts}
+
+
+def _guard_data(
+    store: Store,
+    name: str,
+    state: RolloutState,
+    variants: dict[str, VariantSummary],
+    now: float,
+    assessors: dict[str, tuple[dict[str, Any], Assessor]] | None,
+) -> dict[str, Any]:
+    """The guard's part of ``status`` for a guarded rollout (``state.guard`` set).
+
+    The verdict is judged here, from the store's counters, as the controller judges
+    them, while the rollout ramps (stage ``ramping``, not paused); otherwise the guard
+    judges nothing and the sentence is the one behind its last action (``live`` false).
+    The blended intervals use the per-variant numbers of the status window.
+    """
+    from .guard import Guard, outlook
+    from .guard._controller import Assessor
+    from .store._stats import blended_interval
+
+    settings = state.guard or {}
+    data: dict[str, Any] = {
+        "stage": state.stage,
+        "stage_since": state.stage_since,
+        "guard_since": state.guard_since,
+        "steps": None,
+        "live": False,
+        "decision": None,
+        "sentence": state.verdict,
+        "notes": [],
+        "e_values": None,
+        "harm_at": None,
+        "step_requests": None,
+        "controller": None,
+        "blended": None,
+        "outlook": None,
+        "error": None,
+    }
+    lease = store.lease_info(name)
+    if lease is not None:
+        data["controller"] = {"holder": lease.holder, "token": lease.token, "expires_in": lease.expires_in}
+    try:
+        guard = Guard.from_settings(settings)
+    except (ValueError, TypeError) as exc:
+        # Settings this version cannot read (another version of canarymw wrote them):
+        # show what the state says rather than fail the whole status.
+        data["error"] = _sentence(f"the guard's settings cannot be read: {' '.join(str(exc).split())}")
+        return data
+    data["steps"] = list(guard.steps)
+    verdict = None
+    step_requests = 0
+    if state.stage == "ramping" and not state.paused:
+        held = None if assessors is None else assessors.get(name)
+        if held is None or held[0] != settings:
+            held = (settings, Assessor(guard))
+            if assessors is not None:
+                assessors[name] = held
+        got = held[1].update(store, name, state, now)
+        verdict, step_requests = got.verdict, got.step_requests
+        data.update(
+            live=True,
+            decision=verdict.decision,
+            sentence=verdict.sentence,
+            notes=list(verdict.notes),
+            e_values={
+                "errors": _finite(verdict.errors.e_value),
+                "latency": None if verdict.latency is None else _finite(verdict.latency.e_value),
+            },
+            harm_at={
+                "errors": 1.0 / verdict.errors.alpha,
+                "latency": None if verdict.latency is None else 1.0 / verdict.latency.alpha,
+            },
+            step_requests=step_requests,
+        )
+
+    def interval(percent: float | None) -> dict[str, Any] | None:
+        if percent is None:
+            return None
+        got = blended_interval(variants["old"], variants["new"], percent)
+        low, estimate, high = (None, None, None) if got is None else got
+        return {"percent": percent, "low": low, "estimate": estimate, "high": high}
+
+    data["blended"] = {
+        "confidence": 0.95,
+        "now": interval(state.percent),
+        "next": interval(guard.next_step(state.percent)),
+        "full": interval(100.0),
+    }
+    data["outlook"] = outlook(guard, state, verdict, step_requests, now)
+    return data
+
+
+def _finite(value: float) -> float:
+    # JSON has no infinity: overwhelming evidence is the largest float instead.
+    return min(value, sys.float_info.max)
 
 
 def _status_text(data: dict[str, Any]) -> list[str]:
@@ -550,26 +669,101 @@ def _status_text(data: dict[str, Any]) -> list[str]:
     rollouts: dict[str, Any] = data["rollouts"]
     if not rollouts:
         return ["the store holds no rollouts yet; one appears once a process running it has started."]
-    lines = _table(
-        ["rollout", "percent", "paused", "version", "age", "by", "reason"],
+    header = ["rollout", "percent", "paused", "version", "age", "by", "reason"]
+    rows = [
         [
-            [
-                name,
-                _pct(r["state"]["percent"]),
-                "yes" if r["state"]["paused"] else "no",
-                str(r["state"]["version"]),
-                _age(r["age"]),
-                r["state"]["updated_by"] or "-",
-                r["state"]["reason"] or "-",
-            ]
-            for name, r in rollouts.items()
-        ],
-        right={1, 3},
-    )
+            name,
+            _pct(r["state"]["percent"]),
+            "yes" if r["state"]["paused"] else "no",
+            str(r["state"]["version"]),
+            _age(r["age"]),
+            r["state"]["updated_by"] or "-",
+            r["state"]["reason"] or "-",
+        ]
+        for name, r in rollouts.items()
+    ]
+    if any(r.get("guard") is not None for r in rollouts.values()):
+        # A stage column only when a rollout is guarded: without guards, the table is as it was.
+        header.insert(3, "stage")
+        for row, r in zip(rows, rollouts.values(), strict=True):
+            guard = r.get("guard")
+            row.insert(3, "-" if guard is None else guard["stage"] or "-")
+    lines = _table(header, rows, right={1, 4} if len(header) == 8 else {1, 3})
     for name, r in rollouts.items():
         lines += ["", f"{name}: the last {_seconds(data['window'])}"]
         lines += _variant_table(r)
+        if r.get("guard") is not None:
+            lines += _guard_text(r, data["at"])
     return lines
+
+
+def _guard_text(r: dict[str, Any], now: float) -> list[str]:
+    """The guard's lines of a guarded rollout in ``status``: label, then what it says."""
+    g: dict[str, Any] = r["guard"]
+    paused = r["state"]["paused"]
+    stage = "stage " + (g["stage"] or "-")
+    if paused and g["stage"] in ("ramping", "done"):
+        stage += ", paused by an operator"
+    if g["stage_since"] is not None:
+        stage += f"; this step began {_age(max(0.0, now - g['stage_since']))} ago"
+    if g["steps"]:
+        stage += "; steps " + " -> ".join(_pct(s) for s in g["steps"])
+    rows = [["guard", stage]]
+    if g["error"]:
+        rows.append(["error", g["error"]])
+    if g["live"]:
+        rows.append(["verdict", g["sentence"]])
+        evidence = [f"errors e-value {_e(g['e_values']['errors'])} (harm at {_e(g['harm_at']['errors'])})"]
+        if g["e_values"]["latency"] is not None:
+            evidence.append(
+                f"latency e-value {_e(g['e_values']['latency'])} (harm at {_e(g['harm_at']['latency'])})"
+            )
+        evidence.append(f"{g['step_requests']:,} canary requests at this step")
+        rows.append(["evidence", "; ".join(evidence)])
+        rows += [["note", note] for note in g["notes"]]
+    else:
+        # The guard judges only a ramp that runs: say why it does not now.
+        why = "paused by an operator" if g["stage"] == "ramping" else f"stage {g['stage'] or '-'}"
+        rows.append(["last action", f"{g['sentence'] or '-'} (not judged now: {why})"])
+    c = g["controller"]
+    if c is None:
+        rows.append(["controller", "none: no process holds the lease; the guard acts only while one does"])
+    else:
+        rows.append(
+            [
+                "controller",
+                f"{c['holder']} (lease token {c['token']}, expires in {_seconds(round(c['expires_in'], 1))})",
+            ]
+        )
+    blend = g["blended"]
+    if blend is not None:
+        label = f"blended {blend['confidence'] * 100:g}%"
+        for key, what in (("now", "now"), ("next", "next step"), ("full", "all on new")):
+            at = blend[key]
+            if at is None or (key == "full" and at["percent"] in (blend["now"]["percent"], _next(blend))):
+                continue
+            rows.append([label, f"at {_pct(at['percent'])} ({what}): {_interval(at)}"])
+            label = ""
+    if g["outlook"] is not None:
+        rows.append(["next", g["outlook"]])
+    width = max(len(label) for label, _ in rows)
+    return [f"  {label.ljust(width)}  {text}".rstrip() for label, text in rows]
+
+
+def _next(blend: dict[str, Any]) -> float | None:
+    return None if blend["next"] is None else blend["next"]["percent"]
+
+
+def _interval(at: dict[str, Any]) -> str:
+    if at["estimate"] is None:
+        return "- (a variant with weight had no requests in the window)"
+    return f"{_rate(at['estimate'])} ({_rate(at['low'])} to {_rate(at['high'])})"
+
+
+def _e(value: float) -> str:
+    if value >= 1e6:
+        return f"{value:.1e}"
+    return f"{value:.3g}" if value < 100 else f"{value:,.0f}"
 
 
 def _variant_table(r: dict[str, Any]) -> list[str]:
@@ -740,11 +934,12 @@ def _watch(args: argparse.Namespace) -> int:
     tty = out.isatty()
     store = _open(args)
     refreshes = 0
+    assessors: dict[str, tuple[dict[str, Any], Assessor]] = {}  # guards judged incrementally
     try:
         while True:
             now = time.time()
             try:
-                body = _status_text(_status_data(store, args.name, args.window, now))
+                body = _status_text(_status_data(store, args.name, args.window, now, assessors))
             except Exception as exc:
                 if refreshes == 0:
                     raise  # a wrong store or name: say so and stop, as status does

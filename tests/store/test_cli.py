@@ -23,7 +23,7 @@ import pytest
 
 from canarymw import cli
 from canarymw.store import Counts, RolloutState, Store, StoreUnavailable, on_start, open_store
-from canarymw.store._stats import VariantSummary, blended, measured, summarize
+from canarymw.store._stats import VariantSummary, blended, blended_interval, measured, summarize
 
 from .conftest import REDIS_URL
 
@@ -208,6 +208,71 @@ def test_blended_weighs_by_the_configured_split() -> None:
     assert measured([old, new]) == pytest.approx(MEASURED) and measured([none]) is None
 
 
+def _variant(requests: int, errors: int) -> VariantSummary:
+    rate = errors / requests if requests else None
+    return VariantSummary(
+        requests, errors, 0, 0, rate, None if rate is None else 1 - rate, None, None, None, None
+    )
+
+
+def test_blended_interval_adds_agresti_coull_variances_by_the_split() -> None:
+    old, new = _variant(900, 1), _variant(100, 5)
+    # By hand: z = 1.96; new: n~ = 103.84, p~ = (95 + 1.92) / 103.84, v = p~ (1 - p~) / n~.
+    low, estimate, high = blended_interval(old, new, 100) or (0, 0, 0)
+    assert (low, estimate, high) == pytest.approx((0.9020292850053736, 0.95, 0.9979707149946263), abs=1e-12)
+    low, estimate, high = blended_interval(old, new, 20) or (0, 0, 0)
+    assert estimate == pytest.approx(BLENDED) == blended(old, new, 20)  # centred on the blended estimate
+    assert (low, high) == pytest.approx((0.9790707398000701, 0.9991514824221525), abs=1e-12)
+    z = 1.959963984540054
+    v = [(p := (n - e + z * z / 2) / (n + z * z)) * (1 - p) / (n + z * z) for n, e in ((100, 5), (900, 1))]
+    spread = z * (0.2**2 * v[0] + 0.8**2 * v[1]) ** 0.5
+    assert (low, high) == pytest.approx((BLENDED - spread, BLENDED + spread), abs=1e-12)
+    # A higher confidence, a wider interval; 0.99 reaches past 100%, clamped.
+    wide = blended_interval(old, new, 20, confidence=0.99) or (0, 0, 0)
+    assert wide[0] < low and wide[2] == 1.0 and wide[1] == estimate
+
+
+def test_blended_interval_at_the_ends_and_without_requests() -> None:
+    old, new, none = _variant(900, 1), _variant(100, 5), _variant(0, 0)
+    assert blended_interval(old, none, 20) is None  # new has weight and no requests
+    assert blended_interval(none, new, 20) is None
+    assert blended_interval(none, none, 50) is None
+    at0 = blended_interval(old, none, 0)  # new has no weight: its silence does not matter
+    assert at0 is not None and at0[1] == pytest.approx(S_OLD) and at0[2] == 1.0  # clamped
+    assert at0 == blended_interval(old, new, 0)
+    at100 = blended_interval(none, new, 100)
+    assert at100 is not None and at100 == blended_interval(old, new, 100)
+    # Clamped to [0, 1]; no error at all still leaves room for doubt (never zero width).
+    perfect = blended_interval(_variant(10, 0), _variant(10, 0), 50) or (0, 0, 0)
+    assert perfect[1:] == (1.0, 1.0) and 0.8 < perfect[0] < 1.0
+    broken = blended_interval(_variant(10, 10), _variant(10, 10), 50) or (1, 1, 1)
+    assert broken[:2] == (0.0, 0.0) and 0.0 < broken[2] < 0.2
+    for bad in (0, 1, 1.5, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="confidence"):
+            blended_interval(old, new, 20, confidence=bad)
+    for percent in (-1, 101, float("nan")):
+        with pytest.raises(ValueError, match="percent"):
+            blended_interval(old, new, percent)
+
+
+def test_blended_interval_covers_the_true_rate_about_as_often_as_it_says() -> None:
+    import random
+
+    rng = random.Random(20240611)
+    p_old, p_new, n_old, n_new, percent = 0.995, 0.97, 2000, 60, 5
+    truth = p_new * 0.05 + p_old * 0.95
+    trials = 800
+    covered = 0
+    for _ in range(trials):
+        e_old = sum(rng.random() > p_old for _ in range(n_old))
+        e_new = sum(rng.random() > p_new for _ in range(n_new))
+        got = blended_interval(_variant(n_old, e_old), _variant(n_new, e_new), percent)
+        assert got is not None
+        covered += got[0] <= truth <= got[2]
+    # 95% nominal; the binomial spread of 800 trials is about 0.8 points.
+    assert 0.92 <= covered / trials <= 0.99
+
+
 @pytest.mark.parametrize(
     ("seconds", "text"), [(0.4, "0 s"), (12, "12 s"), (180, "3 min"), (7200, "2 h"), (3 * 86400, "3 d")]
 )
@@ -284,6 +349,30 @@ def test_the_window_chooses_which_counters_count(where: Where, capsys: pytest.Ca
     _, out, _ = run(capsys, "status", "checkout", "--json", "--window", "2000", "--store", where.url)
     new = json.loads(out)["rollouts"]["checkout"]["variants"]["new"]
     assert (new["requests"], new["errors"]) == (1100, 1005)  # the window of 1000 s ago too
+
+
+def test_status_of_a_guarded_rollout_names_its_controller(
+    where: Where, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from canarymw.guard import Guard, start
+
+    seeded = seed(where.store, "checkout", 0)
+    where.store.write("checkout", 1, *start(Guard(steps=(20, 100)), "checkout", seeded, time.time()))
+    feed_checkout(where.store, time.time())
+    token = where.store.lease("checkout", "web-2:77:beef01", 15)
+    code, out, _ = run(capsys, "status", "--store", where.url)
+    assert code == 0
+    assert out.splitlines()[1].split()[:4] == ["checkout", "20%", "no", "ramping"]
+    block = out[out.index("checkout: the last 300 s") :]
+    assert f"controller   web-2:77:beef01 (lease token {token}, expires in " in block
+    assert "verdict      wait: no traffic yet" in block  # the counters fed are not in closed windows since
+    assert "at 20% (now): 98.91% (" in block and "at 100% (next step): 95.00% (" in block
+    code, out, _ = run(capsys, "status", "--json", "--store", where.url)
+    g = json.loads(out)["rollouts"]["checkout"]["guard"]
+    assert g["controller"]["holder"] == "web-2:77:beef01" and g["controller"]["token"] == token
+    assert (
+        g["blended"]["now"]["estimate"] == pytest.approx(BLENDED) and g["blended"]["full"]["percent"] == 100
+    )
 
 
 def test_status_of_an_empty_store_and_of_an_unknown_rollout(

@@ -33,10 +33,13 @@ from ._analysis import (
     windows_from_counts,
 )
 from ._controller import Assessment, assess
+from ._readout import DECISIONS, STAGES
 from ._schedule import Guard, outlook, plan, start
 
 __all__ = [
+    "DECISIONS",
     "HARM_RATIOS",
+    "STAGES",
     "Analysis",
     "Assessment",
     "Decision",

@@ -246,7 +246,7 @@ class Analysis:
         tail_ratio: Above this ratio of the canary's p99 to the baseline's, the verdict
             notes it (the tails are described, not tested: a tail is a few requests).
         harm_ratios: The mixture of rate ratios the harm tests bet on, as (ratio,
-            weight) pairs; weights are normalised.
+            weight) pairs; only the weights' proportions matter.
     """
 
     def __init__(
@@ -280,7 +280,6 @@ class Analysis:
             raise ValueError(
                 f"Analysis got harm_ratios={harm_ratios!r}; use (ratio above 1, weight above 0) pairs."
             )
-        total = sum(w for _, w in pairs)
         self.alpha = float(alpha)
         self.min_requests = min_requests
         self.latency_objective = None if latency_objective is None else _bucket_edge(float(latency_objective))
@@ -288,7 +287,9 @@ class Analysis:
         self.latency_weight = float(latency_weight)
         self.ratio_alpha = float(ratio_alpha)
         self.tail_ratio = float(tail_ratio)
-        self.harm_ratios = tuple((r, w / total) for r, w in pairs)
+        self.harm_ratios = tuple(pairs)
+        """The (ratio, weight) pairs as given; :class:`Evidence` normalises the weights (kept
+        as given, so the settings a store holds rebuild the very same analysis)."""
 
     def __repr__(self) -> str:
         return (

@@ -185,13 +185,16 @@ def percents_by_window(
     """For each window start, the percent in force over all of the window (and the
     ``settle`` seconds before it, while processes apply a change); windows during which
     it changed are left out. ``history``: audit entries, any order."""
-    timeline = sorted((c.at, c.version, c.percent_after) for c in history)
+    timeline: list[tuple[float, float]] = []
+    for at, _, pct in sorted((c.at, c.version, c.percent_after) for c in history):
+        if not timeline or timeline[-1][1] != pct:  # a pause or a note moves no request
+            timeline.append((at, pct))
     out: dict[int, float] = {}
     for start in starts:
         lo, hi = start - settle, start + WINDOW
         before = None
         changed = False
-        for at, _, pct in timeline:
+        for at, pct in timeline:
             if at <= lo:
                 before = pct
             elif at < hi:

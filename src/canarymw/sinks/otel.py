@@ -24,20 +24,40 @@ is up to you (OTLP push, a Prometheus reader, ...). Instruments (the prefix is
 
 The values are per process, as everything in OpenTelemetry is: each worker reports its
 own and the backend sums them (give each process its own ``service.instance.id``).
+
+Guarded rollouts (``Rollout(..., guard=Guard(...))``, see :mod:`canarymw.guard`) have
+observable gauges of their own, read at each collection::
+
+    from canarymw.sinks.otel import GuardGauges
+
+    GuardGauges(rollout)                # uses the global MeterProvider
+
+    canarymw.guard.stage    ObservableGauge  canarymw.rollout, canarymw.stage: 1 current, 0 others
+    canarymw.guard.verdict  ObservableGauge  canarymw.rollout, canarymw.decision: 1 last verdict
+    canarymw.guard.e_value  ObservableGauge  canarymw.rollout, canarymw.test ("errors", "latency")
+
+See :class:`GuardGauges` for where the values come from.
 """
 
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import metrics
 
+from .._rollout import Rollout
 from .._version import __version__
+from ..guard._readout import DECISIONS, STAGES, guarded, reading
 from ._base import DEFAULT_BUCKETS, Outcome, outcome_class
 from ._health import HealthSnapshot, HealthSources
 
-__all__ = ["DEFAULT_BUCKETS", "OpenTelemetrySink"]
+if TYPE_CHECKING:
+    pass
+
+__all__ = ["DEFAULT_BUCKETS", "GuardGauges", "OpenTelemetrySink"]
 
 
 _Attrs = dict[str, str]
@@ -211,3 +231,149 @@ class OpenTelemetrySink:
 
     def __repr__(self) -> str:
         return f"OpenTelemetrySink(prefix={self.prefix!r})"
+
+
+# -- guarded rollouts ------------------------------------------------------------------
+# The same readings as canarymw.sinks.prometheus.GuardCollector (kept apart so that
+# neither module imports the other's client library).
+
+
+class GuardGauges:
+    """Reports the stage, verdict and evidence of guarded rollouts as observable gauges.
+
+    The OpenTelemetry counterpart of :class:`canarymw.sinks.prometheus.GuardCollector`::
+
+        GuardGauges(rollout, other_rollout, meter_provider=provider)
+
+    Instruments (the prefix is ``prefix``), read at each collection::
+
+        canarymw.guard.stage    {canarymw.rollout, canarymw.stage}     1 for the current stage,
+                                0 for the others: ramping, paused, rolled-back, done
+        canarymw.guard.verdict  {canarymw.rollout, canarymw.decision}  1 for the decision of the
+                                last verdict, 0 for the others: rollback, pause, pass, wait
+        canarymw.guard.e_value  {canarymw.rollout, canarymw.test}      the evidence of harm of
+                                the last verdict, per test (errors; latency when tested)
+
+    The values are this process's knowledge: the stage comes from the last state the
+    process applied from the store, so every process reports it (all 0 before the guard
+    has started; a pause by an operator keeps the stage). The verdict and the e-values
+    come from the process whose controller holds the lease, the only one that judges:
+    the others report the verdict at 0 for every decision and no e-value, so take the
+    maximum over processes in the backend.
+
+    Create one per meter provider; rollouts are held by weak references (one that is
+    garbage collected stops being reported).
+
+    Args:
+        rollouts: Guarded :class:`~canarymw.Rollout` objects (or canary middlewares
+            running them); more with :meth:`add`.
+        meter_provider: Where to get the meter; default the global provider.
+        prefix: Instrument name prefix.
+
+    Raises:
+        TypeError: An object that is not a rollout or a middleware.
+        ValueError: A rollout without a guard.
+    """
+
+    def __init__(
+        self, *rollouts: object, meter_provider: metrics.MeterProvider | None = None, prefix: str = "canarymw"
+    ) -> None:
+        self.prefix = prefix
+        self._lock = threading.Lock()
+        self._rollouts: dict[int, weakref.ref[Rollout]] = {}
+        self.add(*rollouts)
+        provider = meter_provider if meter_provider is not None else metrics.get_meter_provider()
+        meter = provider.get_meter("canarymw", __version__)
+        p = prefix + "." if prefix else ""
+        meter.create_observable_gauge(
+            p + "guard.stage",
+            callbacks=[self._observe_stage],
+            unit="1",
+            description=(
+                "Stage of a guarded rollout: 1 for the current one (ramping, paused, rolled-back, done)."
+            ),
+        )
+        meter.create_observable_gauge(
+            p + "guard.verdict",
+            callbacks=[self._observe_verdict],
+            unit="1",
+            description=(
+                "Decision of the guard's last verdict, in the process leading it: 1 for the current one."
+            ),
+        )
+        meter.create_observable_gauge(
+            p + "guard.e_value",
+            callbacks=[self._observe_e_value],
+            unit="1",
+            description=(
+                "Evidence of harm of the guard's last verdict, per test; harm at 1/alpha of the test."
+            ),
+        )
+
+    def add(self, *rollouts: object) -> None:
+        """Report these guarded rollouts too (once each, however often added)."""
+        found = [guarded(r) for r in rollouts]  # all checked before any is added
+        with self._lock:
+            for rollout in found:
+                self._rollouts[id(rollout)] = weakref.ref(rollout, self._forget(id(rollout)))
+
+    def _forget(self, key: int) -> Any:
+        def forget(ref: weakref.ref[Rollout]) -> None:
+            with self._lock:
+                if self._rollouts.get(key) is ref:
+                    del self._rollouts[key]
+
+        return forget
+
+    def rollouts(self) -> list[Rollout]:
+        """The rollouts reported, by name."""
+        with self._lock:
+            refs = list(self._rollouts.values())
+        alive = [r for r in (ref() for ref in refs) if r is not None]
+        return sorted(alive, key=lambda r: r.name)
+
+    # -- observable callbacks (run by the SDK at each collection) ------------------
+    def _observe_stage(self, options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+        out = []
+        for rollout in self.rollouts():
+            stage, _ = reading(rollout)
+            stages = STAGES if stage is None or stage in STAGES else (*STAGES, stage)
+            out += [
+                metrics.Observation(
+                    1 if s == stage else 0, {"canarymw.rollout": rollout.name, "canarymw.stage": s}
+                )
+                for s in stages
+            ]
+        return out
+
+    def _observe_verdict(self, options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+        out = []
+        decisions = DECISIONS
+        for rollout in self.rollouts():
+            _, verdict = reading(rollout)
+            decision = None if verdict is None else verdict.decision
+            out += [
+                metrics.Observation(
+                    1 if d == decision else 0, {"canarymw.rollout": rollout.name, "canarymw.decision": d}
+                )
+                for d in decisions
+            ]
+        return out
+
+    def _observe_e_value(self, options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+        out = []
+        for rollout in self.rollouts():
+            _, verdict = reading(rollout)
+            if verdict is None:
+                continue
+            out += [
+                metrics.Observation(
+                    test.e_value, {"canarymw.rollout": rollout.name, "canarymw.test": test.name}
+                )
+                for test in (verdict.errors, verdict.latency)
+                if test is not None
+            ]
+        return out
+
+    def __repr__(self) -> str:
+        return f"GuardGauges({', '.join(repr(r.name) for r in self.rollouts())})"

@@ -25,6 +25,20 @@ Metrics (the prefix is ``namespace``)::
 :func:`canarymw.sinks.outcome_class`); no label ever carries a path, a user or a cookie, so
 the number of series is bounded by rollouts x 2 variants x 7 outcomes.
 
+Guarded rollouts (``Rollout(..., guard=Guard(...))``, see :mod:`canarymw.guard`) have a
+collector of their own, read at each scrape::
+
+    from prometheus_client import REGISTRY
+    from canarymw.sinks.prometheus import GuardCollector
+
+    REGISTRY.register(GuardCollector(rollout))
+
+    canarymw_guard_stage{rollout, stage}       gauge: 1 for the current stage, 0 for the others
+    canarymw_guard_verdict{rollout, decision}  gauge: 1 for the decision of the last verdict
+    canarymw_guard_e_value{rollout, test}      gauge: evidence of harm ("errors", "latency")
+
+See :class:`GuardCollector` for where the values come from.
+
 Under gunicorn (or any pre-fork server) set ``PROMETHEUS_MULTIPROC_DIR`` before the
 workers start, call ``prometheus_client.multiprocess.mark_process_dead`` from a
 ``child_exit`` hook, and serve the metrics with a ``MultiProcessCollector``: a scrape
@@ -35,17 +49,25 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from bisect import bisect_left
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from itertools import pairwise
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
 
+from .._rollout import Rollout
+from ..guard._readout import DECISIONS, STAGES, guarded, reading
 from ._base import DEFAULT_BUCKETS, OUTCOME_CLASSES, Outcome, outcome_class
 from ._health import HealthSources
 
-__all__ = ["DEFAULT_BUCKETS", "PrometheusSink"]
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+
+
+__all__ = ["DEFAULT_BUCKETS", "GuardCollector", "PrometheusSink"]
 
 
 _LABELS = ("rollout", "variant", "outcome")
@@ -302,3 +324,122 @@ class PrometheusSink:
 def _clean(duration: float) -> float:
     # A NaN or negative duration would poison the histogram sum forever.
     return duration if duration >= 0.0 else 0.0
+
+
+# -- guarded rollouts ------------------------------------------------------------------
+
+
+class GuardCollector:
+    """Reports the stage, verdict and evidence of guarded rollouts at each scrape.
+
+    A ``prometheus_client`` custom collector: register it yourself, once per registry::
+
+        REGISTRY.register(GuardCollector(rollout, other_rollout))
+
+    Metrics (the prefix is ``namespace``), one series per rollout and label value::
+
+        canarymw_guard_stage{rollout, stage}       1 for the current stage, 0 for the
+                                                   others: ramping, paused, rolled-back, done
+        canarymw_guard_verdict{rollout, decision}  1 for the decision of the last verdict,
+                                                   0 for the others: rollback, pause, pass, wait
+        canarymw_guard_e_value{rollout, test}      the evidence of harm of the last verdict,
+                                                   per test (errors; latency when tested)
+
+    The values are this process's knowledge, read when scraped: the stage comes from
+    the last state the process applied from the store, so every process reports it
+    (all 0 before the guard has started; a pause by an operator keeps the stage, see
+    ``canarymw status``). The verdict and the e-values come from the process whose
+    controller holds the lease, the only one that judges: the others report the
+    verdict at 0 for every decision and no e-value. So take the maximum over processes
+    (``max by (rollout, decision)``) when a service runs several. Under a pre-fork
+    server with ``PROMETHEUS_MULTIPROC_DIR`` a custom collector only reports the
+    process that serves the scrape; scrape each worker (or use
+    :class:`~canarymw.sinks.otel.GuardGauges`, per process) to see the leader's verdict.
+
+    Rollouts are held by weak references: one that is garbage collected stops being
+    reported.
+
+    Args:
+        rollouts: Guarded :class:`~canarymw.Rollout` objects (or canary middlewares
+            running them); more with :meth:`add`.
+        namespace: Metric name prefix.
+
+    Raises:
+        TypeError: An object that is not a rollout or a middleware.
+        ValueError: A rollout without a guard.
+    """
+
+    def __init__(self, *rollouts: object, namespace: str = "canarymw") -> None:
+        self.namespace = namespace
+        self._lock = threading.Lock()
+        self._rollouts: dict[int, weakref.ref[Rollout]] = {}
+        self.add(*rollouts)
+
+    def add(self, *rollouts: object) -> None:
+        """Report these guarded rollouts too (once each, however often added)."""
+        found = [guarded(r) for r in rollouts]  # all checked before any is added
+        with self._lock:
+            for rollout in found:
+                self._rollouts[id(rollout)] = weakref.ref(rollout, self._forget(id(rollout)))
+
+    def _forget(self, key: int) -> Any:
+        def forget(ref: weakref.ref[Rollout]) -> None:
+            with self._lock:
+                if self._rollouts.get(key) is ref:
+                    del self._rollouts[key]
+
+        return forget
+
+    def rollouts(self) -> list[Rollout]:
+        """The rollouts reported, by name."""
+        with self._lock:
+            refs = list(self._rollouts.values())
+        alive = [r for r in (ref() for ref in refs) if r is not None]
+        return sorted(alive, key=lambda r: r.name)
+
+    def _families(self) -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
+        p = self.namespace + "_" if self.namespace else ""
+        return (
+            GaugeMetricFamily(
+                p + "guard_stage",
+                "Stage of a guarded rollout: 1 for the current one (ramping, paused, rolled-back, done).",
+                labels=("rollout", "stage"),
+            ),
+            GaugeMetricFamily(
+                p + "guard_verdict",
+                "Decision of the guard's last verdict, in the process leading it: 1 for the current one.",
+                labels=("rollout", "decision"),
+            ),
+            GaugeMetricFamily(
+                p + "guard_e_value",
+                "Evidence of harm of the guard's last verdict, per test; harm at 1/alpha of the test.",
+                labels=("rollout", "test"),
+            ),
+        )
+
+    def describe(self) -> Iterator[Metric]:
+        """The metric families, without samples (so a registry spots a name used twice)."""
+        yield from self._families()
+
+    def collect(self) -> Iterator[Metric]:
+        """The metric families with this process's values now (called at each scrape)."""
+        stage_family, verdict_family, e_family = self._families()
+        decisions = DECISIONS
+        for rollout in self.rollouts():
+            stage, verdict = reading(rollout)
+            stages = STAGES if stage is None or stage in STAGES else (*STAGES, stage)
+            for s in stages:
+                stage_family.add_metric([rollout.name, s], 1.0 if s == stage else 0.0)
+            decision = None if verdict is None else verdict.decision
+            for d in decisions:
+                verdict_family.add_metric([rollout.name, d], 1.0 if d == decision else 0.0)
+            if verdict is not None:
+                for test in (verdict.errors, verdict.latency):
+                    if test is not None:
+                        e_family.add_metric([rollout.name, test.name], test.e_value)
+        yield stage_family
+        yield verdict_family
+        yield e_family
+
+    def __repr__(self) -> str:
+        return f"GuardCollector({', '.join(repr(r.name) for r in self.rollouts())})"

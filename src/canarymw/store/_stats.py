@@ -7,8 +7,10 @@ from the summed latency histogram, so they describe the whole service over the w
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from statistics import NormalDist
 
 from ..sinks.memory import _bucket_bounds, _quantile
 from ._model import Counts
@@ -111,6 +113,55 @@ def blended(old: VariantSummary, new: VariantSummary, percent: float) -> float |
     if (w > 0.0 and s_new is None) or (w < 1.0 and s_old is None):
         return None
     return (s_new or 0.0) * w + (s_old or 0.0) * (1.0 - w)
+
+
+def blended_interval(
+    old: VariantSummary, new: VariantSummary, percent: float, confidence: float = 0.95
+) -> tuple[float, float, float] | None:
+    """The blended success estimate at ``percent`` with its uncertainty: ``(low, estimate, high)``.
+
+    ``estimate`` is :func:`blended`'s ``s = s_new * w + s_old * (1 - w)`` with
+    ``w = percent / 100``; ``low`` and ``high`` bound it at ``confidence`` (two-sided)
+    by the normal approximation ``estimate -/+ z * sqrt(w**2 * v_new + (1 - w)**2 * v_old)``.
+    Each variant's variance is Agresti-Coull's, ``v = p~ (1 - p~) / n~`` with
+    ``n~ = n + z**2`` and ``p~ = (successes + z**2 / 2) / n~``: it never vanishes, so a
+    canary without a single error in a few requests still gets an interval of honest
+    width, not a zero-width certainty. The variants are independent samples, so their
+    variances add with the squares of their weights. The bounds are clamped to [0, 1].
+
+    Use it to project the success rate at another percent (the next step of a ramp,
+    100%) from the numbers measured at this one: the interval then says how much the
+    canary's few requests can tell. None when a variant that has weight has no
+    requests (nothing to estimate its success rate from), like :func:`blended`.
+
+    Raises:
+        ValueError: ``confidence`` not strictly between 0 and 1, or ``percent`` not
+            from 0 to 100.
+    """
+    if not (isinstance(confidence, int | float) and 0.0 < confidence < 1.0):
+        raise ValueError(
+            f"confidence {confidence!r} cannot be used; give a number between 0 and 1 (exclusive)."
+        )
+    if not (isinstance(percent, int | float) and 0.0 <= percent <= 100.0):
+        raise ValueError(f"percent {percent!r} cannot be used; give a number from 0 to 100.")
+    estimate = blended(old, new, percent)
+    if estimate is None:
+        return None
+    w = percent / 100.0
+    z = NormalDist().inv_cdf(0.5 + confidence / 2.0)
+    variance = 0.0
+    for summary, weight in ((new, w), (old, 1.0 - w)):
+        if weight > 0.0:
+            variance += weight * weight * _adjusted_variance(summary, z)
+    spread = z * math.sqrt(variance)
+    return max(0.0, estimate - spread), estimate, min(1.0, estimate + spread)
+
+
+def _adjusted_variance(summary: VariantSummary, z: float) -> float:
+    # Agresti-Coull: add z**2 / 2 successes and as many failures, then the binomial variance.
+    n = summary.requests + z * z
+    p = (summary.requests - summary.errors + z * z / 2.0) / n
+    return p * (1.0 - p) / n
 
 
 def measured(summaries: Iterable[VariantSummary]) -> float | None:
