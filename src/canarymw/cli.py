@@ -49,7 +49,6 @@ from ._version import __version__
 if TYPE_CHECKING:
     from .guard._controller import Assessor
     from .store import Change, RolloutState, Store
-    from .store._stats import VariantSummary
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -517,6 +516,12 @@ def _unknown(name: str) -> Exception:
     )
 
 
+def _report(*args: Any) -> dict[str, Any]:
+    from .store._report import report
+
+    return report(*args)
+
+
 def _emit_json(data: object, out: TextIO | None = None) -> None:
     import json
 
@@ -524,144 +529,6 @@ def _emit_json(data: object, out: TextIO | None = None) -> None:
 
 
 # status ---------------------------------------------------------------------------------
-
-
-def _status_data(
-    store: Store,
-    name: str | None,
-    window: float,
-    now: float,
-    assessors: dict[str, tuple[dict[str, Any], Assessor]] | None = None,
-) -> dict[str, Any]:
-    """What ``status`` shows, as a JSON-ready object.
-
-    ``assessors`` keeps the judgement of each guarded rollout between calls (``watch``),
-    so that a refresh reads only the windows closed since the last one.
-    """
-    from dataclasses import asdict
-
-    from .store._stats import blended, measured, summarize
-
-    names = [name] if name is not None else store.names()
-    states = store.read(names) if names else {}
-    if name is not None and name not in states:
-        raise _unknown(name)
-    ordered = sorted(states)
-    counts = store.read_counts(ordered, since=now - window) if ordered else []
-    summaries = summarize(counts, ordered)
-    rollouts: dict[str, Any] = {}
-    for rollout in ordered:
-        state = states[rollout]
-        variants = summaries[rollout]
-        rollouts[rollout] = {
-            "state": asdict(state),
-            "age": max(0.0, now - state.updated_at),
-            "variants": {v: asdict(s) for v, s in variants.items()},
-            "success": {
-                "blended": blended(variants["old"], variants["new"], state.percent),
-                "measured": measured(variants.values()),
-            },
-            "guard": None
-            if state.guard is None
-            else _guard_data(store, rollout, state, variants, now, assessors),
-        }
-    return {"at": now, "window": window, "rollouts": rollouts}
-
-
-def _guard_data(
-    store: Store,
-    name: str,
-    state: RolloutState,
-    variants: dict[str, VariantSummary],
-    now: float,
-    assessors: dict[str, tuple[dict[str, Any], Assessor]] | None,
-) -> dict[str, Any]:
-    """The guard's part of ``status`` for a guarded rollout (``state.guard`` set).
-
-    The verdict is judged here, from the store's counters, as the controller judges
-    them, while the rollout ramps (stage ``ramping``, not paused); otherwise the guard
-    judges nothing and the sentence is the one behind its last action (``live`` false).
-    The blended intervals use the per-variant numbers of the status window.
-    """
-    from .guard import Guard, outlook
-    from .guard._controller import Assessor
-    from .store._stats import blended_interval
-
-    settings = state.guard or {}
-    data: dict[str, Any] = {
-        "stage": state.stage,
-        "stage_since": state.stage_since,
-        "guard_since": state.guard_since,
-        "steps": None,
-        "live": False,
-        "decision": None,
-        "sentence": state.verdict,
-        "notes": [],
-        "e_values": None,
-        "harm_at": None,
-        "step_requests": None,
-        "controller": None,
-        "blended": None,
-        "outlook": None,
-        "error": None,
-    }
-    lease = store.lease_info(name)
-    if lease is not None:
-        data["controller"] = {"holder": lease.holder, "token": lease.token, "expires_in": lease.expires_in}
-    try:
-        guard = Guard.from_settings(settings)
-    except (ValueError, TypeError) as exc:
-        # Settings this version cannot read (another version of canarymw wrote them):
-        # show what the state says rather than fail the whole status.
-        data["error"] = _sentence(f"the guard's settings cannot be read: {' '.join(str(exc).split())}")
-        return data
-    data["steps"] = list(guard.steps)
-    verdict = None
-    step_requests = 0
-    if state.stage == "ramping" and not state.paused:
-        held = None if assessors is None else assessors.get(name)
-        if held is None or held[0] != settings:
-            held = (settings, Assessor(guard))
-            if assessors is not None:
-                assessors[name] = held
-        got = held[1].update(store, name, state, now)
-        verdict, step_requests = got.verdict, got.step_requests
-        data.update(
-            live=True,
-            decision=verdict.decision,
-            sentence=verdict.sentence,
-            notes=list(verdict.notes),
-            e_values={
-                "errors": _finite(verdict.errors.e_value),
-                "latency": None if verdict.latency is None else _finite(verdict.latency.e_value),
-            },
-            harm_at={
-                "errors": 1.0 / verdict.errors.alpha,
-                "latency": None if verdict.latency is None else 1.0 / verdict.latency.alpha,
-            },
-            step_requests=step_requests,
-        )
-
-    def interval(percent: float | None) -> dict[str, Any] | None:
-        if percent is None:
-            return None
-        got = blended_interval(variants["old"], variants["new"], percent)
-        low, estimate, high = (None, None, None) if got is None else got
-        return {"percent": percent, "low": low, "estimate": estimate, "high": high}
-
-    data["blended"] = {
-        "confidence": 0.95,
-        "now": interval(state.percent),
-        "next": interval(guard.next_step(state.percent)),
-        "full": interval(100.0),
-    }
-    data["outlook"] = outlook(guard, state, verdict, step_requests, now)
-    return data
-
-
-def _finite(value: float) -> float:
-    # JSON has no infinity: overwhelming evidence is the largest float instead.
-    return min(value, sys.float_info.max)
 
 
 def _status_text(data: dict[str, Any]) -> list[str]:
@@ -820,7 +687,7 @@ def _success_line(r: dict[str, Any]) -> str:
 def _status(args: argparse.Namespace) -> int:
     store = _open(args)
     try:
-        data = _status_data(store, args.name, args.window, time.time())
+        data = _report(store, args.name, args.window, time.time())
     finally:
         store.close()
     if args.json:
@@ -939,7 +806,7 @@ def _watch(args: argparse.Namespace) -> int:
         while True:
             now = time.time()
             try:
-                body = _status_text(_status_data(store, args.name, args.window, now, assessors))
+                body = _status_text(_report(store, args.name, args.window, now, assessors))
             except Exception as exc:
                 if refreshes == 0:
                     raise  # a wrong store or name: say so and stop, as status does

@@ -460,5 +460,7 @@ def test_watch_shows_the_guard_and_judges_incrementally(
 
 
 def test_infinite_evidence_is_valid_json() -> None:
-    assert cli._finite(math.inf) == 1.7976931348623157e308 and cli._finite(3.0) == 3.0
-    json.loads(json.dumps({"e": cli._finite(math.inf)}, allow_nan=False))
+    from canarymw.store._report import _finite
+
+    assert _finite(math.inf) == 1.7976931348623157e308 and _finite(3.0) == 3.0
+    json.loads(json.dumps({"e": _finite(math.inf)}, allow_nan=False))

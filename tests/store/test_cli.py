@@ -631,7 +631,7 @@ def test_watch_shows_a_store_failure_after_the_first_table_and_keeps_going(
     where: Where, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seed(where.store, "checkout", 20)
-    real = cli._status_data
+    real = cli._report
     calls: list[int] = []
 
     def flaky(*args: Any) -> dict[str, Any]:
@@ -640,7 +640,7 @@ def test_watch_shows_a_store_failure_after_the_first_table_and_keeps_going(
             raise StoreUnavailable("cannot read rollouts on Redis at 10.0.0.1:6379: Timeout.")
         return real(*args)
 
-    monkeypatch.setattr(cli, "_status_data", flaky)
+    monkeypatch.setattr(cli, "_report", flaky)
     code, out, _ = run(capsys, "watch", "--count", "3", "--interval", "0.1", "--store", where.url)
     assert code == 0 and out.count("checkout: the last 300 s") == 2
     assert "cannot read rollouts on Redis at 10.0.0.1:6379: Timeout; trying again in 0.1 s." in out
