@@ -28,8 +28,9 @@ Scenarios (the issue's (a)-(e), and a drifting day):
 - idle: the schedule (``plan``) over 48 simulated hours with traffic to the baseline
   only: never promoted, never rolled back (it pauses at the deadline).
 - srm: the schedule over simulated days, 100 requests/s, steps (5, 25, 50, 100), bake
-  10 min, 1,000 canary requests per step; the canary silently loses 5% of its
-  requests. Share of runs paused before reaching 100%, and the requests until then.
+  10 min, 1,000 canary requests per step; the canary healthy or silently losing 5% of
+  its requests; requests independent, or visitors making 5 requests each (all to their
+  variant, so counts vary more than a binomial's). How each ramp ended.
 - drift: load that varies 5x over the day and a baseline error rate that drifts from
   0.5% to 2%, while the canary (equally good) ramps 5 -> 25 -> 50%: the guard's test,
   which compares windows, against the same test on totals (which mixes the
@@ -301,8 +302,20 @@ class Service:
         self.now += WINDOW
         self.look()
 
-    def step(self, requests: int, p_old: float, p_new: float, lose: float = 0.0) -> None:
-        assigned = hits(self.rng, requests, self.state.percent / 100)
+    def step(
+        self, requests: int, p_old: float, p_new: float, lose: float = 0.0, per_visitor: float = 1.0
+    ) -> None:
+        if per_visitor > 1.0:
+            # Visitors making a geometric number of requests each, all to their variant.
+            assigned, total, log_q = 0, 0, math.log1p(-1.0 / per_visitor)
+            while total < requests:
+                n = 1 + int(math.log(1.0 - self.rng.random()) / log_q)
+                total += n
+                if self.rng.random() < self.state.percent / 100:
+                    assigned += n
+            requests = total
+        else:
+            assigned = hits(self.rng, requests, self.state.percent / 100)
         nc = assigned - hits(self.rng, assigned, lose)  # requests the canary loses are never counted
         nb = requests - assigned
         self.window(nb, hits(self.rng, nb, p_old), nc, hits(self.rng, nc, p_new))
@@ -347,7 +360,13 @@ def srm(seed: int, count: int) -> None:
         f"srm: {count} runs per case, 100 requests/s, steps 5/25/50/100%, bake 10 min,"
         " 1,000 canary requests a step"
     )
-    for label, lose in (("healthy canary", 0.0), ("canary loses 5% of its requests", 0.05)):
+    cases = (
+        ("healthy canary", 0.0, 1.0),
+        ("healthy canary, visitors making 5 requests a window each", 0.0, 5.0),
+        ("canary loses 5% of its requests", 0.05, 1.0),
+        ("canary loses 5% of its requests, 5 requests a visitor", 0.05, 5.0),
+    )
+    for label, lose, per_visitor in cases:
         rng = random.Random(seed)
         ends: dict[str, int] = {}
         hours: list[float] = []
@@ -355,7 +374,7 @@ def srm(seed: int, count: int) -> None:
             svc = Service(guard, rng)
             t0 = svc.now
             for _ in range(24 * 360):
-                svc.step(1000, 0.01, 0.01, lose=lose)
+                svc.step(1000, 0.01, 0.01, lose=lose, per_visitor=per_visitor)
                 if svc.state.stage != "ramping":
                     break
             key = f"{svc.state.stage} at {svc.state.percent:g}%"

@@ -106,22 +106,31 @@ def test_a_healthy_canary_passes() -> None:
 
 
 def test_a_split_mismatch_is_a_pause() -> None:
-    v = verdict(window((500, 0), (9500, 0), percent=10.0))
+    # One window, before the check has learnt the spread of request counts: only a gross
+    # mismatch (a tenth of the canary's share) is caught this early.
+    v = verdict(window((200, 0), (19800, 0), percent=10.0))
     assert v.decision == "pause"
     assert v.sentence == (
-        "pause: the canary got 500 requests where its percent called for 1,000; the split is not what "
-        "it should be (sample-ratio mismatch at alpha 0.001, e-value 2.2e+71)"
+        "pause: the canary got 200 requests where its percent called for 2,000; the split is not what "
+        "it should be (sample-ratio mismatch at alpha 0.001, e-value 6.4e+06)"
     )
-    assert v.ratio is not None and v.ratio.mismatch
-    assert (v.ratio.canary_requests, v.ratio.expected_requests, v.ratio.alpha) == (500, 1000.0, 0.001)
+    assert v.ratio is not None and v.ratio.mismatch and not v.ratio.judging
+    assert (v.ratio.canary_requests, v.ratio.expected_requests, v.ratio.alpha) == (200, 2000.0, 0.001)
+
+
+def test_a_fine_mismatch_waits_for_the_spread_to_be_learnt() -> None:
+    # Half the canary's share in one window could be a few heavy visitors: no pause yet.
+    v = verdict(window((500, 0), (9500, 0), percent=10.0))
+    assert v.decision == "pass" and v.ratio is not None and not v.ratio.mismatch
+    assert v.ratio.dispersion is not None and v.ratio.dispersion > 1
 
 
 def test_a_canary_that_gets_too_much_is_a_mismatch_too() -> None:
-    assert verdict(window((1500, 0), (8500, 0), percent=10.0)).decision == "pause"
+    assert verdict(window((5000, 0), (5000, 0), percent=10.0)).decision == "pause"
 
 
 def test_harm_beats_a_split_mismatch() -> None:
-    v = verdict(window((500, 60), (9500, 10), percent=10.0))
+    v = verdict(window((3000, 300), (7000, 7), percent=10.0))
     assert v.ratio is not None and v.ratio.mismatch
     assert v.decision == "rollback"
 

@@ -25,7 +25,7 @@ SHIP = Guard(steps=(1, 5, 25, 50, 100), bake=600, min_requests=500, deadline=360
 ANALYSIS = Analysis()
 PASS = ANALYSIS.judge([window((1000, 10), (9000, 90), percent=10.0)])
 ROLLBACK = ANALYSIS.judge([window((90, 7), (810, 3))])
-PAUSE = ANALYSIS.judge([window((500, 0), (9500, 0), percent=10.0)])
+PAUSE = ANALYSIS.judge([window((200, 0), (19800, 0), percent=10.0)])
 WAIT = ANALYSIS.judge([window((0, 0), (1000, 5))])
 SLOW = Analysis(latency_objective=0.25).judge(
     [

@@ -86,6 +86,13 @@ class RatioCheck:
     """What the canary should have received at the configured percents (same windows)."""
     e_value: float
     alpha: float
+    dispersion: float | None = None
+    """How many times more the canary's request count varies than independent requests
+    would (an upper estimate; visitors making several requests raise it); None before
+    any window."""
+    judging: bool = False
+    """Whether the check has learnt the spread from enough windows to judge finely
+    (before, it assumes a large spread and catches only a gross mismatch)."""
 
     @property
     def mismatch(self) -> bool:
@@ -145,8 +152,9 @@ class Evidence:
         self._steps = [(float(r), math.log(float(r))) for r, _ in ratios]
         self._logs = [math.log(w / total) for _, w in ratios]
 
-    def add(self, pi: float, k: int, m: int) -> None:
-        """Take one window's events: ``k`` on the side with share ``pi``, ``m`` on the other."""
+    def add(self, pi: float, k: float, m: float) -> None:
+        """Take one window's events: ``k`` on the side with share ``pi``, ``m`` on the other
+        (fractional counts weigh a window less: a quasi-likelihood for overdispersed ones)."""
         if not (k or m) or not 0.0 < pi < 1.0:
             return  # no events, or one side had no requests: no information
         logs = self._logs
@@ -193,9 +201,22 @@ class _Harm:
         return Test(self.name, self.kc, self.nc, self.kb, self.nb, ratio, self.ev.e_value, self.alpha)
 
 
+RATIO_WARMUP = 20
+"""Windows whose spread the sample-ratio check learns from before it judges finely."""
+COARSE_DISPERSION = 50.0
+"""The spread assumed until then (a visitor making up to about 50 requests in a window):
+only a gross mismatch, such as a variant that gets no requests at all, pauses early."""
+
+
 class _Ratio:
-    # The two-sided sample-ratio check, one window at a time.
-    __slots__ = ("alpha", "ev", "expected", "got", "windows")
+    # The two-sided sample-ratio check, one window at a time. Requests are not
+    # independent draws: a visitor's requests all go to one variant, so the canary's
+    # count varies more than a binomial's (about the requests per visitor in a window
+    # times more). The check learns that spread (the dispersion) from earlier windows,
+    # around the share each percent actually got so that a real mismatch does not pass
+    # for spread, and tempers each window's likelihood by it (quasi-likelihood). It
+    # judges only after RATIO_WARMUP windows, with an upper bound of the dispersion.
+    __slots__ = ("alpha", "ev", "expected", "got", "pooled", "spread", "spread_n", "windows")
 
     def __init__(self, alpha: float) -> None:
         self.alpha = alpha
@@ -203,18 +224,48 @@ class _Ratio:
         self.got = 0
         self.expected = 0.0
         self.windows = 0
+        self.spread = 0.0  # sum of squared standardised residuals
+        self.spread_n = 0
+        self.pooled: dict[float, tuple[int, int]] = {}  # share -> (canary, all) requests so far
+
+    def dispersion(self) -> float:
+        """Upper estimate of the variance of the canary's count over a binomial's (>= 1)."""
+        n = self.spread_n
+        if n == 0:
+            return math.inf
+        # Five windows' worth of "no extra spread" as a prior, and a margin that shrinks
+        # as windows accumulate: an underestimate would raise false pauses.
+        return max(1.0, (self.spread + 5.0) / (n + 5)) * (1.0 + 2.0 / math.sqrt(n))
 
     def add(self, k: int, n: int, share: float) -> None:
         self.windows += 1
         self.got += k
         self.expected += n * share
-        if n > 0:
-            self.ev.add(share, k, n - k)
+        if n <= 0 or not 0.0 < share < 1.0:
+            return
+        phi = self.dispersion()
+        if self.spread_n < RATIO_WARMUP:
+            phi = max(phi, COARSE_DISPERSION) if math.isfinite(phi) else COARSE_DISPERSION
+        self.ev.add(share, k / phi, (n - k) / phi)
+        seen_k, seen_n = self.pooled.get(share, (0, 0))
+        q = (seen_k + 0.5) / (seen_n + 1.0) if seen_n else share
+        if 0.0 < q < 1.0:
+            self.spread += (k - n * q) ** 2 / (n * q * (1.0 - q))
+            self.spread_n += 1
+        self.pooled[share] = (seen_k + k, seen_n + n)
 
     def result(self) -> RatioCheck | None:
         if not self.windows:
             return None
-        return RatioCheck(self.got, self.expected, self.ev.e_value, self.alpha)
+        judged = self.spread_n > RATIO_WARMUP
+        return RatioCheck(
+            self.got,
+            self.expected,
+            self.ev.e_value,
+            self.alpha,
+            self.dispersion() if self.spread_n else None,
+            judged,
+        )
 
 
 def slow_count(counts: Counts, objective: float) -> int:
@@ -241,8 +292,9 @@ class Analysis:
             None: latency is not tested (its tails are still reported).
         latency_weight: The share of ``alpha`` given to the latency test when it runs.
         ratio_alpha: Level of the sample-ratio check (a mismatch pauses, never rolls
-            back). Stricter than ``alpha`` by default, because a few heavy visitors
-            make request counts vary more than a binomial.
+            back). The check learns how much more than independent draws the request
+            counts vary (visitors make several requests, all to one variant) over its
+            first 20 windows; until then only a gross mismatch pauses.
         tail_ratio: Above this ratio of the canary's p99 to the baseline's, the verdict
             notes it (the tails are described, not tested: a tail is a few requests).
         harm_ratios: The mixture of rate ratios the harm tests bet on, as (ratio,

@@ -29,18 +29,3 @@ def reading(rollout: Rollout) -> tuple[str | None, Verdict | None]:
     if controller is not None and controller.token is not None:
         verdict = controller.last
     return (None if state is None else state.stage), verdict
-
-
-def guarded(source: object) -> Rollout:
-    """The guarded :class:`~canarymw.Rollout` that ``source`` is or runs (a canary
-    middleware has ``.rollout``); TypeError or ValueError for anything else."""
-    from .._rollout import Rollout
-
-    rollout = source if isinstance(source, Rollout) else getattr(source, "rollout", None)
-    if not isinstance(rollout, Rollout):
-        raise TypeError(f"cannot report the guard of {source!r}: pass a Rollout or a canary middleware.")
-    if rollout.guard is None or rollout.controller is None:
-        raise ValueError(
-            f"rollout {rollout.name!r} has no guard; pass rollouts made with guard=canarymw.guard.Guard(...)."
-        )
-    return rollout

@@ -50,9 +50,9 @@ from opentelemetry import metrics
 
 from .._rollout import Rollout
 from .._version import __version__
-from ..guard._readout import DECISIONS, STAGES, guarded, reading
+from ..guard._readout import DECISIONS, STAGES, reading
 from ._base import DEFAULT_BUCKETS, Outcome, outcome_class
-from ._health import HealthSnapshot, HealthSources
+from ._health import HealthSnapshot, HealthSources, guarded
 
 if TYPE_CHECKING:
     pass

@@ -59,9 +59,9 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 from prometheus_client.core import GaugeMetricFamily
 
 from .._rollout import Rollout
-from ..guard._readout import DECISIONS, STAGES, guarded, reading
+from ..guard._readout import DECISIONS, STAGES, reading
 from ._base import DEFAULT_BUCKETS, OUTCOME_CLASSES, Outcome, outcome_class
-from ._health import HealthSources
+from ._health import HealthSources, guarded
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
