@@ -406,8 +406,8 @@ def flush(kind: str, seconds: int = 60, rate: int = 1000) -> dict[str, float]:
             for o in outcomes:
                 sink.record(o)
             per_record.append((time.perf_counter() - t0) / len(outcomes) * 1e6)
-            sink._closed = True  # thrown away: no flush at exit
-            sink._queue.clear()
+            sink._queue.clear()  # thrown away: nothing to flush
+            sink.close()  # while the store exists (a sink left open reports at exit)
         # flush(): one a second at `rate` outcomes/s, over `seconds` of simulated time
         sink = StoreSink(store, interval=60)
         start = (time.time() // WINDOW) * WINDOW
@@ -427,7 +427,7 @@ def flush(kind: str, seconds: int = 60, rate: int = 1000) -> dict[str, float]:
             cpu.append((c1 - c0) / rate * 1e6)
             counting.append((cm - c0) / rate * 1e6)
             adding.append((c1 - cm) / rate * 1e6)
-        sink._closed = True
+        sink.close()
         got = store.read_counts([NAME], start - 1)
         assert sum(c.requests for c in got) == seconds * rate, "counts lost"
         store.close()

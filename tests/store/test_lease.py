@@ -470,7 +470,8 @@ def test_an_sqlite_file_of_schema_1_gains_the_lease_table(tmp_path: Path) -> Non
     finally:
         store.close()
     conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (2,)
+    assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+    assert SCHEMA_VERSION >= 2  # the version that brought the lease table
     assert conn.execute("SELECT holder, token FROM lease").fetchall() == [("ctl", token)]
     conn.close()
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
+import secrets
+import socket
 import threading
 import time
 import weakref
@@ -14,7 +17,7 @@ from operator import add, eq, floordiv, is_not, mul, or_
 from typing import TYPE_CHECKING
 
 from .._runtime import RateLimit, reset_after_fork
-from ..store._model import WINDOW, Counts
+from ..store._model import IDLE_REPORT, PROCESS_ROLLOUTS, WINDOW, Counts, ProcessReport
 from ._base import Classifier, Outcome, default_classifier
 from .memory import _BOUNDS
 
@@ -44,6 +47,14 @@ class StoreSink:
     windows; older ones are dropped and counted in :attr:`dropped`) and go with the
     next flush that succeeds. A graceful stop flushes what is left (at exit, or call
     :meth:`close`); a process killed outright loses at most its last ``interval``.
+
+    The loss is visible: after every flush that added outcomes (and every 10 s while
+    there is nothing to add) the sink reports this process to the store's
+    ledger (:meth:`Store.report_process <canarymw.store.Store.report_process>`, one
+    small write), and once more after the final flush of a graceful stop, as closed.
+    :func:`canarymw.store.lost` then names the processes that stopped without it, with
+    an estimate of what each took along. A report that fails is counted in
+    :attr:`report_failures` and sent again with the next flush; it never costs counts.
 
     Args:
         store: A :class:`~canarymw.store.Store` or its URL.
@@ -75,19 +86,32 @@ class StoreSink:
         """Outcomes dropped because the store stayed unreachable for more than an hour."""
         self.failures = 0
         """Flushes that failed (the counts were kept for the next one)."""
+        self.report_failures = 0
+        """Reports to the store's ledger that failed (the counts they followed were added)."""
+        self.process = ""
+        """This process's id in the store's ledger, ``HOST:PID:RANDOM`` (new in a forked child)."""
         self._log_limit = RateLimit(60.0)
         self._reset()
         reset_after_fork(self, StoreSink._reset)
         _flush_at_exit(self)
 
     def _reset(self) -> None:
-        # Also in a forked child: the parent's counts and thread are not ours.
+        # Also in a forked child: the parent's counts, thread and ledger entry are not ours.
         self._lock = threading.Lock()
         self._pending: dict[tuple[str, str, int], Counts] = {}
         self._queue: deque[Outcome] = deque()
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()
         self._closed = False
+        self.flushed = self.dropped = self.failures = self.report_failures = 0
+        self.process = f"{socket.gethostname() or 'localhost'}:{os.getpid()}:{secrets.token_hex(3)}"
+        self._started_at = time.time()
+        self._rollouts: set[str] = set()
+        self._report_lock = threading.Lock()
+        self._reported_at: float | None = None  # monotonic time of the last report that got through
+        self._report_due = False  # the last report failed: send one with the next flush
+        self._idle_reported = False  # the last report said: nothing to add, next within IDLE_REPORT
+        self._closed_reported = False  # the ledger says closed: everything was added
 
     def __repr__(self) -> str:
         return f"StoreSink({self.store!r})"
@@ -169,10 +193,14 @@ class StoreSink:
         ``timeout`` is accepted for symmetry with :class:`BackgroundSink`; the store's
         own timeouts bound the call.
         """
+        return self._flush(final=False)
+
+    def _flush(self, final: bool) -> bool:
         with self._lock:
             batch = self._count()
             self._pending = {}
         if not batch:
+            self._report(0, final)
             return True
         try:
             self.store.add_counts(list(batch.values()))
@@ -184,8 +212,61 @@ class StoreSink:
                 )
             self._keep(batch)
             return False
-        self.flushed += sum(c.requests for c in batch.values())
+        added = sum(c.requests for c in batch.values())
+        self.flushed += added
+        rollouts = self._rollouts
+        for rollout, _, _ in batch:
+            if len(rollouts) >= PROCESS_ROLLOUTS:
+                break
+            rollouts.add(rollout)
+        self._report(added, final)
         return True
+
+    def _report(self, added: int, final: bool) -> None:
+        """Report this process to the store's ledger after a flush that succeeded, if due:
+        after one that added outcomes, at a graceful stop, after a failed report, and once
+        it has reported at all, after its first flush with nothing to add (that report
+        says the next comes within IDLE_REPORT seconds, not one interval) and then every
+        IDLE_REPORT seconds. Never raises."""
+        now = time.monotonic()
+        with self._report_lock:
+            if not added and not self._report_due:
+                if self._reported_at is None:
+                    return  # it never added anything: nothing to account for
+                if final:
+                    if self._closed_reported:
+                        return
+                elif self._idle_reported and now - self._reported_at < IDLE_REPORT:
+                    return
+            closed = final or self._closed_reported
+            report = ProcessReport(
+                process=self.process,
+                started_at=self._started_at,
+                last_flush_at=time.time(),
+                flushed=self.flushed,
+                last_batch=added,
+                interval=self.interval,
+                closed=closed,
+                rollouts=tuple(sorted(self._rollouts)),
+                next_within=self.interval if added else IDLE_REPORT + self.interval,
+            )
+            try:
+                self.store.report_process(report)
+            except Exception as exc:  # the counts are in: only the ledger lags behind
+                self.report_failures += 1
+                self._report_due = True
+                if self._log_limit.due():
+                    log.warning(
+                        "canarymw: StoreSink could not report this process to the ledger of %r (%s); "
+                        "its counts were added.",
+                        self.store,
+                        exc,
+                    )
+                return
+            self._reported_at = now
+            self._report_due = False
+            self._idle_reported = not added
+            self._closed_reported = closed
 
     def _keep(self, batch: dict[tuple[str, str, int], Counts]) -> None:
         oldest = time.time() - _KEEP
@@ -201,13 +282,17 @@ class StoreSink:
                     held.add(counts)
 
     def close(self, timeout: float | None = None) -> bool:
-        """Flush what is left and stop the thread; True if everything reached the store."""
+        """Flush what is left and stop the thread; True if everything reached the store.
+
+        Then the store's ledger says this process closed (unless the thread was still in
+        a flush of its own after ``timeout``: what that one carries is not known yet)."""
         self._closed = True
         self._wake.set()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout if timeout is not None else 5.0)
-        return self.flush()
+        idle = thread is None or thread is threading.current_thread() or not thread.is_alive()
+        return self._flush(final=idle)
 
 
 _live: weakref.WeakSet[StoreSink] = weakref.WeakSet()

@@ -6,7 +6,9 @@
 
 A store holds, per rollout, its :class:`RolloutState` (percent, paused, a version that
 grows with every change, who changed it and why), an audit log of :class:`Change`
-entries, and outcome :class:`Counts` from every process. Three stores keep one
+entries, outcome :class:`Counts` from every process, and a ledger of those processes
+(a :class:`ProcessReport` each: what it added, whether it stopped gracefully; :func:`lost`
+finds the ones killed before their final flush). Three stores keep one
 contract: :class:`MemoryStore` (one process), :class:`~canarymw.store.sqlite.SQLiteStore`
 (one host, many processes) and :class:`~canarymw.store.redis.RedisStore` (many hosts;
 needs the ``redis`` extra). :func:`open_store` makes one from a URL.
@@ -35,12 +37,14 @@ from ._model import (
     Counts,
     Lease,
     LeaseLost,
+    ProcessReport,
     RolloutState,
     Store,
     StoreError,
     StoreUnavailable,
     UnknownRollout,
     VersionConflict,
+    lost,
     on_start,
     operate,
 )
@@ -60,6 +64,7 @@ __all__ = [
     "Lease",
     "LeaseLost",
     "MemoryStore",
+    "ProcessReport",
     "RedisStore",
     "RolloutState",
     "SQLiteStore",
@@ -69,6 +74,7 @@ __all__ = [
     "UnknownRollout",
     "VersionConflict",
     "change",
+    "lost",
     "on_start",
     "open_store",
     "operate",

@@ -10,6 +10,7 @@ import json
 import math
 import secrets
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
@@ -254,9 +255,106 @@ class Counts:
             self.buckets[i] = self.buckets.get(i, 0) + n
 
 
+PROCESS_KEEP = 24 * 3600
+"""Seconds a store keeps a process's :class:`ProcessReport` after its last one (at least)."""
+PROCESS_ROLLOUTS = 50
+"""Rollout names a :class:`ProcessReport` lists at most."""
+IDLE_REPORT = 10.0
+"""Seconds between two reports of a :class:`~canarymw.sinks.store.StoreSink` that has
+nothing to add (a heartbeat: an idle process is not mistaken for a killed one)."""
+
+
+@dataclass(frozen=True)
+class ProcessReport:
+    """One process's entry in a store's ledger of outcome counters: what it has added.
+
+    Every :class:`~canarymw.sinks.store.StoreSink` reports after each flush that added
+    outcomes, after its first flush with nothing to add and then every
+    :data:`IDLE_REPORT` seconds while it stays idle, and once more at a graceful stop,
+    with ``closed`` True. A process killed outright never
+    sends that last report: :func:`lost` finds it, and its ``last_batch`` estimates the
+    outcomes it took with it. A store keeps a report at least :data:`PROCESS_KEEP`
+    seconds after its last update. Times are the reporting host's Unix time.
+    """
+
+    process: str
+    """The process's id, ``HOST:PID:RANDOM`` (a forked child gets one of its own)."""
+    started_at: float
+    """When the process started counting (its sink was made, or it was forked)."""
+    last_flush_at: float
+    """When the process sent this report (just after the flush it reports)."""
+    flushed: int = 0
+    """Outcomes this process has added to the store so far."""
+    last_batch: int = 0
+    """Outcomes its last flush added (0: it had nothing to add, a heartbeat)."""
+    interval: float = 1.0
+    """Its sink's flush interval, in seconds."""
+    closed: bool = False
+    """True once a graceful stop added everything it had counted: it lost nothing."""
+    rollouts: tuple[str, ...] = ()
+    """The rollouts it counted outcomes of, sorted (at most :data:`PROCESS_ROLLOUTS`)."""
+    next_within: float = 0.0
+    """Seconds after this report within which the process reports again unless it stops:
+    its interval after a flush that added outcomes, :data:`IDLE_REPORT` plus the interval
+    after a heartbeat (0, in a report that lacks it: the interval)."""
+
+    @property
+    def host(self) -> str:
+        """The host part of :attr:`process`."""
+        return self.process.rsplit(":", 2)[0]
+
+    @property
+    def pid(self) -> int | None:
+        """The pid part of :attr:`process` (None if the id has no such part)."""
+        parts = self.process.rsplit(":", 2)
+        return int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
+
+    @property
+    def silent_after(self) -> float:
+        """Seconds after :attr:`last_flush_at` without a newer report after which the
+        process counts as stopped: its next report was due, plus twice its interval (at
+        least 2 s) for a slow flush: ``max(3 x interval, interval + 2)`` while it adds."""
+        interval = max(self.interval, 0.0)
+        return max(self.next_within, interval) + max(2.0 * interval, 2.0)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> ProcessReport:
+        report = _load(cls, text)
+        return replace(report, rollouts=tuple(report.rollouts))
+
+
+def lost(reports: Iterable[ProcessReport], now: float | None = None) -> list[ProcessReport]:
+    """The processes that stopped without their final flush, as of ``now`` (default: now).
+
+    A process is lost when it did not close gracefully (``closed`` False) and has not
+    reported for longer than :attr:`ProcessReport.silent_after` (for a sink flushing
+    every second, 3 s). Its outcomes since its last flush were never added: at most one
+    interval's worth, which its ``last_batch`` estimates (the outcomes of one interval at
+    its last rate; 0 if it was idle). A live process cut off from the store, or whose
+    flushes take longer than that, looks the same until its next report gets through.
+    """
+    at = time.time() if now is None else now
+    return [r for r in reports if not r.closed and at - r.last_flush_at > r.silent_after]
+
+
+def check_report(report: object) -> ProcessReport:
+    """A report every store can keep, or TypeError/ValueError."""
+    if not isinstance(report, ProcessReport):
+        raise TypeError(f"report_process needs a ProcessReport, not {type(report).__name__}.")
+    if not report.process or not isinstance(report.process, str) or len(report.process) > 300:
+        raise ValueError(f"process id {report.process!r} cannot be stored; use text of 1 to 300 characters.")
+    if not math.isfinite(report.last_flush_at):
+        raise ValueError(f"report of {report.process!r} has no finite last_flush_at.")
+    return report
+
+
 @runtime_checkable
 class Store(Protocol):
-    """Where rollouts' shared state, audit log and outcome counters live.
+    """Where rollouts' shared state, audit log and outcome counters (with the ledger of
+    the processes that add them) live.
 
     Every method may raise :class:`StoreUnavailable`; none is called on the request
     path (a background thread per process reads and waits; operators write).
@@ -322,6 +420,15 @@ class Store(Protocol):
 
     def read_counts(self, names: list[str], since: float) -> list[Counts]:
         """The summed counters of the named rollouts' windows that end after ``since``."""
+        ...
+
+    def report_process(self, report: ProcessReport) -> None:
+        """Keep ``report`` as its process's entry in the ledger (replacing the one before).
+        Entries last reported more than :data:`PROCESS_KEEP` seconds ago may be dropped."""
+        ...
+
+    def processes(self, since: float = 0.0) -> list[ProcessReport]:
+        """The ledger's entries last reported at or after ``since``, sorted by process id."""
         ...
 
     def close(self) -> None:

@@ -8,7 +8,7 @@ import time
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
-from ._model import RolloutState, Store, UnknownRollout
+from ._model import RolloutState, Store, UnknownRollout, lost
 from ._stats import VariantSummary, blended, blended_interval, measured, summarize
 
 if TYPE_CHECKING:
@@ -31,8 +31,10 @@ def report(
     (``success``), and for a guarded rollout its ``guard``: stage, the verdict (judged
     live while it ramps, else the sentence behind the guard's last action), evidence,
     the controller holding the lease, the blended estimate with its 95% interval now,
-    at the next step and at 100%, and the outlook. ``name`` limits it to one rollout
-    (:class:`UnknownRollout` if the store has none of that name).
+    at the next step and at 100%, and the outlook. ``processes``: the ledger of the
+    processes that added counters in the window (running, stopped gracefully, and those
+    that stopped without their final flush, with the outcomes they likely lost). ``name``
+    limits it to one rollout (:class:`UnknownRollout` if the store has none of that name).
 
     ``assessors`` keeps the judgement of each guarded rollout between calls (a screen
     that refreshes), so that a refresh reads only the windows closed since the last one.
@@ -63,7 +65,38 @@ def report(
             },
             "guard": None if state.guard is None else _guard(store, rollout, state, variants, now, assessors),
         }
-    return {"at": now, "window": window, "rollouts": rollouts}
+    return {"at": now, "window": window, "rollouts": rollouts, "processes": _processes(store, name, window, now)}
+
+
+def _processes(store: Store, name: str | None, window: float, now: float) -> dict[str, Any]:
+    """The ledger of the processes that added counters in the window: how many ran, how
+    many stopped gracefully, and which stopped without their final flush (killed), with
+    the outcomes each likely took with it."""
+    reports = store.processes(since=now - window)
+    if name is not None:
+        reports = [r for r in reports if name in r.rollouts]
+    gone = lost(reports, now)
+    closed = sum(1 for r in reports if r.closed)
+    return {
+        "since": now - window,
+        "reported": len(reports),
+        "running": len(reports) - closed - len(gone),
+        "closed": closed,
+        "lost": [
+            {
+                "process": r.process,
+                "host": r.host,
+                "pid": r.pid,
+                "last_flush_at": r.last_flush_at,
+                "flushed": r.flushed,
+                "last_batch": r.last_batch,
+                "interval": r.interval,
+                "rollouts": list(r.rollouts),
+            }
+            for r in gone
+        ],
+        "lost_outcomes_estimate": sum(r.last_batch for r in gone),
+    }
 
 
 def _guard(

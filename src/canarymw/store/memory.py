@@ -9,15 +9,18 @@ from dataclasses import dataclass
 
 from ._model import (
     HISTORY,
+    PROCESS_KEEP,
     RETENTION,
     WINDOW,
     Change,
     Counts,
     Lease,
+    ProcessReport,
     RolloutState,
     check_fence,
     check_holder,
     check_name,
+    check_report,
     check_ttl,
     check_write,
     conflict,
@@ -33,7 +36,7 @@ class _Held:
 
 
 class MemoryStore:
-    """Rollout state, audit log and counters in this process's memory.
+    """Rollout state, audit log, counters and their ledger in this process's memory.
 
     For one-process apps, tests, and as the reference for the other stores: it keeps
     their contract (compare-and-set on the version, an audit entry with every change)
@@ -49,6 +52,7 @@ class MemoryStore:
         self._counts: dict[tuple[str, str, int], Counts] = {}
         # Kept after a release or an expiry: the next holder's token must be larger.
         self._leases: dict[str, _Held] = {}
+        self._processes: dict[str, ProcessReport] = {}
         self._seq = 0
         self._seen = 0
 
@@ -164,6 +168,22 @@ class MemoryStore:
                     copy.add(held)
                     out.append(copy)
         return out
+
+    def report_process(self, report: ProcessReport) -> None:
+        """Keep ``report`` as its process's ledger entry; entries silent for more than
+        :data:`PROCESS_KEEP` seconds go. See :class:`Store`."""
+        check_report(report)
+        oldest = time.time() - PROCESS_KEEP
+        with self._cond:
+            self._processes[report.process] = report
+            for key in [k for k, r in self._processes.items() if r.last_flush_at < oldest]:
+                del self._processes[key]
+
+    def processes(self, since: float = 0.0) -> list[ProcessReport]:
+        with self._cond:
+            return sorted(
+                (r for r in self._processes.values() if r.last_flush_at >= since), key=lambda r: r.process
+            )
 
     def close(self) -> None:
         pass

@@ -28,16 +28,19 @@ except ImportError as exc:  # pragma: no cover - the redis extra is not installe
 from .._runtime import reset_after_fork
 from ._model import (
     HISTORY,
+    PROCESS_KEEP,
     RETENTION,
     WINDOW,
     Change,
     Counts,
     Lease,
+    ProcessReport,
     RolloutState,
     StoreUnavailable,
     check_fence,
     check_holder,
     check_name,
+    check_report,
     check_ttl,
     check_write,
     conflict,
@@ -178,6 +181,23 @@ end
     + _CAS_BODY
 )
 
+# KEYS[1] the ledger hash (process id -> report JSON), KEYS[2] its sorted set (process id by
+# the time of its last report). ARGV: process id, report JSON, its time, the oldest time
+# kept, the TTL in seconds. Drops at most 100 silent entries per call (an index range,
+# usually empty); both keys expire once no process has reported for the TTL.
+_REPORT_LUA = """
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+local old = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[4], 'LIMIT', 0, 100)
+if #old > 0 then
+  redis.call('HDEL', KEYS[1], unpack(old))
+  redis.call('ZREM', KEYS[2], unpack(old))
+end
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+redis.call('EXPIRE', KEYS[2], ARGV[5])
+return #old
+"""
+
 _MAX_TTL = 1e9
 """Seconds (about 30 years): a longer ``ttl`` is cut to it, so the scripts' ms stay exact."""
 
@@ -191,6 +211,7 @@ class _Scripts:
     lease: Script
     release: Script
     lease_info: Script
+    report: Script
 
     @classmethod
     def register(cls, client: redis.Redis | RedisCluster) -> _Scripts:
@@ -200,6 +221,7 @@ class _Scripts:
             client.register_script(_LEASE_LUA),
             client.register_script(_RELEASE_LUA),
             client.register_script(_LEASE_INFO_LUA),
+            client.register_script(_REPORT_LUA),
         )
 
 
@@ -238,8 +260,12 @@ class RedisStore:
     addition), ``PREFIX{NAME}:windows`` (a sorted set of those windows) and
     ``PREFIX{NAME}:lease`` (the controller lease, a hash: ``holder``, absent once released;
     ``token``; ``until``, the Redis server's time in ms when it expires; the hash never
-    expires, so the token keeps growing across holders); and ``PREFIXnames`` (the set of
-    rollout names). Every change is published on the channel ``PREFIXchanges`` as JSON
+    expires, so the token keeps growing across holders). Shared by all: ``PREFIXnames``
+    (the set of rollout names), and the ledger of the processes that add counters,
+    ``PREFIX{ledger}:processes`` (a hash: process id -> its ``ProcessReport``, JSON) and
+    ``PREFIX{ledger}:at`` (a sorted set: process id by the time of its last report, by the
+    reporter's clock; entries silent for a day go as others report, and both keys expire
+    a day after the last report). Every change is published on the channel ``PREFIXchanges`` as JSON
     ``{"rollout": NAME, "version": N}``.
 
     Leases: taken, renewed, released and checked by Lua scripts on the server that holds
@@ -265,6 +291,7 @@ class RedisStore:
     only adding the name to ``PREFIXnames`` happens just after it, outside the script
     (a write that fails between the two leaves the rollout out of :meth:`names` until
     its next write). Counter additions on a cluster are atomic per rollout, not per call.
+    The two ledger keys share the hash tag ``{ledger}``: a report is one script on one node.
     A prefix holding a hash tag of its own (``app{x}:``) puts every key in one slot.
 
     Every Redis error (unreachable, too slow, authentication, a server that refuses a
@@ -323,6 +350,9 @@ class RedisStore:
         self._subscribe_after = 0.0  # monotonic time of the next attempt to subscribe
         self._names_key = f"{prefix}names"
         self._channel = f"{prefix}changes"
+        # One hash tag for both, so the report script runs on one node of a cluster.
+        self._ledger_key = f"{prefix}{{ledger}}:processes"
+        self._ledger_at_key = f"{prefix}{{ledger}}:at"
         reset_after_fork(self, RedisStore._after_fork)
 
     def __repr__(self) -> str:
@@ -681,6 +711,36 @@ class RedisStore:
 
         got = self._call("read outcome counters", run)
         return sorted(got, key=lambda c: (c.rollout, c.variant, c.window))
+
+    # -- the ledger of processes ----------------------------------------------------------
+
+    def report_process(self, report: ProcessReport) -> None:
+        """Keep ``report`` as its process's ledger entry and drop entries silent for more
+        than :data:`PROCESS_KEEP` seconds, in one script (one round trip). See :class:`Store`."""
+        check_report(report)
+        client, scripts = self._conn()
+        args: list[str | int | float] = [
+            report.process,
+            report.to_json(),
+            repr(float(report.last_flush_at)),
+            repr(time.time() - PROCESS_KEEP),
+            PROCESS_KEEP,
+        ]
+        try:
+            scripts.report(keys=[self._ledger_key, self._ledger_at_key], args=args, client=client)
+        except (RedisError, OSError) as exc:
+            raise self._unavailable("report a process to the ledger", exc) from exc
+
+    def processes(self, since: float = 0.0) -> list[ProcessReport]:
+        def run(client: redis.Redis | RedisCluster) -> list[Any]:
+            ids = cast(list[Any], client.zrangebyscore(self._ledger_at_key, repr(float(since)), "+inf"))
+            if not ids:
+                return []
+            return cast(list[Any], client.hmget(self._ledger_key, ids))
+
+        found = self._call("read the ledger of processes", run)
+        reports = [ProcessReport.from_json(raw) for raw in found if raw is not None]
+        return sorted((r for r in reports if r.last_flush_at >= since), key=lambda r: r.process)
 
 
 def _counts(name: str, variant: str, window: int, fields: Mapping[Any, Any]) -> Counts:

@@ -14,16 +14,19 @@ from typing import TypeVar
 from .._runtime import reset_after_fork
 from ._model import (
     HISTORY,
+    PROCESS_KEEP,
     RETENTION,
     WINDOW,
     Change,
     Counts,
     Lease,
+    ProcessReport,
     RolloutState,
     StoreUnavailable,
     check_fence,
     check_holder,
     check_name,
+    check_report,
     check_ttl,
     check_write,
     conflict,
@@ -34,7 +37,7 @@ T = TypeVar("T")
 
 _CHUNK = 500  # names per ``IN (...)``: well under SQLite's limit of bound parameters
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """Kept in the file's ``PRAGMA user_version``; a later release migrates from it."""
 
 _SCHEMA_1 = (
@@ -82,7 +85,18 @@ _SCHEMA_2 = (
     )""",
 )
 
-_MIGRATIONS = (_SCHEMA_1, _SCHEMA_2)
+_SCHEMA_3 = (
+    # The ledger of the processes that add counters: one row per process, its report as
+    # JSON; rows silent for more than PROCESS_KEEP go when any process reports.
+    """CREATE TABLE IF NOT EXISTS processes (
+        process TEXT PRIMARY KEY,
+        last_flush_at REAL NOT NULL,
+        json TEXT NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS processes_by_time ON processes (last_flush_at)",
+)
+
+_MIGRATIONS = (_SCHEMA_1, _SCHEMA_2, _SCHEMA_3)
 """The statements that take a file from version ``i`` to ``i + 1``, at index ``i``."""
 assert len(_MIGRATIONS) == SCHEMA_VERSION
 
@@ -142,6 +156,12 @@ class SQLiteStore:
     Controller leases (:meth:`lease`) are rows of the same file, taken and renewed under
     the write lock; they expire by ``time.time()``, the clock every process of the host
     shares. A fenced :meth:`write` checks the lease in its own transaction.
+
+    Tables (schema version 3, in the file's ``PRAGMA user_version``): ``state`` and
+    ``audit``; ``counts`` and ``buckets`` (the outcome counters); ``lease``; and
+    ``processes``, the ledger of the processes that add counters (one row per process:
+    its :class:`~canarymw.store.ProcessReport` as JSON, kept a day after its last report).
+    A file of an older version gains what it lacks when first opened.
 
     Every SQLite error (a lock held longer than ``timeout``, a full disk, a file that is
     not a database) is raised as :class:`StoreUnavailable`, with a sentence naming the
@@ -393,6 +413,34 @@ class SQLiteStore:
 
         # One read transaction: the counters and their histograms are of one moment.
         return self._run("reading outcome counters", run, transaction="DEFERRED")
+
+    def report_process(self, report: ProcessReport) -> None:
+        """Keep ``report`` as its process's ledger entry (one row, replaced), and drop the
+        rows silent for more than :data:`PROCESS_KEEP` seconds (an index range, usually
+        empty), in one transaction. See :class:`Store`."""
+        check_report(report)
+        row = (report.process, float(report.last_flush_at), report.to_json())
+        oldest = time.time() - PROCESS_KEEP
+
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO processes (process, last_flush_at, json) VALUES (?, ?, ?) "
+                "ON CONFLICT (process) DO UPDATE SET last_flush_at = excluded.last_flush_at, "
+                "json = excluded.json",
+                row,
+            )
+            conn.execute("DELETE FROM processes WHERE last_flush_at < ?", (oldest,))
+
+        self._run("reporting a process to the ledger", run, transaction="IMMEDIATE")
+
+    def processes(self, since: float = 0.0) -> list[ProcessReport]:
+        def run(conn: sqlite3.Connection) -> list[ProcessReport]:
+            rows = conn.execute(
+                "SELECT json FROM processes WHERE last_flush_at >= ? ORDER BY process", (float(since),)
+            ).fetchall()
+            return [ProcessReport.from_json(text) for (text,) in rows]
+
+        return self._run("reading the ledger of processes", run)
 
     def close(self) -> None:
         """Close this process's connections; the next call opens new ones."""
