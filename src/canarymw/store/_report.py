@@ -65,7 +65,12 @@ def report(
             },
             "guard": None if state.guard is None else _guard(store, rollout, state, variants, now, assessors),
         }
-    return {"at": now, "window": window, "rollouts": rollouts, "processes": _processes(store, name, window, now)}
+    return {
+        "at": now,
+        "window": window,
+        "rollouts": rollouts,
+        "processes": _processes(store, name, window, now),
+    }
 
 
 def _processes(store: Store, name: str | None, window: float, now: float) -> dict[str, Any]:
