@@ -22,8 +22,14 @@ URL`` or the environment variable ``CANARYMW_STORE``; see docs/cli.md):
 - ``history NAME``: the audit log.
 - ``watch [NAME]``: ``status`` refreshed in the terminal until Ctrl-C.
 
+``--store`` may also be the ``http(s)://`` URL of an operator page (``canarymw.admin``,
+where it is mounted): the commands then use its JSON API with a bearer token (``--token``
+or ``CANARYMW_TOKEN``), print the same and exit with the same codes (3 also when the
+admin refuses the token). ``serve-admin`` serves that page and API for a store on its own
+(see docs/admin.md).
+
 Exit codes of the store commands: 0 ok; 1 anything unexpected; 2 bad usage; 3 no store
-given or the store cannot be reached; 4 unknown rollout; 5 version conflict (someone
+given or the store (or the admin, or its token) cannot be used; 4 unknown rollout; 5 version conflict (someone
 else changed the rollout meanwhile); 130 interrupted (``watch`` exits 0 on Ctrl-C). A
 mistake prints one sentence on stderr, never a traceback (``CANARYMW_DEBUG=1`` adds the
 traceback of an unexpected error).
@@ -47,6 +53,7 @@ from . import _compat
 from ._version import __version__
 
 if TYPE_CHECKING:
+    from .admin._client import AdminClient
     from .guard._controller import Assessor
     from .store import Change, RolloutState, Store
 
@@ -59,6 +66,7 @@ EXIT_CONFLICT = 5
 EXIT_INTERRUPTED = 130
 
 STORE_ENV = "CANARYMW_STORE"
+TOKEN_ENV = "CANARYMW_TOKEN"
 BY_ENV = "CANARYMW_BY"
 DEBUG_ENV = "CANARYMW_DEBUG"
 
@@ -132,8 +140,17 @@ def _store_options() -> _Parser:
         "--store",
         metavar="URL",
         help=(
-            f"the store: sqlite:////abs/path/state.db, redis://host:6379/0[?prefix=...] "
-            f"(default: the environment variable {STORE_ENV})"
+            f"the store: sqlite:////abs/path/state.db, redis://host:6379/0[?prefix=...], or the "
+            f"https:// URL of an operator page (default: the environment variable {STORE_ENV})"
+        ),
+    )
+    options.add_argument(
+        "--token",
+        metavar="TOKEN",
+        default=None,
+        help=(
+            f"the bearer token for an https:// admin URL (default: the environment variable "
+            f"{TOKEN_ENV}, which other users cannot see in the process list)"
         ),
     )
     return options
@@ -187,8 +204,8 @@ _CHANGES = {
 
 _STORE_EPILOG = (
     "Exit status: 0 ok; 1 unexpected error; 2 bad usage; 3 no store given or the store cannot be "
-    "reached; 4 unknown rollout; 5 version conflict (someone else changed the rollout meanwhile). "
-    "See docs/cli.md."
+    "reached (an admin URL: it cannot be reached or refuses the token); 4 unknown rollout; 5 version "
+    "conflict (someone else changed the rollout meanwhile). See docs/cli.md and docs/admin.md."
 )
 
 
@@ -292,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     ramp.add_argument(
         "--no-ramp", action="store_true", help="change nothing mid-run: one percent for the whole run"
     )
+    from ._demo.flags import add_guard_flags
+
+    add_guard_flags(demo)
 
     store, as_json, window, changing = _store_options(), _json_option(), _window_option(), _change_options()
     status = commands.add_parser(
@@ -374,7 +394,96 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="stop after N refreshes (default: until Ctrl-C)",
     )
+    _serve_admin_parser(commands)
     return parser
+
+
+def _serve_admin_parser(commands: Any) -> None:
+    serve = commands.add_parser(
+        "serve-admin",
+        one_line_errors=True,
+        help="serve the operator page and its JSON API for a store",
+        description=(
+            "Serve the operator page and its JSON API (canarymw.admin) for the rollouts of a "
+            "store on its own, under uvicorn if it is installed, else the standard library's "
+            "wsgiref. Bearer auth from a token file or variable (for scripts and the canarymw "
+            "commands), optional basic auth for people. Binds only to loopback addresses unless "
+            "--allow-remote is given; put it behind HTTPS before you do. See docs/admin.md."
+        ),
+        epilog=(
+            "Exit status: 0 stopped with Ctrl-C; 2 bad usage (a missing or short token, a "
+            "remote address without --allow-remote); 3 the store cannot be opened or the "
+            "address cannot be listened on."
+        ),
+    )
+    serve.add_argument(
+        "--store",
+        metavar="URL",
+        help=f"the store: sqlite:////abs/path/state.db or redis://host:6379/0 (default: ${STORE_ENV})",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: 127.0.0.1)")
+    serve.add_argument(
+        "--port",
+        type=_integer(0, 65535, "--port"),
+        default=8377,
+        metavar="PORT",
+        help="the port to listen on (default: 8377; 0 picks a free one)",
+    )
+    token = serve.add_mutually_exclusive_group()
+    token.add_argument(
+        "--token-file", metavar="PATH", help="a file holding the bearer token (at least 32 characters)"
+    )
+    token.add_argument("--token-env", metavar="VAR", help="an environment variable holding the bearer token")
+    serve.add_argument(
+        "--token-name",
+        type=_who,
+        default="admin-token",
+        metavar="NAME",
+        help="who the audit log says made a change with the token (default: admin-token)",
+    )
+    serve.add_argument(
+        "--token-role",
+        choices=("operate", "read"),
+        default="operate",
+        help="what the token may do: operate (change rollouts; the default) or read",
+    )
+    serve.add_argument(
+        "--basic-user",
+        type=_who,
+        metavar="NAME",
+        help="also let NAME in with basic auth (a browser's login box; role operate)",
+    )
+    serve.add_argument(
+        "--basic-password-env",
+        metavar="VAR",
+        help="the environment variable holding --basic-user's password (at least 12 characters)",
+    )
+    serve.add_argument(
+        "--secret-key-env",
+        metavar="VAR",
+        help=(
+            "the environment variable holding the key that signs the pages' CSRF tokens (at least "
+            "32 characters; default: a random key, so open pages need a reload after a restart)"
+        ),
+    )
+    serve.add_argument(
+        "--window",
+        type=_number(10, 86400, "--window"),
+        metavar="SECONDS",
+        default=300.0,
+        help="seconds of outcome counters the page and the API summarise (default: 300)",
+    )
+    serve.add_argument(
+        "--allow-remote",
+        action="store_true",
+        help="allow a --host that is not a loopback address (other machines can then connect)",
+    )
+    serve.add_argument(
+        "--server",
+        choices=("auto", "uvicorn", "wsgiref"),
+        default="auto",
+        help="the HTTP server (default: auto, uvicorn if installed, else wsgiref)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -388,9 +497,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if args.command == "serve-admin":
+        return _run_serve_admin(args)
     if args.command != "demo":
         return _run_store_command(args)
 
+    from ._demo.flags import guard_options
     from ._demo.run import DemoOptions, run_demo
 
     return run_demo(
@@ -407,6 +519,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             store=args.demo_store,
             ramp_to=args.ramp_to,
             ramp=not args.no_ramp,
+            **guard_options(args),
         )
     )
 
@@ -462,6 +575,14 @@ def _explain(exc: Exception) -> tuple[int, str]:
     text = " ".join(str(exc).split())  # one line, whatever the cause put in it
     if isinstance(exc, _Failure):
         return exc.code, text
+    from .admin._client import AdminError
+
+    if isinstance(exc, AdminError):
+        # The admin refused, or what answered is no admin. 400: the input; a bug of either
+        # side: 1; else (401, 403, a wrong URL) no usable admin: 3.
+        status = exc.status
+        code = EXIT_USAGE if status == 400 else EXIT_ERROR if status in (405, 413, 415, 500) else EXIT_STORE
+        return code, _sentence(text)
     if isinstance(exc, StoreUnavailable):
         return EXIT_STORE, _sentence(text or "the store cannot be reached")
     if isinstance(exc, UnknownRollout):
@@ -476,6 +597,40 @@ def _explain(exc: Exception) -> tuple[int, str]:
 
 def _sentence(text: str) -> str:
     return text if text.endswith((".", "?", "!")) else text + "."
+
+
+def _store_url(args: argparse.Namespace) -> str:
+    return str(args.store or os.environ.get(STORE_ENV, "")).strip()
+
+
+def _is_admin_url(url: str) -> bool:
+    scheme, sep, _ = url.partition("://")
+    return bool(sep) and scheme.lower() in ("http", "https")
+
+
+def _admin(args: argparse.Namespace) -> AdminClient | None:
+    """A client of the admin when the store given is an ``http(s)://`` URL, else None."""
+    url = _store_url(args)
+    if not _is_admin_url(url):
+        return None
+    from .admin._client import AdminClient, shown
+
+    if getattr(args, "by", None) is not None:
+        raise _Failure(
+            EXIT_USAGE,
+            "--by cannot be used with an admin URL; the admin records the name its token belongs to.",
+        )
+    token = str(args.token or os.environ.get(TOKEN_ENV, "")).strip()
+    if not token:
+        raise _Failure(
+            EXIT_STORE, f"the admin at {shown(url)} needs a bearer token; pass --token or set {TOKEN_ENV}."
+        )
+    try:
+        return AdminClient(url, token)
+    except ValueError as exc:
+        raise _Failure(EXIT_USAGE, _sentence(" ".join(str(exc).split()))) from None
+    except ImportError as exc:  # httpx missing
+        raise _Failure(EXIT_STORE, _sentence(" ".join(str(exc).split()))) from None
 
 
 def _open(args: argparse.Namespace) -> Store:
@@ -561,7 +716,38 @@ def _status_text(data: dict[str, Any]) -> list[str]:
         lines += _variant_table(r)
         if r.get("guard") is not None:
             lines += _guard_text(r, data["at"])
+    if data.get("processes") and data["processes"]["reported"]:
+        lines += ["", *_processes_text(data["processes"], data["at"], data["window"])]
     return lines
+
+
+def _processes_text(p: dict[str, Any], now: float, window: float) -> list[str]:
+    """The ledger of the processes that added counters: did any stop without its final flush?"""
+    lost: list[dict[str, Any]] = p["lost"]
+    if not lost:
+        return [
+            f"processes: {p['reported']} reported in the last {_seconds(window)} ({p['running']} running, "
+            f"{p['closed']} stopped gracefully); none stopped without its final flush"
+        ]
+
+    def one(r: dict[str, Any]) -> str:
+        where = f"{r['host']}:{r['pid']}" if r["pid"] is not None else r["process"]
+        took = (
+            f"up to ~{r['last_batch']:,} outcomes not counted"
+            if r["last_batch"]
+            else "idle at its last report: likely nothing lost"
+        )
+        return f"{where} at {_when(r['last_flush_at'])} ({_age(now - r['last_flush_at'])} ago), {took}"
+
+    if len(lost) == 1:
+        return [f"1 process stopped without its final flush: {one(lost[0])}"]
+    lines = [
+        f"{len(lost)} processes stopped without their final flush, "
+        f"up to ~{p['lost_outcomes_estimate']:,} outcomes not counted:"
+    ]
+    return lines + [
+        f"  {one(r)} (interval {r['interval']:g} s; {', '.join(r['rollouts']) or '-'})" for r in lost
+    ]
 
 
 def _guard_text(r: dict[str, Any], now: float) -> list[str]:
@@ -685,11 +871,16 @@ def _success_line(r: dict[str, Any]) -> str:
 
 
 def _status(args: argparse.Namespace) -> int:
-    store = _open(args)
-    try:
-        data = _report(store, args.name, args.window, time.time())
-    finally:
-        store.close()
+    client = _admin(args)
+    if client is not None:
+        with client:
+            data = client.report(args.name, args.window)
+    else:
+        store = _open(args)
+        try:
+            data = _report(store, args.name, args.window, time.time())
+        finally:
+            store.close()
     if args.json:
         _emit_json(data)
     else:
@@ -719,20 +910,31 @@ def _change_command(args: argparse.Namespace) -> int:
 
     from .store import change
 
-    by = args.by or _default_by()
-    store = _open(args)
-    try:
-        state = change(
-            store,
-            args.name,
-            args.command,
-            by=by,
-            reason=args.reason,
-            percent=getattr(args, "percent", None),
-            expected_version=args.if_version,
-        )
-    finally:
-        store.close()
+    client = _admin(args)
+    if client is not None:
+        with client:
+            state = client.change(
+                args.name,
+                args.command,
+                reason=args.reason,
+                percent=getattr(args, "percent", None),
+                expected_version=args.if_version,
+            )
+    else:
+        by = args.by or _default_by()
+        store = _open(args)
+        try:
+            state = change(
+                store,
+                args.name,
+                args.command,
+                by=by,
+                reason=args.reason,
+                percent=getattr(args, "percent", None),
+                expected_version=args.if_version,
+            )
+        finally:
+            store.close()
     if args.json:
         _emit_json({"rollout": args.name, "action": args.command, "state": asdict(state)})
     else:
@@ -755,13 +957,18 @@ def _state_line(name: str, action: str, state: RolloutState) -> str:
 def _history(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    store = _open(args)
-    try:
-        if args.name not in store.read([args.name]):
-            raise _unknown(args.name)
-        log = store.history(args.name, args.limit)
-    finally:
-        store.close()
+    client = _admin(args)
+    if client is not None:
+        with client:
+            log = client.history(args.name, args.limit)
+    else:
+        store = _open(args)
+        try:
+            if args.name not in store.read([args.name]):
+                raise _unknown(args.name)
+            log = store.history(args.name, args.limit)
+        finally:
+            store.close()
     if args.json:
         entries = [{"when": _when(c.at), **asdict(c)} for c in log]
         _emit_json({"rollout": args.name, "history": entries})
@@ -799,14 +1006,21 @@ def _history_text(log: list[Change]) -> list[str]:
 def _watch(args: argparse.Namespace) -> int:
     out = sys.stdout
     tty = out.isatty()
-    store = _open(args)
+    client = _admin(args)
+    store = _open(args) if client is None else None
     refreshes = 0
     assessors: dict[str, tuple[dict[str, Any], Assessor]] = {}  # guards judged incrementally
+
+    def fetch(now: float) -> dict[str, Any]:
+        if client is not None:
+            return client.report(args.name, args.window)  # the admin keeps its own assessors
+        return _report(store, args.name, args.window, now, assessors)
+
     try:
         while True:
             now = time.time()
             try:
-                body = _status_text(_report(store, args.name, args.window, now, assessors))
+                body = _status_text(fetch(now))
             except Exception as exc:
                 if refreshes == 0:
                     raise  # a wrong store or name: say so and stop, as status does
@@ -835,7 +1049,231 @@ def _watch(args: argparse.Namespace) -> int:
             out.write("\n")
         return EXIT_OK
     finally:
+        if client is not None:
+            client.close()
+        elif store is not None:
+            store.close()
+
+
+# serve-admin ----------------------------------------------------------------------------
+
+
+def _run_serve_admin(args: argparse.Namespace) -> int:
+    try:
+        return _serve_admin(args)
+    except KeyboardInterrupt:
+        print("canarymw serve-admin: stopped.", file=sys.stderr)
+        return EXIT_OK
+    except Exception as exc:
+        code, sentence = _explain(exc)
+        if code == EXIT_ERROR and os.environ.get(DEBUG_ENV) == "1":
+            import traceback
+
+            traceback.print_exc()
+        print(f"canarymw serve-admin: {sentence}", file=sys.stderr)
+        return code
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve anywhere
+
+
+def _secret_from_env(var: str, what: str) -> str:
+    value = os.environ.get(var, "")
+    if not value.strip():
+        raise _Failure(EXIT_USAGE, f"the environment variable {var} ({what}) is not set or is empty.")
+    return value.strip()
+
+
+def _admin_auth(args: argparse.Namespace) -> list[Any]:
+    from .admin import BasicAuth, BearerAuth
+
+    auths: list[Any] = []
+    token = None
+    if args.token_file:
+        try:
+            with open(args.token_file, encoding="utf-8") as f:
+                token = f.read().strip()
+            mode = os.stat(args.token_file).st_mode
+        except (OSError, UnicodeDecodeError) as exc:
+            detail = getattr(exc, "strerror", None) or type(exc).__name__
+            raise _Failure(
+                EXIT_USAGE, f"the token file {args.token_file} cannot be read ({detail})."
+            ) from None
+        where = f"the token file {args.token_file}"
+        if mode & 0o077:
+            print(
+                f"canarymw serve-admin: warning: {where} can be read by other users; chmod 600 it.",
+                file=sys.stderr,
+            )
+    elif args.token_env:
+        token = _secret_from_env(args.token_env, "the bearer token")
+        where = f"the environment variable {args.token_env}"
+    if token is not None:
+        if len(token) < 32 or any(c.isspace() for c in token) or not token.isprintable():
+            raise _Failure(
+                EXIT_USAGE,
+                f"the token in {where} must be at least 32 printable characters without spaces; make one "
+                "with: python -c 'import secrets; print(secrets.token_urlsafe(32))'.",
+            )
+        auths.append(BearerAuth({token: (args.token_name, args.token_role)}))
+    if (args.basic_user is None) != (args.basic_password_env is None):
+        raise _Failure(EXIT_USAGE, "--basic-user and --basic-password-env go together; give both or neither.")
+    if args.basic_user is not None:
+        password = _secret_from_env(args.basic_password_env, f"the password of {args.basic_user}")
+        try:
+            auths.append(BasicAuth({args.basic_user: (password, "operate")}))
+        except ValueError as exc:
+            raise _Failure(EXIT_USAGE, _sentence(" ".join(str(exc).split()))) from None
+    if not auths:
+        raise _Failure(
+            EXIT_USAGE,
+            "serve-admin needs credentials: --token-file PATH or --token-env VAR (and optionally "
+            "--basic-user NAME --basic-password-env VAR); the admin serves nothing without them.",
+        )
+    return auths
+
+
+def _serve_admin(args: argparse.Namespace) -> int:
+    import secrets
+
+    from .admin import Admin
+    from .store import _redact
+
+    host = args.host.strip()
+    if not host:
+        raise _Failure(EXIT_USAGE, "--host must name an address, not an empty string.")
+    if not _is_loopback(host) and not args.allow_remote:
+        raise _Failure(
+            EXIT_USAGE,
+            f"--host {host} is not a loopback address, so other machines could reach the admin; "
+            "pass --allow-remote if you mean it (and put it behind HTTPS).",
+        )
+    url = _store_url(args)
+    if _is_admin_url(url):
+        raise _Failure(
+            EXIT_USAGE, "serve-admin needs a store URL (sqlite:///..., redis://...), not an admin URL."
+        )
+    auth = _admin_auth(args)
+    if args.secret_key_env:
+        secret_key = _secret_from_env(args.secret_key_env, "the CSRF secret key")
+        if len(secret_key) < 32:
+            raise _Failure(
+                EXIT_USAGE, f"the secret key in {args.secret_key_env} must be at least 32 characters."
+            )
+    else:
+        secret_key = secrets.token_urlsafe(32)
+    store = _open(args)
+    try:
+        admin = Admin(store, auth=auth, secret_key=secret_key, window=args.window)
+        server = _admin_server(args.server, admin, host, args.port)
+        shown_host = f"[{host}]" if ":" in host else host
+        print(
+            f"canarymw serve-admin: the rollouts of {_redact(url)} on "
+            f"http://{shown_host}:{server.port}/ ({server.kind}); Ctrl-C stops.",
+            file=sys.stderr,
+            flush=True,
+        )
+        import signal
+
+        def stop(signum: int, frame: Any) -> None:
+            raise KeyboardInterrupt  # SIGTERM (systemd, docker stop) ends it as Ctrl-C does: exit 0
+
+        previous = signal.signal(signal.SIGTERM, stop)
+        try:
+            server.run()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    finally:
         store.close()
+    print("canarymw serve-admin: stopped.", file=sys.stderr)
+    return EXIT_OK
+
+
+class _AdminServer:
+    """A bound listening socket and the server that will answer on it."""
+
+    def __init__(self, kind: str, port: int, run: Callable[[], None]) -> None:
+        self.kind = kind
+        self.port = port
+        self.run = run
+
+
+def _admin_server(choice: str, admin: Any, host: str, port: int) -> _AdminServer:
+    import importlib.util
+    import socket
+
+    kind = choice
+    if kind == "auto":
+        kind = "uvicorn" if importlib.util.find_spec("uvicorn") is not None else "wsgiref"
+    elif kind == "uvicorn" and importlib.util.find_spec("uvicorn") is None:
+        raise _Failure(
+            EXIT_STORE, "--server uvicorn needs uvicorn, which is not installed; pip install uvicorn."
+        )
+    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host.strip("[]"), port))
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        detail = exc.strerror or type(exc).__name__
+        raise _Failure(EXIT_STORE, f"cannot listen on {host} port {port} ({detail}).") from None
+    bound = int(sock.getsockname()[1])
+    if kind == "uvicorn":
+        import uvicorn
+
+        config = uvicorn.Config(
+            admin.asgi,
+            interface="asgi3",
+            lifespan="off",
+            log_level="warning",
+            access_log=False,
+            server_header=False,
+        )
+
+        def run_uvicorn() -> None:
+            try:
+                uvicorn.Server(config).run(sockets=[sock])
+            finally:
+                sock.close()
+
+        return _AdminServer("uvicorn", bound, run_uvicorn)
+    return _AdminServer("wsgiref", bound, lambda: _run_wsgiref(admin, sock, host))
+
+
+def _run_wsgiref(admin: Any, sock: Any, host: str) -> None:
+    import socketserver
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    class Server(socketserver.ThreadingMixIn, WSGIServer):
+        daemon_threads = True
+        address_family = sock.family
+
+    server = Server(sock.getsockname()[:2], Quiet, bind_and_activate=False)
+    server.socket.close()
+    server.socket = sock
+    server.server_name = host
+    server.server_port = int(sock.getsockname()[1])
+    server.setup_environ()
+    server.set_app(admin.wsgi)
+
+    try:
+        server.serve_forever(poll_interval=0.2)
+    finally:
+        server.server_close()
 
 
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
@@ -893,3 +1331,7 @@ def _when(at: float) -> str:
     from datetime import datetime, timezone
 
     return datetime.fromtimestamp(at, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+if __name__ == "__main__":  # python -m canarymw.cli: as the console script
+    sys.exit(main())

@@ -782,3 +782,36 @@ def test_importing_the_cli_stays_cheap() -> None:
     code = "import sys, canarymw.cli; print(sorted({'redis', 'httpx', 'sqlite3'} & set(sys.modules)))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "[]"
+
+
+def test_status_names_a_process_that_stopped_without_its_final_flush(
+    where: Where, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from canarymw.store import ProcessReport
+
+    seed(where.store, "checkout", 20)
+    now = time.time()
+
+    def report(pid: int, at: float, **kw: Any) -> None:
+        where.store.report_process(
+            ProcessReport(f"web-1:{pid}:abc123", now - 100, at, interval=1.0, rollouts=("checkout",), **kw)
+        )
+
+    report(4242, now - 60, flushed=900, last_batch=25)  # killed a minute ago: silent, never closed
+    report(4243, now - 1, flushed=950, last_batch=30, next_within=1.0)  # running
+    report(4244, now - 30, flushed=400, last_batch=0, closed=True)  # stopped gracefully
+    code, out, _ = run(capsys, "status", "--store", where.url)
+    assert code == 0
+    line = out.strip().splitlines()[-1]
+    assert line.startswith("1 process stopped without its final flush: web-1:4242 at ")
+    assert line.endswith(" s ago), up to ~25 outcomes not counted")
+    assert "(60 s ago)" in line or "(61 s ago)" in line
+    code, out, _ = run(capsys, "status", "--store", where.url, "--json")
+    p = json.loads(out)["processes"]
+    assert (p["reported"], p["running"], p["closed"], p["lost_outcomes_estimate"]) == (3, 1, 1, 25)
+    assert [(r["host"], r["pid"]) for r in p["lost"]] == [("web-1", 4242)]
+    report(4245, now - 50, flushed=10, last_batch=0)  # idle at its last report, then killed
+    code, out, _ = run(capsys, "status", "--store", where.url)
+    tail = out.strip().splitlines()[-3:]
+    assert tail[0] == "2 processes stopped without their final flush, up to ~25 outcomes not counted:"
+    assert "web-1:4245" in tail[2] and "idle at its last report: likely nothing lost" in tail[2]

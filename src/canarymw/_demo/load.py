@@ -182,27 +182,32 @@ def drive(
     host: str,
     port: int,
     *,
-    users: int,
+    users: int | None,
     requests: int,
     concurrency: int,
     cookie_name: str,
     on_progress: Callable[[int], None],
     at_half: Callable[[threading.Event], None] | None = None,
+    stop: threading.Event | None = None,
 ) -> list[UserRun]:
     """Run ``users`` simulated users, ``concurrency`` at a time; return what each saw, in order.
 
     ``on_progress`` is called from this thread with the number of finished requests,
     ten times a second. ``at_half``, if given, is called by the user about to start the
     request half way through the run, with a gate that is closed then: new requests wait
-    until the callee opens it (requests in flight go on). On ``KeyboardInterrupt`` the
-    users stop after their current request, the others never start, and the interrupt
-    propagates.
+    until the callee opens it (requests in flight go on). With ``users=None`` new users
+    keep coming until ``stop`` is set (``canarymw demo --guard``: until the guard is
+    done); setting ``stop`` ends any run after the users' current requests, and a user
+    cut short keeps the requests it made. On ``KeyboardInterrupt`` the users stop after
+    their current request, the others never start, and the interrupt propagates.
     """
-    stop = threading.Event()
+    if users is None and stop is None:
+        raise ValueError("drive() without a number of users needs a stop event.")
+    stop = threading.Event() if stop is None else stop
     lock = threading.Lock()
-    runs: list[UserRun | None] = [None] * users
+    runs: dict[int, UserRun] = {}
     state = {"next": 0, "requests": 0, "started": 0}
-    half = max(1, users * requests // 2)
+    half = None if users is None else max(1, users * requests // 2)
     gate = threading.Event()
     gate.set()
 
@@ -226,13 +231,16 @@ def drive(
             with lock:
                 index = state["next"]
                 state["next"] += 1
-            if index >= users:
+            if users is not None and index >= users:
                 return
-            runs[index] = run_user(host, port, index, requests, cookie_name, stop, hit, admit)
+            run = run_user(host, port, index, requests, cookie_name, stop, hit, admit)
+            with lock:
+                runs[index] = run
 
+    threads = concurrency if users is None else min(concurrency, users)
     pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="canarymw-demo-user")
     try:
-        pending: set[Future[None]] = {pool.submit(worker) for _ in range(min(concurrency, users))}
+        pending: set[Future[None]] = {pool.submit(worker) for _ in range(threads)}
         while pending:
             finished, pending = wait(pending, timeout=0.1)
             for future in finished:
@@ -241,4 +249,4 @@ def drive(
     finally:
         stop.set()
         pool.shutdown(wait=True)
-    return [run for run in runs if run is not None]
+    return [runs[index] for index in sorted(runs)]

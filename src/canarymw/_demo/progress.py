@@ -53,3 +53,36 @@ class Progress:
             if self._drawn:
                 self.stream.write("\n")
                 self.stream.flush()
+
+
+class Ticker:
+    """One status line redrawn in place (a run with no known end: ``demo --guard``).
+
+    Like :class:`Progress`, draws only on a terminal and at most ten times a second;
+    :meth:`clear` wipes the line, so that a message can be printed on its own line.
+    """
+
+    def __init__(self, stream: TextIO, *, enabled: bool | None = None):
+        self.stream = stream
+        self.enabled = stream.isatty() if enabled is None else enabled
+        self._last = 0.0
+        self._drawn = False
+
+    def update(self, text: str) -> None:
+        """Show ``text``."""
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if now - self._last < 0.1:
+            return
+        self._last = now
+        self.stream.write("\r" + text + "\x1b[K")
+        self.stream.flush()
+        self._drawn = True
+
+    def clear(self) -> None:
+        """Wipe the line, if drawn."""
+        if self._drawn:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self._drawn = False

@@ -13,7 +13,7 @@ import http.client
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +24,7 @@ BY = "canarymw demo"
 """Who the change is attributed to in the store's audit log."""
 
 POLL_INTERVAL = 0.01
-"""Seconds between two polls of the stats endpoint while workers have not switched."""
+"""Seconds between two polls of the stats endpoint (see :func:`worker_stats`)."""
 
 
 @dataclass(slots=True)
@@ -172,27 +172,19 @@ class Ramp:
     def _collect(self, version: int, percent: float, at: float) -> None:
         rec = self.record
         seen: dict[int, WorkerSwitch] = {}
-        deadline = time.monotonic() + self.timeout
-        while not self._stop.is_set():
-            stats = self._poll()
-            if stats is not None:
-                pid = int(stats["pid"])
-                self.pids.add(pid)
-                status = stats.get("store") or {}
-                worker = seen.setdefault(pid, WorkerSwitch(pid, None, None))
-                worker.version, worker.percent = status.get("version"), status.get("percent")
-                if worker.switched_at is None:
-                    for entry in stats.get("switches", []):
-                        if (entry["version"] or 0) >= version and entry["percent"] == percent:
-                            worker.switched_at = float(entry["at"])
-                            worker.delay_ms = round((worker.switched_at - at) * 1000.0, 1)
-                            break
+        for stats in worker_stats(self.host, self.port, self.timeout, self._stop):
+            pid = int(stats["pid"])
+            self.pids.add(pid)
+            status = stats.get("store") or {}
+            worker = seen.setdefault(pid, WorkerSwitch(pid, None, None))
+            worker.version, worker.percent = status.get("version"), status.get("percent")
+            if worker.switched_at is None:
+                worker.switched_at = took_at(stats.get("switches", []), version, percent)
+                if worker.switched_at is not None:
+                    worker.delay_ms = round((worker.switched_at - at) * 1000.0, 1)
             done = [w for w in seen.values() if w.switched_at is not None]
             if len(done) >= self.workers and self.pids <= {w.pid for w in done}:
                 break
-            if time.monotonic() > deadline:
-                break
-            time.sleep(POLL_INTERVAL)
         for pid in self.pids - seen.keys():
             seen[pid] = WorkerSwitch(pid, None, None)  # answered earlier, never reached by a poll
         rec.workers = sorted(seen.values(), key=lambda w: w.pid)
@@ -202,19 +194,46 @@ class Ramp:
         times = [w.switched_at for w in rec.workers if w.switched_at is not None]
         rec.switched_at = max(times) if rec.all_switched and times else None
 
-    def _poll(self) -> dict[str, Any] | None:
-        # A fresh connection per poll, like the simulated users: each lands on whichever
-        # worker accepts it, so repeated polls reach every worker.
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=2.0)
-        try:
-            conn.request("GET", STATS_PATH, headers={"Connection": "close"})
-            response = conn.getresponse()
-            body = response.read()
-            if response.status != 200:
-                return None
-            data: dict[str, Any] = json.loads(body)
-            return data
-        except (OSError, http.client.HTTPException, ValueError):
+
+def took_at(
+    switches: Iterable[Mapping[str, Any]], version: int, percent: float | None = None
+) -> float | None:
+    """When a worker took store ``version`` or a later one (at ``percent``, if given), by
+    its switch log (``[{"version", "percent", "at"}, ...]``, oldest first): the Unix time
+    it noted, or None if it has not."""
+    for entry in switches:
+        if (entry["version"] or 0) >= version and (percent is None or entry["percent"] == percent):
+            return float(entry["at"])
+    return None
+
+
+def worker_stats(
+    host: str, port: int, timeout: float, stop: threading.Event | None = None
+) -> Iterator[dict[str, Any]]:
+    """The stats of whichever worker answers each poll, until ``timeout`` seconds have
+    passed or ``stop`` is set; the caller stops iterating once it has heard enough."""
+    deadline = time.monotonic() + timeout
+    while not (stop is not None and stop.is_set()) and time.monotonic() < deadline:
+        stats = poll_stats(host, port)
+        if stats is not None:
+            yield stats
+        time.sleep(POLL_INTERVAL)
+
+
+def poll_stats(host: str, port: int) -> dict[str, Any] | None:
+    """One worker's stats (``/_canarymw/stats``), or None if the poll failed."""
+    # A fresh connection per poll, like the simulated users: each lands on whichever
+    # worker accepts it, so repeated polls reach every worker.
+    conn = http.client.HTTPConnection(host, port, timeout=2.0)
+    try:
+        conn.request("GET", STATS_PATH, headers={"Connection": "close"})
+        response = conn.getresponse()
+        body = response.read()
+        if response.status != 200:
             return None
-        finally:
-            conn.close()
+        data: dict[str, Any] = json.loads(body)
+        return data
+    except (OSError, http.client.HTTPException, ValueError):
+        return None
+    finally:
+        conn.close()

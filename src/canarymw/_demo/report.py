@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import Field, asdict, dataclass, field
+from typing import Any, ClassVar
 
 from .._cookie import CookieCodec, normalise_keys
 from .._version import __version__
@@ -136,8 +136,53 @@ class Check:
     detail: str
 
 
+class Outcome:
+    """What the results of both kinds of run share: the table, the checks, the note, and
+    the ways to print them.
+
+    A base of dataclasses that hold these fields (:class:`Result`,
+    :class:`~canarymw._demo.guarded.GuardResult`); it has none of its own, so that each
+    keeps its own field order in the JSON.
+    """
+
+    __slots__ = ()
+    __dataclass_fields__: ClassVar[dict[str, Field[Any]]]  # set by the subclass's @dataclass
+    variants: dict[str, VariantRow]
+    elapsed_s: float
+    checks: list[Check]
+    note: str
+
+    @property
+    def ok(self) -> bool:
+        """True when every check passed."""
+        return all(c.ok for c in self.checks)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (``ok`` and the canarymw version included)."""
+        out = asdict(self)
+        out["ok"] = self.ok
+        out["canarymw_version"] = __version__
+        return out
+
+    def to_text(self) -> str:
+        """The human-readable report."""
+        raise NotImplementedError
+
+    def closing_lines(self, pids: Sequence[int], *, of_load: bool = False) -> list[str]:
+        """The report's last lines: a line a check, the workers that answered, the note,
+        and whether the run passed."""
+        rate = self.variants["all"].requests / self.elapsed_s if self.elapsed_s > 0 else 0.0
+        return [
+            *(f"{c.name:<{W}} {'ok  ' if c.ok else 'FAIL'}  {c.detail}" for c in self.checks),
+            f"{'workers':<{W}} pids that answered: {', '.join(str(p) for p in pids) or 'none reported'}",
+            f"{'note':<{W}} {self.note}",
+            f"{'PASSED' if self.ok else 'FAILED'} in {self.elapsed_s:.1f} s{' of load' if of_load else ''} "
+            f"({rate:.0f} requests/s)",
+        ]
+
+
 @dataclass(slots=True)
-class Result:
+class Result(Outcome):
     """The whole outcome of one demo run, as printed and as ``--json``."""
 
     config: dict[str, Any]
@@ -156,17 +201,9 @@ class Result:
     checks: list[Check] = field(default_factory=list)
     note: str = NOTE
 
-    @property
-    def ok(self) -> bool:
-        """True when every check passed."""
-        return all(c.ok for c in self.checks)
-
-    def to_json(self) -> dict[str, Any]:
-        """A JSON-serialisable dict (``ok`` and the canarymw version included)."""
-        out = asdict(self)
-        out["ok"] = self.ok
-        out["canarymw_version"] = __version__
-        return out
+    def to_text(self) -> str:
+        """The human-readable report."""
+        return render(self)
 
 
 def quantile(values: Sequence[float], q: float) -> float | None:
@@ -238,6 +275,65 @@ def _phase_of(hit: Hit, ramp: RampRecord | None) -> str | None:
     return None
 
 
+class Tally:
+    """What both kinds of run count the same way over every user's requests.
+
+    Only users who got at least one answer count as users; a request that got none is a
+    transport error.
+    """
+
+    def __init__(self, runs: Sequence[UserRun], settings: DemoSettings) -> None:
+        self._codec = CookieCodec(normalise_keys(settings.key, "canarymw demo"))
+        self._cohorts: dict[str, str | None] = {}
+        self.answered = [h for r in runs for h in r.hits if h.status is not None]
+        """Every request that got a response, user by user."""
+        self.transport_errors = sum(1 for r in runs for h in r.hits if h.status is None)
+        self.unrouted = sum(1 for h in self.answered if h.variant not in VARIANTS)
+        """Responses without a valid ``X-Canary-Variant`` (``old``/``new``)."""
+        self.users = 0
+        self.users_by_variant = dict.fromkeys(VARIANTS, 0)
+        """Users who saw each variant at least once."""
+        self.pids: set[int] = set()
+        """The worker pids that answered."""
+        self.several_workers = 0
+        """Users served by more than one worker process."""
+        self.several_cohorts = 0
+        """Users whose cohort id changed between requests (the cookie was replaced)."""
+        self.no_cookie = 0
+        """Users left, after some response, without a valid cohort cookie signed with the demo key."""
+        for run in runs:
+            hits = [h for h in run.hits if h.status is not None]
+            if hits:
+                self._add_user(hits)
+
+    def _add_user(self, hits: list[Hit]) -> None:
+        self.users += 1
+        for variant in {h.variant for h in hits if h.variant in VARIANTS}:
+            self.users_by_variant[str(variant)] += 1
+        pids = {h.pid for h in hits if h.pid is not None}
+        self.pids |= pids
+        self.several_workers += len(pids) > 1
+        cohorts = {self.cohort_of(h) for h in hits}
+        self.no_cookie += None in cohorts
+        self.several_cohorts += len(cohorts - {None}) > 1
+
+    def cohort_of(self, hit: Hit) -> str | None:
+        """The cohort id in the cookie the user held after this response, or None without a valid one."""
+        if not hit.cookie:
+            return None
+        if hit.cookie not in self._cohorts:
+            verified = self._codec.verify(hit.cookie)
+            self._cohorts[hit.cookie] = verified[0] if verified else None
+        return self._cohorts[hit.cookie]
+
+    def variant_rows(self) -> dict[str, VariantRow]:
+        """The rows of the per-variant table: ``old``, ``new`` and ``all``."""
+        rows = {
+            v: _row(self.users_by_variant[v], (h for h in self.answered if h.variant == v)) for v in VARIANTS
+        }
+        return {**rows, "all": _row(self.users, self.answered, self.transport_errors)}
+
+
 def analyse(
     runs: Sequence[UserRun],
     settings: DemoSettings,
@@ -248,7 +344,7 @@ def analyse(
     ramp: RampRecord | None = None,
 ) -> Result:
     """Compute the table, the phases and the checks from every user's hits."""
-    codec = CookieCodec(normalise_keys(settings.key, "canarymw demo"))
+    tally = Tally(runs, settings)
     percents = {"run": settings.percent}
     versions: dict[str, int | None] = {"run": None}
     if ramp is not None:
@@ -257,29 +353,16 @@ def analyse(
     rollouts = {name: settings.local_rollout(pct) for name, pct in percents.items()}
     up = ramp is not None and ramp.to_percent > settings.percent
     down = ramp is not None and ramp.to_percent < settings.percent
-    ids: dict[str, str | None] = {}
-
-    def cohort_of(value: str) -> str | None:
-        if value not in ids:
-            verified = codec.verify(value)
-            ids[value] = verified[0] if verified else None
-        return ids[value]
 
     def expected(cohort: str, phase: str | None) -> set[str]:
         if phase is not None:
             return {rollouts[phase].variant_for(cohort)}
         return {rollouts["before"].variant_for(cohort), rollouts["after"].variant_for(cohort)}
 
-    answered = [h for r in runs for h in r.hits if h.status is not None]
-    transport_errors = sum(1 for r in runs for h in r.hits if h.status is None)
-    unrouted = sum(1 for h in answered if h.variant not in VARIANTS)
     phase_hits: dict[str, list[Hit]] = {name: [] for name in percents}
     phase_users: dict[str, dict[int, set[str]]] = {name: {} for name in percents}
     between = 0
-    users_by_variant = dict.fromkeys(VARIANTS, 0)
-    one = moved = moved_back = mixed = several_cohorts = no_cookie = several_workers = agrees = 0
-    pids: set[int] = set()
-    users_seen = 0
+    one = moved = moved_back = mixed = agrees = 0
     for run in runs:
         phases = [_phase_of(h, ramp) for h in run.hits]
         for hit, phase in zip(run.hits, phases, strict=True):
@@ -290,10 +373,7 @@ def analyse(
         hits = [(h, p) for h, p in zip(run.hits, phases, strict=True) if h.status is not None]
         if not hits:
             continue  # the user never got an answer; counted as transport errors
-        users_seen += 1
         routed = [(h.variant, p) for h, p in hits if h.variant in VARIANTS]
-        for variant in {v for v, _ in routed}:
-            users_by_variant[variant] += 1
         for variant, phase in routed:
             if phase is not None:
                 phase_users[phase].setdefault(run.index, set()).add(variant)
@@ -305,14 +385,7 @@ def analyse(
             moved += 1
         else:
             moved_back += 1
-        cohorts = {cohort_of(h.cookie) if h.cookie else None for h, _ in hits}
-        run_pids = {h.pid for h, _ in hits if h.pid is not None}
-        pids |= run_pids
-        several_workers += len(run_pids) > 1
-        if None in cohorts:
-            no_cookie += 1
-        if len(cohorts - {None}) > 1:
-            several_cohorts += 1
+        cohorts = {tally.cohort_of(h) for h, _ in hits}
         cohort = next(iter(cohorts)) if len(cohorts) == 1 else None
         if cohort is not None and routed and all(v in expected(cohort, p) for v, p in routed):
             agrees += 1
@@ -345,65 +418,75 @@ def analyse(
             )
         )
 
-    by_variant = {v: _row(users_by_variant[v], (h for h in answered if h.variant == v)) for v in VARIANTS}
     sticky = StickyCheck(
-        users=users_seen,
+        users=tally.users,
         one_variant=one,
         moved=moved,
         moved_back=moved_back,
         mixed_in_phase=mixed,
-        several_cohorts=several_cohorts,
-        no_cookie=no_cookie,
-        several_workers=several_workers,
-        pids=sorted(pids),
+        several_cohorts=tally.several_cohorts,
+        no_cookie=tally.no_cookie,
+        several_workers=tally.several_workers,
+        pids=sorted(tally.pids),
         hash_agrees=agrees,
-        ok=users_seen > 0
+        ok=tally.users > 0
         and moved_back == 0
         and mixed == 0
-        and several_cohorts == 0
-        and no_cookie == 0
-        and one + moved == users_seen,
+        and tally.several_cohorts == 0
+        and tally.no_cookie == 0
+        and one + moved == tally.users,
     )
     result = Result(
         config=config,
-        server={**server, "pids_seen": sorted(pids)},
-        variants={**by_variant, "all": _row(users_seen, answered, transport_errors)},
+        server={**server, "pids_seen": sorted(tally.pids)},
+        variants=tally.variant_rows(),
         phases=phase_list,
         ramp=ramp,
         between=between,
         stickiness=sticky,
-        transport_errors=transport_errors,
-        unrouted=unrouted,
+        transport_errors=tally.transport_errors,
+        unrouted=tally.unrouted,
         elapsed_s=round(elapsed, 3),
     )
     result.checks = _checks(result, config)
     return result
 
 
+def completed_check(made: int, transport_errors: int, expected: int | None = None) -> Check:
+    """Whether every request got an answer: ``expected`` of them, or (None) as many as
+    were made, at least one."""
+    ok = transport_errors == 0 and (made > 0 if expected is None else made == expected)
+    return Check(
+        "completed",
+        ok,
+        f"{made - transport_errors}/{made if expected is None else expected} requests answered"
+        + (f", {transport_errors} failed to connect or timed out" if transport_errors else ""),
+    )
+
+
+def routed_check(unrouted: int) -> Check:
+    """Whether every response came from one of the two apps."""
+    return Check(
+        "routed",
+        unrouted == 0,
+        f"{unrouted} responses without an X-Canary-Variant of old/new"
+        if unrouted
+        else "every response came from the blue or the green app",
+    )
+
+
+def cookie_text(several_cohorts: int, no_cookie: int) -> str:
+    """The part of a stickiness check's sentence about users whose cookie did not hold."""
+    return (f", {several_cohorts} changed cohort" if several_cohorts else "") + (
+        f", {no_cookie} without a valid cookie" if no_cookie else ""
+    )
+
+
 def _checks(result: Result, config: dict[str, Any]) -> list[Check]:
     expected = int(config["users"]) * int(config["requests_per_user"])
     made = result.variants["all"].requests
     st = result.stickiness
-    completed = made == expected and result.transport_errors == 0
-    checks = [
-        Check(
-            "completed",
-            completed,
-            f"{made - result.transport_errors}/{expected} requests answered"
-            + (
-                f", {result.transport_errors} failed to connect or timed out"
-                if result.transport_errors
-                else ""
-            ),
-        ),
-        Check(
-            "routed",
-            result.unrouted == 0,
-            f"{result.unrouted} responses without an X-Canary-Variant of old/new"
-            if result.unrouted
-            else "every response came from the blue or the green app",
-        ),
-    ]
+    checks = [completed_check(made, result.transport_errors, expected), routed_check(result.unrouted)]
     if result.ramp is not None:
         checks.append(_switch_check(result, result.ramp))
     if result.ramp is None:
@@ -426,8 +509,7 @@ def _checks(result: Result, config: dict[str, Any]) -> list[Check]:
             st.ok,
             sticky
             + (f", {st.mixed_in_phase} saw both at one percent" if st.mixed_in_phase else "")
-            + (f", {st.several_cohorts} changed cohort" if st.several_cohorts else "")
-            + (f", {st.no_cookie} without a valid cookie" if st.no_cookie else "")
+            + cookie_text(st.several_cohorts, st.no_cookie)
             + f"; {st.several_workers} users were served by more than one worker",
         ),
         Check(
@@ -521,6 +603,19 @@ W = 14
 """Width of the label column of the report."""
 
 
+def table_lines(variants: Mapping[str, VariantRow]) -> list[str]:
+    """The per-variant table: its header, then a row a variant (``all`` last)."""
+    return [
+        f"{'variant':<{W}} {'users':>7} {'requests':>9} {'errors':>7} {'success':>9} "
+        f"{'p50 ms':>7} {'p95 ms':>7}",
+        *(
+            f"{LABELS[key]:<{W}} {row.users:>7} {row.requests:>9} {row.errors:>7} "
+            f"{_pct(row.success_rate):>9} {_ms(row.p50_ms):>7} {_ms(row.p95_ms):>7}"
+            for key, row in variants.items()
+        ),
+    ]
+
+
 def render(result: Result) -> str:
     """The human-readable report."""
     cfg, srv, ramp = result.config, result.server, result.ramp
@@ -533,15 +628,9 @@ def render(result: Result) -> str:
         f"injected error rate in green {cfg['error_rate']:g}; seed {cfg['seed']}",
         f"store: {cfg['store']}",
         "",
-        f"{'variant':<{W}} {'users':>7} {'requests':>9} {'errors':>7} {'success':>9} "
-        f"{'p50 ms':>7} {'p95 ms':>7}",
+        *table_lines(result.variants),
+        "",
     ]
-    for key, row in result.variants.items():
-        lines.append(
-            f"{LABELS[key]:<{W}} {row.users:>7} {row.requests:>9} {row.errors:>7} "
-            f"{_pct(row.success_rate):>9} {_ms(row.p50_ms):>7} {_ms(row.p95_ms):>7}"
-        )
-    lines.append("")
     if ramp is not None:
         if ramp.version is not None:
             lines.append(
@@ -567,13 +656,5 @@ def render(result: Result) -> str:
     for phase in result.phases:
         label = "success" if phase.name == "run" else f"success-{phase.name}"
         lines.append(f"{label:<{W}} {_blend_text(phase.success)}")
-    for check in result.checks:
-        lines.append(f"{check.name:<{W}} {'ok  ' if check.ok else 'FAIL'}  {check.detail}")
-    pids = ", ".join(str(p) for p in result.stickiness.pids) or "none reported"
-    rate = result.variants["all"].requests / result.elapsed_s if result.elapsed_s > 0 else 0.0
-    lines += [
-        f"{'workers':<{W}} pids that answered: {pids}",
-        f"{'note':<{W}} {result.note}",
-        f"{'PASSED' if result.ok else 'FAILED'} in {result.elapsed_s:.1f} s ({rate:.0f} requests/s)",
-    ]
+    lines += result.closing_lines(result.stickiness.pids)
     return "\n".join(lines)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
-import json
 import os
 import secrets
 import shutil
@@ -13,42 +12,13 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, TextIO
 
+from .options import EXIT_INTERRUPTED, EXIT_SETUP, EXIT_USAGE, DemoRun
+from .options import DemoOptions as DemoOptions  # re-exported: canarymw.cli builds it from here
+
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from ..store import Store
-
-EXIT_OK = 0
-EXIT_FAILED = 1
-"""The run finished but a check failed (stickiness, split, routing, or requests lost)."""
-EXIT_USAGE = 2
-EXIT_SETUP = 3
-"""The demo could not run: a missing dependency, or the server did not start."""
-EXIT_INTERRUPTED = 130
-
-
-@dataclass(frozen=True, slots=True)
-class DemoOptions:
-    """The demo's flags, validated by the command line parser."""
-
-    percent: float = 10.0
-    users: int = 2000
-    requests_per_user: int = 5
-    error_rate: float = 0.0
-    workers: int = 2
-    concurrency: int = 8
-    seed: int | None = None
-    asgi: bool = False
-    json: bool = False
-    store: str | None = None
-    """URL of the store the workers follow; None: a SQLite file in a temporary directory."""
-    ramp_to: float | None = None
-    """The percent set through the store halfway through the load; None: :func:`default_ramp`."""
-    ramp: bool = True
-    """False (``--no-ramp``): change nothing mid-run."""
 
 
 def default_ramp(percent: float) -> float:
@@ -69,6 +39,28 @@ def store_problem(url: str) -> str | None:
             "memory, so they would not share a percent; use sqlite:////abs/path/state.db or "
             "redis://host:6379/0, or leave --store out for a temporary SQLite file."
         )
+    return None
+
+
+def guard_problem(options: DemoOptions) -> str | None:
+    """Why the demo's flags cannot go together with ``--guard``, as a sentence, or None."""
+    if not options.guard:
+        return None
+    why = (
+        "with --guard the guard ramps green through its own steps (--percent, then 25, 50 and 100), "
+        "so the demo sets no percent of its own halfway"
+    )
+    if options.ramp_to is not None:
+        return f"--ramp-to cannot be combined with --guard: {why}."
+    if not options.ramp:
+        return f"--no-ramp cannot be combined with --guard: {why}; leave --no-ramp out."
+    if options.percent <= 0:
+        return (
+            "--percent 0 cannot start a guarded ramp: with --guard, --percent is the first step of "
+            "the ramp and must be above 0 (the default is 10)."
+        )
+    if not options.guard_timeout > 0:
+        return f"--guard-timeout must be a number of seconds above 0, not {options.guard_timeout:g}."
     return None
 
 
@@ -118,6 +110,9 @@ def run_demo(options: DemoOptions, *, stdout: TextIO | None = None, stderr: Text
     if options.store is not None and (problem := store_problem(options.store)) is not None:
         note(problem)
         return EXIT_USAGE
+    if (problem := guard_problem(options)) is not None:
+        note(problem)
+        return EXIT_USAGE
 
     from ..store import StoreError, open_store
     from .settings import ROLLOUT_NAME
@@ -145,7 +140,8 @@ def run_demo(options: DemoOptions, *, stdout: TextIO | None = None, stderr: Text
             # The store's own sentence names the place without any password in the URL.
             note(f"cannot use the store: {exc}")
             return EXIT_SETUP
-        return _run(options, out, err, note, store, url, name, tmpdir is not None)
+        run = DemoRun(options, out, err, note, store, url, name, temporary=tmpdir is not None)
+        return _serve(run)
     finally:
         if store is not None:
             with contextlib.suppress(Exception):
@@ -154,126 +150,102 @@ def run_demo(options: DemoOptions, *, stdout: TextIO | None = None, stderr: Text
             shutil.rmtree(tmpdir, ignore_errors=True)
 
 
-def _run(
-    options: DemoOptions,
-    out: TextIO,
-    err: TextIO,
-    note: Callable[[str], None],
-    store: Store,
-    url: str,
-    name: str,
-    temporary: bool,
-) -> int:
-    """Serve, drive the users, make the change, report; the store is open and closed by the caller."""
+def _serve(run: DemoRun) -> int:
+    """Run the kind of demo the options ask for; a server that does not start, or a
+    Ctrl-C, ends it here (the server stopped)."""
+    from .server import ServerError
+
+    options = run.options
+    run.note(
+        f"starting {options.app} blue/green under {options.kind} with {options.workers} workers on 127.0.0.1"
+    )
+    try:
+        if options.guard:
+            from .guarded import run_guarded
+
+            return run_guarded(run)
+        return _run_ramped(run)
+    except ServerError as exc:
+        run.note(f"could not start {options.kind}: {exc}")
+        return EXIT_SETUP
+    except KeyboardInterrupt:
+        print(file=run.err)
+        run.note(f"interrupted; {options.kind} stopped")
+        return EXIT_INTERRUPTED
+
+
+def _run_ramped(run: DemoRun) -> int:
+    """Serve, drive the users, make the change halfway (unless ``--no-ramp``), report."""
     # Imported here: they need the optional dependencies checked by run_demo.
-    from .load import UserRun, drive
+    from .load import drive
     from .progress import Progress
     from .ramp import Ramp, RampRecord
-    from .report import analyse, render
-    from .server import DemoServer, Kind, ServerError
-    from .settings import DemoSettings
+    from .report import analyse
+    from .server import DemoServer
 
-    seed = secrets.randbelow(2**31) if options.seed is None else options.seed
-    # A fresh key per run, shared by every worker through the environment: one key for
-    # the whole service is what keeps a visitor's cookie valid in every worker. So is
-    # the store's URL: every worker follows the same store.
-    settings = DemoSettings(
-        key=secrets.token_hex(32),
-        percent=options.percent,
-        error_rate=options.error_rate,
-        seed=seed,
-        store=url,
-        name=name,
-    )
+    options, note = run.options, run.note
+    settings = run.settings(percent=options.percent)
     ramp_to = None
     if options.ramp:
         ramp_to = default_ramp(options.percent) if options.ramp_to is None else options.ramp_to
-    kind: Kind = "uvicorn" if options.asgi else "gunicorn"
-    app = "Starlette" if options.asgi else "Flask"
-    total = options.users * options.requests_per_user
     config = {
-        "rollout": name,
+        "rollout": run.name,
         "percent": options.percent,
         "ramp_to": ramp_to,
-        "store": f"{store!r}{' (temporary, removed after the run)' if temporary else ''}",
+        "store": run.store_text,
         "users": options.users,
         "requests_per_user": options.requests_per_user,
         "error_rate": options.error_rate,
         "concurrency": options.concurrency,
-        "seed": seed,
+        "seed": settings.seed,
     }
-
-    note(f"starting {app} blue/green under {kind} with {options.workers} workers on 127.0.0.1")
     record: RampRecord | None = None
-    runs: list[UserRun]
-    try:
-        with DemoServer(kind, workers=options.workers, env=settings.to_env()) as server:
-            pids = ", ".join(str(p) for p in sorted(server.pids))
-            note(
-                f"serving at {server.url} (worker pids {pids}); "
-                f"{options.users} users x {options.requests_per_user} requests"
-                + ("" if ramp_to is None else f"; {options.percent:g}% -> {ramp_to:g}% halfway")
+    with DemoServer(options.kind, workers=options.workers, env=settings.to_env()) as server:
+        pids = ", ".join(str(p) for p in sorted(server.pids))
+        note(
+            f"serving at {server.url} (worker pids {pids}); "
+            f"{options.users} users x {options.requests_per_user} requests"
+            + ("" if ramp_to is None else f"; {options.percent:g}% -> {ramp_to:g}% halfway")
+        )
+        progress = Progress(options.users * options.requests_per_user, run.err)
+        ramp = None
+        if ramp_to is not None:
+            ramp = Ramp(
+                run.store,
+                run.name,
+                from_percent=options.percent,
+                to_percent=ramp_to,
+                host=server.host,
+                port=server.port,
+                pids=server.pids,
+                workers=options.workers,
+                started=time.time(),
             )
-            progress = Progress(total, err)
-            ramp = None
-            if ramp_to is not None:
-                ramp = Ramp(
-                    store,
-                    name,
-                    from_percent=options.percent,
-                    to_percent=ramp_to,
-                    host=server.host,
-                    port=server.port,
-                    pids=server.pids,
-                    workers=options.workers,
-                    started=time.time(),
-                )
 
-            def on_progress(done: int) -> None:
-                progress.update(done)
-
-            def at_half(gate: threading.Event) -> None:
-                # New requests wait while the change spreads (a fraction of a second), so
-                # that every run, however small, has requests after every worker switched.
-                if ramp is not None:
-                    ramp.trigger(then=gate.set)
-                else:
-                    gate.set()
-
-            started = time.perf_counter()
-            runs = drive(
-                server.host,
-                server.port,
-                users=options.users,
-                requests=options.requests_per_user,
-                concurrency=options.concurrency,
-                cookie_name=settings.local_rollout().cookie_name,
-                on_progress=on_progress,
-                at_half=at_half,
-            )
-            elapsed = time.perf_counter() - started
-            progress.close(sum(len(r.hits) for r in runs))
+        def at_half(gate: threading.Event) -> None:
+            # New requests wait while the change spreads (a fraction of a second), so
+            # that every run, however small, has requests after every worker switched.
             if ramp is not None:
-                # The server stays up until every worker has been polled for its switch.
-                record = ramp.finish()
-            server_info = {"kind": kind, "app": app, "workers": options.workers, "url": server.url}
-    except ServerError as exc:
-        note(f"could not start {kind}: {exc}")
-        return EXIT_SETUP
-    except KeyboardInterrupt:
-        print(file=err)
-        note(f"interrupted; {kind} stopped")
-        return EXIT_INTERRUPTED
+                ramp.trigger(then=gate.set)
+            else:
+                gate.set()
 
+        started = time.perf_counter()
+        runs = drive(
+            server.host,
+            server.port,
+            users=options.users,
+            requests=options.requests_per_user,
+            concurrency=options.concurrency,
+            cookie_name=settings.local_rollout().cookie_name,
+            on_progress=progress.update,
+            at_half=at_half,
+        )
+        elapsed = time.perf_counter() - started
+        progress.close(sum(len(r.hits) for r in runs))
+        if ramp is not None:
+            # The server stays up until every worker has been polled for its switch.
+            record = ramp.finish()
+        server_info = run.server_info(server.url)
     result = analyse(runs, settings, config=config, server=server_info, elapsed=elapsed, ramp=record)
-    if options.json:
-        json.dump(result.to_json(), out, indent=2)
-        out.write("\n")
-    else:
-        out.write(render(result) + "\n")
-    out.flush()
-    if not result.ok:
-        failed = "; ".join(f"{c.name}: {c.detail}" for c in result.checks if not c.ok)
-        note(f"FAILED: {failed}")
-        return EXIT_FAILED
-    return EXIT_OK
+    return run.finish(result)
