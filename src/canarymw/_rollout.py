@@ -239,9 +239,10 @@ class Rollout:
         exclude: Paths that are never routed, never get a cookie and never count
             (health checks, static files, metrics). ``"/static"`` covers ``/static``
             and everything below it; a compiled regex is matched against the path.
-        cookie_name, cookie_max_age, cookie_path, cookie_domain, cookie_samesite,
-        cookie_httponly: Cohort cookie attributes. The cookie is refreshed (same id)
-            once half of ``cookie_max_age`` has passed, so active visitors never expire.
+        cookie_name: The cohort cookie's name; ``cookie_max_age``, ``cookie_path``,
+            ``cookie_domain``, ``cookie_samesite`` and ``cookie_httponly`` set its
+            attributes. The cookie is refreshed (same id) once half of
+            ``cookie_max_age`` has passed, so active visitors never expire.
         cookie_secure: ``None`` sets ``Secure`` on https requests only; True/False force it.
         on_exposure: Called with the :class:`Decision` when a visitor is first placed:
             once per new cohort id, and for ``key=`` users once per process (until the

@@ -1,0 +1,1 @@
+"""Hello, Blue World! / Hello, Green World!: a canary release of a Django view with canarymw."""
