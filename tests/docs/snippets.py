@@ -71,7 +71,6 @@ SKIPS: dict[tuple[str, str], str] = {
 REWRITES: dict[str, str] = {
     "redis://127.0.0.1:6379/0": "{redis}",
     "redis://10.0.0.5:6379/0": "{redis}",
-    "--store ...": "--store {redis}",  # README: "the same store as above"
     "sqlite:////var/lib/app/canary.db": "sqlite:///{tmp}/canary.db",
     "/var/log/shop/canary/": "{tmp}/canary/",
     "/run/shop/prometheus": "{tmp}/prometheus",
@@ -82,10 +81,6 @@ REWRITES: dict[str, str] = {
 
 #: Code run in a page's namespace before its first block: names that page takes as given.
 PAGE_SETUP: dict[str, str] = {
-    "README.md": """
-from starlette.routing import Route
-blue_routes = [Route("/", blue_endpoint)]
-""",
     "docs/stores.md": """
 from canarymw import ASGICanaryMiddleware, MemorySink
 blue, green = blue_app, green_app
@@ -102,8 +97,6 @@ routes = [Route("/", blue_endpoint)]
 
 #: Code run just before one block: (page, a text found in exactly one block) -> code.
 BLOCK_SETUP: dict[tuple[str, str], str] = {
-    # The README's Flask example follows its Starlette one, which named a Starlette app `app`.
-    ("README.md", "from canarymw.flask import Canary"): 'app = Flask("shop")',
     # The commands operate a rollout that a process running it has put in the store.
     ("docs/cli.md", "export CANARYMW_STORE="): """
 from canarymw import Rollout
