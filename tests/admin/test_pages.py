@@ -400,3 +400,18 @@ def test_problems_get_a_page_of_their_own(
     assert page.status == status and says in page.words
     assert page.find("p", role="alert") and page.find("h1")
     assert ("All rollouts" in page.words) == (status != 401)  # a 401 page has nothing to go back to
+
+
+def test_every_page_links_an_icon_the_admin_serves() -> None:
+    from canarymw.admin import Admin, BasicAuth
+    from canarymw.store import MemoryStore
+
+    admin = Admin(
+        MemoryStore(), auth=BasicAuth({"alice": ("correct horse battery", "read")}), secret_key="k" * 32
+    )
+    auth = [("Authorization", "Basic " + base64.b64encode(b"alice:correct horse battery").decode())]
+    page = admin.handle("GET", "/", headers=auth, root="/canary").body.decode()
+    assert '<link rel="icon" type="image/svg+xml" href="/canary/static/icon.svg">' in page
+    icon = admin.handle("GET", "/static/icon.svg", headers=auth, root="/canary")
+    assert icon.status == 200 and ("Content-Type", "image/svg+xml") in icon.headers
+    assert icon.body.startswith(b"<svg") and b"<script" not in icon.body

@@ -77,6 +77,7 @@ ROUTES: dict[str, str] = {
     "/api/series": "GET",
     "/api/action": "POST",
     "/static/admin.css": "GET",
+    "/static/icon.svg": "GET",
     "/": "GET",
     "/rollout": "GET",
     "/action": "POST",
@@ -357,6 +358,8 @@ class Core:
             return self._json(200, {"rollout": name, "action": action, "state": asdict(state)})
         if path == "/static/admin.css":
             return Response(200, [("Content-Type", "text/css; charset=utf-8"), *SECURITY_HEADERS], _pages.CSS)
+        if path == "/static/icon.svg":  # linked by every page, so browsers ask for no /favicon.ico
+            return Response(200, [("Content-Type", "image/svg+xml"), *SECURITY_HEADERS], _pages.ICON)
         if path == "/":
             report = self._report(None, self.admin.window)
             return self._html(200, _pages.index(report, who, root))

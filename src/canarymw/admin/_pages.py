@@ -22,6 +22,12 @@ from ._auth import Principal
 # dashed, so the two never depend on colour alone.
 COLOURS = {"old": "#1c4f9c", "new": "#a8400e"}
 
+ICON = (
+    b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16">'
+    b'<rect width="8" height="16" fill="#1f5fa8"/><rect x="8" width="8" height="16" fill="#2e7d32"/></svg>'
+)
+"""The page's icon: blue and green halves."""
+
 CSS = b"""\
 :root{color-scheme:light;--ink:#1a1a1a;--muted:#4d4d4d;--line:#c8c8c8;--accent:#0b57a4;--bad:#a51d1d}
 *{box-sizing:border-box}
@@ -177,7 +183,8 @@ def _page(title: str, body: str, root: str, who: Principal | None) -> str:
         '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{_e(title)} · canarymw</title>"
-        f'<link rel="stylesheet" href="{_href(root, "/static/admin.css")}"></head><body>'
+        f'<link rel="stylesheet" href="{_href(root, "/static/admin.css")}">'
+        f'<link rel="icon" type="image/svg+xml" href="{_href(root, "/static/icon.svg")}"></head><body>'
         f'<header class="top"><a class="brand" href="{_href(root)}">canarymw rollouts</a>{user}</header>'
         f"<main>{body}</main></body></html>\n"
     )
