@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import weakref
 from typing import Any, NamedTuple
 
 from .._rollout import Rollout
@@ -110,3 +111,35 @@ def guarded(source: object) -> Rollout:
             f"rollout {rollout.name!r} has no guard; pass rollouts made with guard=canarymw.guard.Guard(...)."
         )
     return rollout
+
+
+class GuardedRollouts:
+    """The guarded rollouts a metrics exporter reports, held weakly (a rollout that is
+    dropped stops being reported), in name order."""
+
+    def __init__(self, *rollouts: object) -> None:
+        self._lock = threading.Lock()
+        self._rollouts: dict[int, weakref.ref[Rollout]] = {}
+        self.add(*rollouts)
+
+    def add(self, *rollouts: object) -> None:
+        """Report these guarded rollouts too (once each, however often added)."""
+        found = [guarded(r) for r in rollouts]  # all checked before any is added
+        with self._lock:
+            for rollout in found:
+                self._rollouts[id(rollout)] = weakref.ref(rollout, self._forget(id(rollout)))
+
+    def _forget(self, key: int) -> Any:
+        def forget(ref: weakref.ref[Rollout]) -> None:
+            with self._lock:
+                if self._rollouts.get(key) is ref:
+                    del self._rollouts[key]
+
+        return forget
+
+    def rollouts(self) -> list[Rollout]:
+        """The rollouts reported, by name."""
+        with self._lock:
+            refs = list(self._rollouts.values())
+        alive = [r for r in (ref() for ref in refs) if r is not None]
+        return sorted(alive, key=lambda r: r.name)

@@ -42,17 +42,15 @@ See :class:`GuardGauges` for where the values come from.
 from __future__ import annotations
 
 import threading
-import weakref
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from opentelemetry import metrics
 
-from .._rollout import Rollout
 from .._version import __version__
 from ..guard._readout import DECISIONS, STAGES, reading
 from ._base import DEFAULT_BUCKETS, Outcome, outcome_class
-from ._health import HealthSnapshot, HealthSources, guarded
+from ._health import GuardedRollouts, HealthSnapshot, HealthSources
 
 if TYPE_CHECKING:
     pass
@@ -238,7 +236,7 @@ class OpenTelemetrySink:
 # neither module imports the other's client library).
 
 
-class GuardGauges:
+class GuardGauges(GuardedRollouts):
     """Reports the stage, verdict and evidence of guarded rollouts as observable gauges.
 
     The OpenTelemetry counterpart of :class:`canarymw.sinks.prometheus.GuardCollector`::
@@ -279,9 +277,7 @@ class GuardGauges:
         self, *rollouts: object, meter_provider: metrics.MeterProvider | None = None, prefix: str = "canarymw"
     ) -> None:
         self.prefix = prefix
-        self._lock = threading.Lock()
-        self._rollouts: dict[int, weakref.ref[Rollout]] = {}
-        self.add(*rollouts)
+        super().__init__(*rollouts)
         provider = meter_provider if meter_provider is not None else metrics.get_meter_provider()
         meter = provider.get_meter("canarymw", __version__)
         p = prefix + "." if prefix else ""
@@ -309,28 +305,6 @@ class GuardGauges:
                 "Evidence of harm of the guard's last verdict, per test; harm at 1/alpha of the test."
             ),
         )
-
-    def add(self, *rollouts: object) -> None:
-        """Report these guarded rollouts too (once each, however often added)."""
-        found = [guarded(r) for r in rollouts]  # all checked before any is added
-        with self._lock:
-            for rollout in found:
-                self._rollouts[id(rollout)] = weakref.ref(rollout, self._forget(id(rollout)))
-
-    def _forget(self, key: int) -> Any:
-        def forget(ref: weakref.ref[Rollout]) -> None:
-            with self._lock:
-                if self._rollouts.get(key) is ref:
-                    del self._rollouts[key]
-
-        return forget
-
-    def rollouts(self) -> list[Rollout]:
-        """The rollouts reported, by name."""
-        with self._lock:
-            refs = list(self._rollouts.values())
-        alive = [r for r in (ref() for ref in refs) if r is not None]
-        return sorted(alive, key=lambda r: r.name)
 
     # -- observable callbacks (run by the SDK at each collection) ------------------
     def _observe_stage(self, options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:

@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import threading
 import time
-import weakref
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Sequence
 from itertools import pairwise
@@ -58,10 +57,9 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
-from .._rollout import Rollout
 from ..guard._readout import DECISIONS, STAGES, reading
 from ._base import DEFAULT_BUCKETS, OUTCOME_CLASSES, Outcome, outcome_class
-from ._health import HealthSources, guarded
+from ._health import GuardedRollouts, HealthSources
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -329,7 +327,7 @@ def _clean(duration: float) -> float:
 # -- guarded rollouts ------------------------------------------------------------------
 
 
-class GuardCollector:
+class GuardCollector(GuardedRollouts):
     """Reports the stage, verdict and evidence of guarded rollouts at each scrape.
 
     A ``prometheus_client`` custom collector: register it yourself, once per registry::
@@ -371,31 +369,7 @@ class GuardCollector:
 
     def __init__(self, *rollouts: object, namespace: str = "canarymw") -> None:
         self.namespace = namespace
-        self._lock = threading.Lock()
-        self._rollouts: dict[int, weakref.ref[Rollout]] = {}
-        self.add(*rollouts)
-
-    def add(self, *rollouts: object) -> None:
-        """Report these guarded rollouts too (once each, however often added)."""
-        found = [guarded(r) for r in rollouts]  # all checked before any is added
-        with self._lock:
-            for rollout in found:
-                self._rollouts[id(rollout)] = weakref.ref(rollout, self._forget(id(rollout)))
-
-    def _forget(self, key: int) -> Any:
-        def forget(ref: weakref.ref[Rollout]) -> None:
-            with self._lock:
-                if self._rollouts.get(key) is ref:
-                    del self._rollouts[key]
-
-        return forget
-
-    def rollouts(self) -> list[Rollout]:
-        """The rollouts reported, by name."""
-        with self._lock:
-            refs = list(self._rollouts.values())
-        alive = [r for r in (ref() for ref in refs) if r is not None]
-        return sorted(alive, key=lambda r: r.name)
+        super().__init__(*rollouts)
 
     def _families(self) -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
         p = self.namespace + "_" if self.namespace else ""
