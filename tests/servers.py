@@ -1,4 +1,8 @@
-"""Start real servers (gunicorn, uvicorn) on free loopback ports, and always stop them."""
+"""Start real servers (gunicorn, uvicorn) on free loopback ports, and always stop them.
+
+Also what the tests of the examples under gunicorn share: many users, each with a cookie
+jar of its own, and the check that every one of them kept one colour in every worker.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +14,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+
+from canarymw import Rollout
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -79,3 +87,93 @@ def serve(
 
 def gunicorn(app: str, port: int, workers: int = 2) -> list[str]:
     return ["gunicorn", "-w", str(workers), "-b", f"127.0.0.1:{port}", "--log-level", "warning", app]
+
+
+# The examples under gunicorn: every user keeps one colour in every worker --------------
+
+
+@contextlib.contextmanager
+def gunicorn_example(example: Path, app: str, key: str) -> Iterator[str]:
+    """The example app ``app`` in the folder ``example`` under gunicorn with 2 workers,
+    its ``CANARY_KEY`` set to ``key``; its base URL."""
+    port = free_port()
+    argv = [
+        "gunicorn", "-w", "2", "-b", f"127.0.0.1:{port}", "--chdir", str(example),
+        "--log-level", "warning", app,
+    ]  # fmt: skip
+    with serve(argv, port, env={"CANARY_KEY": key}, ready_path="/healthz") as base:
+        yield base
+
+
+@dataclass
+class Seen:
+    """What one user saw over its requests to an example."""
+
+    cookie: str = ""
+    bodies: set[str] = field(default_factory=set)
+    variants: set[str] = field(default_factory=set)
+    pids: set[str] = field(default_factory=set)
+    cookies_set: int = 0
+
+
+class _SharedPool(httpx.BaseTransport):
+    """One connection pool for all users; closing a user's client must not close it."""
+
+    def __init__(self, inner: httpx.BaseTransport) -> None:
+        self.inner = inner
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        return self.inner.handle_request(request)
+
+    def close(self) -> None:
+        pass
+
+
+def visit_as_users(base_url: str, *, headers: Mapping[str, str] | None = None) -> list[Seen]:
+    """200 users, 8 at a time, each asking for ``/`` 4 times (each answer a 200), through one
+    connection pool: what each saw. ``headers`` go with every request."""
+
+    def visit(pool: httpx.BaseTransport) -> Seen:
+        seen = Seen()
+        # Its own client, so its own cookie jar: one browser per user.
+        with httpx.Client(
+            transport=pool, base_url=base_url, timeout=10, trust_env=False, headers=headers
+        ) as client:
+            for _ in range(4):
+                response = client.get("/")
+                assert response.status_code == 200
+                seen.bodies.add(response.text)
+                seen.variants.add(response.headers["x-canary-variant"])
+                seen.pids.add(response.headers["x-worker-pid"])
+                seen.cookies_set += "set-cookie" in response.headers
+            seen.cookie = client.cookies["canarymw"]
+        return seen
+
+    with httpx.HTTPTransport() as transport:
+        pool = _SharedPool(transport)
+        with ThreadPoolExecutor(8) as executor:
+            return list(executor.map(lambda _: visit(pool), range(200)))
+
+
+def assert_one_colour_per_user(users: Sequence[Seen], rollout: Rollout, colour: Mapping[str, str]) -> None:
+    """The 200 ``users`` of :func:`visit_as_users` each kept one colour (``colour`` names it
+    per variant) over their requests and both workers, and got their cookie once; the cookie
+    alone gives the same answer here with ``rollout`` (the example's: 10%, the same key).
+    Both workers served, some users crossed between them, and about 10% got green."""
+    greens = crossed = 0
+    all_pids: set[str] = set()
+    for seen in users:
+        assert len(seen.bodies) == 1 and len(seen.variants) == 1, seen  # sticky over requests and workers
+        assert seen.cookies_set == 1  # set on the first visit, never again
+        (variant,) = seen.variants
+        assert seen.bodies == {f"Hello, {colour[variant]} World!\n"}  # the header tells the truth
+        # The same answer computed here, from the cookie alone: no state shared with the server.
+        decision = rollout.decide(f"canarymw={seen.cookie}")
+        assert decision.set_cookie is None  # the cookie verifies with the shared key
+        assert rollout.variant_for(decision.cohort) == variant
+        greens += variant == "new"
+        crossed += len(seen.pids) > 1
+        all_pids |= seen.pids
+    assert len(all_pids) == 2  # both workers served traffic
+    assert crossed > 0  # and users moved between them without changing colour
+    assert 3 <= greens <= 37  # 10% of 200, +-4 sigma

@@ -9,18 +9,13 @@ from __future__ import annotations
 import importlib
 import runpy
 import sys
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any
 
-import httpx
 import pytest
 
 from canarymw import CallableSink, Outcome, Rollout, WSGICanaryMiddleware
 
-from ..servers import ROOT, free_port, serve
+from ..servers import ROOT, assert_one_colour_per_user, gunicorn_example, visit_as_users
 from .snippets import configure_django
 
 pytest.importorskip("django", reason="the Django example needs Django (in the dev extra)")
@@ -136,78 +131,9 @@ def test_the_example_refuses_to_start_without_a_shared_key(monkeypatch: pytest.M
 # gunicorn, two workers ----------------------------------------------------------------
 
 
-@dataclass
-class Seen:
-    cookie: str = ""
-    bodies: set[str] = field(default_factory=set)
-    variants: set[str] = field(default_factory=set)
-    pids: set[str] = field(default_factory=set)
-    cookies_set: int = 0
-
-
-@pytest.fixture
-def example_url() -> Iterator[str]:
-    port = free_port()
-    argv = [
-        "gunicorn", "-w", "2", "-b", f"127.0.0.1:{port}", "--chdir", str(EXAMPLE),
-        "--log-level", "warning", "hello_site.wsgi",
-    ]  # fmt: skip
-    with serve(argv, port, env={"CANARY_KEY": KEY}, ready_path="/healthz") as base:
-        yield base
-
-
 @pytest.mark.server
-def test_every_user_keeps_one_colour_across_gunicorn_workers(example_url: str) -> None:
-    def visit(transport: httpx.BaseTransport) -> Seen:
-        seen = Seen()
-        # A client of its own, so a cookie jar of its own; Connection: close sends each
-        # request on a new connection, so either worker may answer it.
-        with httpx.Client(
-            transport=transport, base_url=example_url, timeout=10, trust_env=False,
-            headers={"Connection": "close"},
-        ) as client:  # fmt: skip
-            for _ in range(4):
-                response = client.get("/")
-                assert response.status_code == 200
-                seen.bodies.add(response.text)
-                seen.variants.add(response.headers["x-canary-variant"])
-                seen.pids.add(response.headers["x-worker-pid"])
-                seen.cookies_set += "set-cookie" in response.headers
-            seen.cookie = client.cookies["canarymw"]
-        return seen
-
-    with httpx.HTTPTransport() as transport:
-        shared: Any = _Shared(transport)
-        with ThreadPoolExecutor(8) as executor:
-            users = list(executor.map(lambda _: visit(shared), range(200)))
-
-    rollout = Rollout("hello-v2", percent=10, secret_key=KEY)
-    greens = crossed = 0
-    all_pids: set[str] = set()
-    for seen in users:
-        assert len(seen.bodies) == 1 and len(seen.variants) == 1, seen  # sticky over requests and workers
-        assert seen.cookies_set == 1  # set on the first visit, never again
-        (variant,) = seen.variants
-        assert seen.bodies == {f"Hello, {COLOUR[variant]} World!\n"}
-        decision = rollout.decide(f"canarymw={seen.cookie}")
-        assert decision.set_cookie is None  # the cookie verifies with the shared key
-        assert rollout.variant_for(decision.cohort) == variant  # the same answer, computed here
-        greens += variant == "new"
-        crossed += len(seen.pids) > 1
-        all_pids |= seen.pids
-    assert len(all_pids) == 2  # both workers served traffic
-    assert crossed > 0  # and users moved between them without changing colour
-    assert 3 <= greens <= 37  # 10% of 200, +-4 sigma
-
-
-class _Shared(httpx.BaseTransport):
-    """One transport for every user; closing a user's client must not close it."""
-
-    def __init__(self, inner: httpx.BaseTransport) -> None:
-        self.inner = inner
-
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
-        return self.inner.handle_request(request)
-
-    def close(self) -> None:
-        pass
+def test_every_user_keeps_one_colour_across_gunicorn_workers() -> None:
+    with gunicorn_example(EXAMPLE, "hello_site.wsgi", KEY) as base:
+        # Connection: close sends each request on a new connection, so either worker may answer it.
+        users = visit_as_users(base, headers={"Connection": "close"})
+    assert_one_colour_per_user(users, Rollout("hello-v2", percent=10, secret_key=KEY), COLOUR)

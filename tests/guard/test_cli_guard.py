@@ -13,9 +13,8 @@ import json
 import math
 import re
 import time
-import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +22,11 @@ import pytest
 
 from canarymw import cli
 from canarymw.guard import Analysis, Guard, assess, outlook, plan, start
-from canarymw.store import Counts, RolloutState, Store, on_start, open_store, operate
+from canarymw.store import Counts, RolloutState, Store, on_start, operate
 from canarymw.store._model import _change
 from canarymw.store._stats import blended_interval, summarize
+
+from ..store.cli_where import Where, where_for
 
 NAME = "checkout"
 GUARD = Guard(
@@ -34,24 +35,10 @@ GUARD = Guard(
 HOLDER = "web-1:4242:abc123"
 
 
-@dataclass
-class Where:
-    url: str
-    store: Store
-
-
 @pytest.fixture(params=["sqlite", "memory"])
 def where(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Where]:
-    for name in (cli.STORE_ENV, cli.BY_ENV, cli.DEBUG_ENV):
-        monkeypatch.delenv(name, raising=False)
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'state.db'}"
-    else:
-        url = f"memory://cli-guard-{uuid.uuid4().hex[:12]}"
-    store = open_store(url)
-    store.names()  # creates the SQLite file, as the first process running a rollout does
-    yield Where(url, store)
-    store.close()
+    with where_for(request.param, tmp_path, monkeypatch) as where:
+        yield where
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

@@ -30,16 +30,11 @@ import pytest
 from canarymw.store import open_store
 
 from ..servers import free_port, gunicorn, serve
+from ._chromium import chromium_or_skip
 
 NAME = "admin-v2"
 PASSWORD = "alice-browser-password-0123"
-CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-
-if CHROMIUM is None:
-    if os.environ.get("CANARYMW_REQUIRE_BROWSER") == "1":
-        raise RuntimeError("CANARYMW_REQUIRE_BROWSER=1 but no Chromium was found (apt-get install chromium).")
-    pytest.skip("Chromium is not installed (apt-get install chromium)", allow_module_level=True)
-
+CHROMIUM = chromium_or_skip()
 sync_api = pytest.importorskip("playwright.sync_api")
 axe_playwright = pytest.importorskip("axe_playwright_python.sync_playwright")
 

@@ -14,8 +14,6 @@ downloading a browser of its own. Without Chromium these tests skip, unless
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,17 +24,12 @@ import pytest
 from canarymw import Rollout
 
 from ..servers import ROOT, free_port, serve
+from ._chromium import chromium_or_skip
 
 KEY = "browser-test-key-0123456789abcdef"
 USERS = 16
 COLOUR = {"old": "Blue", "new": "Green"}
-CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-
-if CHROMIUM is None:
-    if os.environ.get("CANARYMW_REQUIRE_BROWSER") == "1":
-        raise RuntimeError("CANARYMW_REQUIRE_BROWSER=1 but no Chromium was found (apt-get install chromium).")
-    pytest.skip("Chromium is not installed (apt-get install chromium)", allow_module_level=True)
-
+CHROMIUM = chromium_or_skip()
 sync_api = pytest.importorskip("playwright.sync_api")
 
 

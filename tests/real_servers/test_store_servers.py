@@ -36,7 +36,7 @@ from canarymw._bucketing import BUCKETS, bucket
 from canarymw.store import ProcessReport, Store, change, lost, open_store
 
 from ..servers import ROOT, free_port
-from ..store.conftest import REDIS_URL
+from ..store.conftest import REDIS_URL, delete_redis_keys
 from ..store.redis_server import RedisServer
 
 pytestmark = pytest.mark.server
@@ -264,14 +264,10 @@ def by_variant(hits: list[Hit]) -> dict[str, int]:
 @pytest.fixture
 def redis_prefix_url() -> Iterator[str]:
     """The shared Redis under a prefix of our own; its keys are deleted afterwards."""
-    redis = pytest.importorskip("redis")
+    pytest.importorskip("redis")
     prefix = f"canarymw-test-{uuid.uuid4().hex[:12]}:"
     yield f"{REDIS_URL}?prefix={prefix}"
-    client = redis.Redis.from_url(REDIS_URL)
-    keys = list(client.scan_iter(match=f"{prefix}*"))
-    if keys:
-        client.delete(*keys)
-    client.close()
+    delete_redis_keys(prefix)
 
 
 @pytest.fixture

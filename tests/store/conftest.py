@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -11,6 +12,8 @@ from typing import Any
 import pytest
 
 from canarymw.store import MemoryStore, Store
+
+from .redis_server import RedisServer, free_port
 
 REDIS_URL = os.environ.get("CANARYMW_TEST_REDIS", "redis://127.0.0.1:6379/0")
 
@@ -54,10 +57,42 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
     for store in made:
         store.close()
     if request.param == "redis":
-        import redis
+        delete_redis_keys(prefix)
 
-        client = redis.Redis.from_url(REDIS_URL)
-        keys = list(client.scan_iter(match=f"{prefix}*"))
-        if keys:
-            client.delete(*keys)
-        client.close()
+
+def delete_redis_keys(prefix: str) -> None:
+    """Delete the keys under ``prefix`` on the shared Redis."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    keys = list(client.scan_iter(match=f"{prefix}*"))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+@pytest.fixture
+def redis_prefix() -> Iterator[str]:
+    """A key prefix of its own on the shared Redis; its keys are deleted afterwards."""
+    pytest.importorskip("redis")
+    prefix = f"canarymw-test-{uuid.uuid4().hex[:12]}:"
+    yield prefix
+    delete_redis_keys(prefix)
+
+
+@pytest.fixture
+def cluster_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A one-node cluster: every slot on one server, and CROSSSLOT checked all the same."""
+    bus = str(free_port())  # the default, port + 10000, may be taken or out of range
+    options = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-port", bus)
+    server = RedisServer(tmp_path / "cluster", *options)
+    server.start()
+    try:
+        assert server.command("CLUSTER", "ADDSLOTSRANGE", "0", "16383").startswith(b"+OK")
+        deadline = time.monotonic() + 5
+        while b"cluster_state:ok" not in server.command("CLUSTER", "INFO"):
+            assert time.monotonic() < deadline, "the cluster did not come up"
+            time.sleep(0.05)
+        yield server
+    finally:
+        server.kill()

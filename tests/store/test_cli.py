@@ -13,19 +13,17 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from canarymw import cli
-from canarymw.store import Counts, RolloutState, Store, StoreUnavailable, on_start, open_store
+from canarymw.store import Counts, RolloutState, Store, StoreUnavailable, on_start
 from canarymw.store._stats import VariantSummary, blended, blended_interval, measured, summarize
 
-from .conftest import REDIS_URL
+from .cli_where import Where, where_for
 
 SCRIPT = Path(sys.executable).parent / "canarymw"
 UNREACHABLE = "redis://127.0.0.1:1/0"
@@ -34,36 +32,10 @@ UNREACHABLE = "redis://127.0.0.1:1/0"
 # -- helpers -----------------------------------------------------------------------------
 
 
-@dataclass
-class Where:
-    """A store URL the command is given, and a store object on the same backend to seed and check."""
-
-    url: str
-    store: Store
-
-
 @pytest.fixture(params=["sqlite", "redis"])
 def where(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Where]:
-    for name in (cli.STORE_ENV, cli.BY_ENV, cli.DEBUG_ENV):
-        monkeypatch.delenv(name, raising=False)
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'state.db'}"  # an absolute path: four slashes in all
-        assert url.startswith("sqlite:////")
-    else:
-        prefix = f"canarymw-cli-test-{uuid.uuid4().hex[:12]}:"
-        url = f"{REDIS_URL}?prefix={prefix}"
-    store = open_store(url)
-    store.names()  # creates the SQLite file, as the first process running a rollout does
-    yield Where(url, store)
-    store.close()
-    if request.param == "redis":
-        import redis
-
-        client = redis.Redis.from_url(REDIS_URL)
-        keys = list(client.scan_iter(match=f"{prefix}*"))
-        if keys:
-            client.delete(*keys)
-        client.close()
+    with where_for(request.param, tmp_path, monkeypatch) as where:
+        yield where
 
 
 @pytest.fixture

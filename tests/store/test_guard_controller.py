@@ -50,6 +50,13 @@ def controller(store: Store, g: Guard) -> Controller:
     return Controller(Rollout(NAME, percent=0, secret_key=KEY), store, g)
 
 
+def contenders(backend: Backend, g: Guard, n: int) -> tuple[Store, list[Controller]]:
+    """A store with the rollout seeded, and ``n`` controllers, each on a store object of its own."""
+    store = backend()
+    seeded(store)
+    return store, [controller(backend(), g) for _ in range(n)]
+
+
 def state(store: Store) -> RolloutState:
     return store.read([NAME])[NAME]
 
@@ -65,10 +72,7 @@ def traffic(store: Store, start: float, *, windows: int, old: tuple[int, int], n
 
 
 def test_one_leader_among_three_and_takeover_on_release(backend: Backend) -> None:
-    store = backend()
-    seeded(store)
-    g = guard()
-    a, b, c = (controller(backend(), g) for _ in range(3))
+    store, (a, b, c) = contenders(backend, guard(), 3)
     made = a.tick(now=T0)
     assert made is not None and made.action == "guard" and made.percent_after == 10
     assert a.token is not None
@@ -87,10 +91,8 @@ def test_one_leader_among_three_and_takeover_on_release(backend: Backend) -> Non
 
 
 def test_a_dead_leader_is_replaced_within_two_lease_periods(backend: Backend) -> None:
-    store = backend()
-    seeded(store)
     g = guard(lease=0.3)
-    a, b = controller(backend(), g), controller(backend(), g)
+    _, (a, b) = contenders(backend, g, 2)
     a.tick(now=T0)
     assert a.token is not None
     died = time.monotonic()
@@ -103,10 +105,7 @@ def test_a_dead_leader_is_replaced_within_two_lease_periods(backend: Backend) ->
 
 
 def test_a_leader_that_lost_its_lease_cannot_write(backend: Backend) -> None:
-    store = backend()
-    seeded(store)
-    g = guard(lease=0.2)
-    a, b = controller(backend(), g), controller(backend(), g)
+    store, (a, b) = contenders(backend, guard(lease=0.2), 2)
     a.tick(now=T0)
     stale = a.token
     assert stale is not None

@@ -17,7 +17,7 @@ import sqlite3
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -568,23 +568,6 @@ def test_redis_lease_errors_are_unavailable() -> None:
                 call()
     finally:
         store.close()
-
-
-@pytest.fixture
-def cluster_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    """A one-node cluster: every slot on one server, and CROSSSLOT checked all the same."""
-    options = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf")
-    server = RedisServer(tmp_path / "cluster", *options, "--cluster-port", str(free_port()))
-    server.start()
-    try:
-        assert server.command("CLUSTER", "ADDSLOTSRANGE", "0", "16383").startswith(b"+OK")
-        deadline = time.monotonic() + 5
-        while b"cluster_state:ok" not in server.command("CLUSTER", "INFO"):
-            assert time.monotonic() < deadline, "the cluster did not come up"
-            time.sleep(0.05)
-        yield server
-    finally:
-        server.kill()
 
 
 def test_fenced_writes_work_on_a_redis_cluster(cluster_redis: RedisServer) -> None:

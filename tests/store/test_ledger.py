@@ -11,9 +11,7 @@ import socket
 import sqlite3
 import threading
 import time
-import traceback
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from itertools import pairwise
 from pathlib import Path
@@ -26,6 +24,8 @@ from canarymw.store._model import IDLE_REPORT, PROCESS_KEEP, PROCESS_ROLLOUTS
 
 from ..harness import make_outcome
 from .conftest import REDIS_URL, Backend
+from .forking import exit_code, fork
+from .redis_server import RedisServer
 
 
 def report(process: str = "web-1:101:aa", at: float = 1_000_000.0, **kw: object) -> ProcessReport:
@@ -280,22 +280,6 @@ def test_a_failing_final_flush_is_not_reported_closed() -> None:
     assert (got.flushed, got.closed) == (4, False)  # so lost() names it once it is silent
 
 
-def _fork(work: Callable[[], None]) -> int:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
-        pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child reports through its exit code
-        code = 1
-        try:
-            work()
-            code = 0
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            os._exit(code)
-    return pid
-
-
 def test_a_forked_child_reports_as_a_process_of_its_own(backend: Backend) -> None:
     store = backend()
     if isinstance(store, MemoryStore):
@@ -311,9 +295,8 @@ def test_a_forked_child_reports_as_a_process_of_its_own(backend: Backend) -> Non
         outcomes(sink, 3)
         assert sink.close()
 
-    pid = _fork(child)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+    pid = fork(child)
+    assert exit_code(pid) == 0
     got = {r.pid: r for r in backend().processes()}
     assert set(got) == {os.getpid(), pid}
     assert (got[pid].flushed, got[pid].closed) == (3, True)
@@ -391,20 +374,6 @@ def test_sqlite_and_redis_errors_are_unavailable(tmp_path: Path) -> None:
     down.close()
 
 
-@pytest.fixture
-def redis_prefix() -> Iterator[str]:
-    redis = pytest.importorskip("redis")
-    import uuid
-
-    prefix = f"canarymw-test-{uuid.uuid4().hex[:12]}:"
-    yield prefix
-    client = redis.Redis.from_url(REDIS_URL)
-    keys = list(client.scan_iter(match=f"{prefix}*"))
-    if keys:
-        client.delete(*keys)
-    client.close()
-
-
 def test_redis_ledger_keys_share_a_slot_and_expire(redis_prefix: str) -> None:
     import redis
     from redis.crc import key_slot
@@ -429,32 +398,18 @@ def test_redis_ledger_keys_share_a_slot_and_expire(redis_prefix: str) -> None:
         raw.close()
 
 
-def test_redis_cluster_keeps_the_ledger(tmp_path: Path) -> None:
+def test_redis_cluster_keeps_the_ledger(cluster_redis: RedisServer) -> None:
     pytest.importorskip("redis")
     from redis.cluster import RedisCluster
 
     from canarymw.store.redis import RedisStore
 
-    from .redis_server import RedisServer, free_port
-
-    bus = str(free_port())
-    options = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-port", bus)
-    server = RedisServer(tmp_path / "cluster", *options)
-    server.start()
+    client = RedisCluster(host="127.0.0.1", port=cluster_redis.port, socket_timeout=1)
+    store = RedisStore(client, prefix="c:")
     try:
-        assert server.command("CLUSTER", "ADDSLOTSRANGE", "0", "16383").startswith(b"+OK")
-        deadline = time.monotonic() + 5
-        while b"cluster_state:ok" not in server.command("CLUSTER", "INFO"):
-            assert time.monotonic() < deadline, "the cluster did not come up"
-            time.sleep(0.05)
-        client = RedisCluster(host="127.0.0.1", port=server.port, socket_timeout=1)
-        store = RedisStore(client, prefix="c:")
-        try:
-            a, b = report("a:1:x", time.time()), report("b:2:y", time.time(), closed=True)
-            store.report_process(b)
-            store.report_process(a)
-            assert store.processes() == [a, b]
-        finally:
-            client.close()
+        a, b = report("a:1:x", time.time()), report("b:2:y", time.time(), closed=True)
+        store.report_process(b)
+        store.report_process(a)
+        assert store.processes() == [a, b]
     finally:
-        server.kill()
+        client.close()

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,7 +21,7 @@ import pytest
 from canarymw.store import Counts, RolloutState, StoreUnavailable, VersionConflict, on_start, operate
 
 from .conftest import REDIS_URL
-from .redis_server import RedisServer, free_port
+from .redis_server import RedisServer
 
 redis = pytest.importorskip("redis")
 
@@ -43,15 +42,9 @@ def bump(store: RedisStore, state: RolloutState, percent: float, name: str = "r"
 
 
 @pytest.fixture
-def prefix() -> Iterator[str]:
+def prefix(redis_prefix: str) -> str:
     """A key prefix of its own on the shared Redis; its keys are deleted afterwards."""
-    mine = f"canarymw-test-{uuid.uuid4().hex[:12]}:"
-    yield mine
-    client = redis.Redis.from_url(REDIS_URL)
-    keys = list(client.scan_iter(match=f"{mine}*"))
-    if keys:
-        client.delete(*keys)
-    client.close()
+    return redis_prefix
 
 
 @pytest.fixture
@@ -331,24 +324,6 @@ def test_a_forked_child_makes_its_own_connections(
     assert os.waitstatus_to_exitcode(status) == 0
     assert store.wait(2.0) is True  # the parent's subscription still works
     assert store.read(["r"])["r"].percent == 70
-
-
-@pytest.fixture
-def cluster_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    """A one-node cluster: every slot on one server, and CROSSSLOT checked all the same."""
-    bus = str(free_port())  # the default, port + 10000, may be taken or out of range
-    options = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-port", bus)
-    server = RedisServer(tmp_path / "cluster", *options)
-    server.start()
-    try:
-        assert server.command("CLUSTER", "ADDSLOTSRANGE", "0", "16383").startswith(b"+OK")
-        deadline = time.monotonic() + 5
-        while b"cluster_state:ok" not in server.command("CLUSTER", "INFO"):
-            assert time.monotonic() < deadline, "the cluster did not come up"
-            time.sleep(0.05)
-        yield server
-    finally:
-        server.kill()
 
 
 def test_a_cluster_client_works(

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import subprocess
 import sys
 import textwrap
 import time
-import traceback
-import warnings
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
@@ -18,6 +15,8 @@ import pytest
 
 from canarymw.store import Counts, RolloutState, StoreUnavailable, VersionConflict, on_start, operate
 from canarymw.store.sqlite import SCHEMA_VERSION, SQLiteStore
+
+from .forking import exit_code, fork
 
 
 @pytest.fixture
@@ -102,28 +101,6 @@ def test_processes_incrementing_one_file_lose_no_update(
     assert [c.version for c in log] == list(range(1, 2 + workers * each))  # each change audited once
     assert [c.percent_after for c in log] == [float(v) for v in range(workers * each + 1)]
     assert sorted(c.by for c in log[1:]) == sorted(f"p{i}" for i in range(workers) for _ in range(each))
-
-
-def fork(work: Callable[[], None]) -> int:
-    """Run ``work()`` in a forked child; its pid (the child exits 0 if it returned)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
-        pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child reports through its exit code
-        code = 1
-        try:
-            work()
-            code = 0
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            os._exit(code)
-    return pid
-
-
-def exit_code(pid: int) -> int:
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
 
 
 def test_forked_workers_sharing_an_open_store_lose_no_update(
