@@ -322,3 +322,34 @@ def test_the_file_is_wal_versioned_and_reopens_after_close(
     store.add_counts([Counts(n, "new", 1000, requests=1, buckets={3: 1}) for n in many])
     assert len(store.read_counts(many, since=1000)) == len(many)
     store.close()
+
+
+def test_many_processes_opening_a_new_file_at_once_all_get_in(tmp_path: Path) -> None:
+    """Switching a new file to WAL while another connection does the same can fail at
+    once ("database is locked", no busy wait): every opener must get in, every time."""
+    import threading
+
+    from canarymw.store import on_start
+
+    failures: list[BaseException] = []
+    for round_ in range(60):
+        path = tmp_path / f"fresh-{round_}.db"
+
+        def open_and_read(path: Path = path) -> None:
+            store = SQLiteStore(path)
+            try:
+                store.read(["r"])
+            except BaseException as exc:  # reported below, with the round
+                failures.append(exc)
+            finally:
+                store.close()
+
+        threads = [threading.Thread(target=open_and_read) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not failures, f"round {round_}: {failures}"
+    made = on_start("r", None, 5)
+    assert made is not None
+    SQLiteStore(tmp_path / "fresh-0.db").write("r", 0, *made)  # and the file works

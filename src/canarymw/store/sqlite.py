@@ -521,7 +521,17 @@ class SQLiteStore:
             raise self._unavailable(exc, "opening it") from exc
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
-            conn.execute("PRAGMA journal_mode = WAL").fetchone()
+            # Switching a new file to WAL while another connection does the same can fail
+            # with "database is locked" at once, without SQLite's busy wait: wait here.
+            deadline = time.monotonic() + self.timeout
+            while True:
+                try:
+                    conn.execute("PRAGMA journal_mode = WAL").fetchone()
+                    break
+                except sqlite3.OperationalError as exc:
+                    if "locked" not in str(exc) or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.01)
             conn.execute("PRAGMA synchronous = NORMAL")
             self._migrate(conn)
         except BaseException as exc:
