@@ -1045,6 +1045,11 @@ def _watch(args: argparse.Namespace) -> int:
                 return EXIT_OK
             _sleep(args.interval)
     except KeyboardInterrupt:
+        # Ctrl-C is how watch ends: a second one (a quick double press, or `timeout`
+        # signalling the process and then its group) must not turn the clean exit into 130.
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         if tty:
             out.write("\n")
         return EXIT_OK

@@ -377,7 +377,7 @@ def evaluate_python(example: Example) -> None:
 #: Seconds a shell block may take. A command documented to run "until Ctrl-C" gets a
 #: SIGINT after INTERRUPT_AFTER seconds, and must then exit with 0, as documented.
 SHELL_TIMEOUT = 60.0
-INTERRUPT_AFTER = 4
+INTERRUPT_AFTER = 8  # seconds: time for a loaded machine to start the command and show a table
 
 
 def evaluate_shell(example: Example) -> None:

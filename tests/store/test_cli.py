@@ -787,3 +787,36 @@ def test_status_names_a_process_that_stopped_without_its_final_flush(
     tail = out.strip().splitlines()[-3:]
     assert tail[0] == "2 processes stopped without their final flush, up to ~25 outcomes not counted:"
     assert "web-1:4245" in tail[2] and "idle at its last report: likely nothing lost" in tail[2]
+
+
+def test_watch_ignores_a_second_ctrl_c_while_it_ends(
+    where: Where, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C ends watch with 0; a second SIGINT while it closes the store and the
+    interpreter exits (a double press, or `timeout` signalling the process and then its
+    group) must not turn that into 130: from the first one on, SIGINT is ignored."""
+    import signal
+
+    seed(where.store, "checkout", 20)
+    seen: list[object] = []
+
+    def ctrl_c(seconds: float) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_sleep", ctrl_c)
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        from canarymw.store import open_store
+
+        real_close = type(open_store(where.url)).close
+
+        def close(self: Any) -> None:
+            seen.append(signal.getsignal(signal.SIGINT))  # what a second Ctrl-C would meet now
+            real_close(self)
+
+        monkeypatch.setattr(type(open_store(where.url)), "close", close)
+        code, out, _ = run(capsys, "watch", "checkout", "--store", where.url)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert code == 0 and out.startswith("canarymw watch ")
+    assert seen and seen[0] is signal.SIG_IGN
