@@ -633,6 +633,59 @@ def _admin(args: argparse.Namespace) -> AdminClient | None:
         raise _Failure(EXIT_STORE, _sentence(" ".join(str(exc).split()))) from None
 
 
+class _Local:
+    """A store opened here, with the admin client's methods: every store command reads and
+    changes a rollout the same way whether ``--store`` is a store or an admin URL."""
+
+    def __init__(self, store: Store, by: str | None = None) -> None:
+        self.store = store
+        self.by = by
+        self.assessors: dict[str, tuple[dict[str, Any], Assessor]] = {}  # guards judged incrementally
+
+    def __enter__(self) -> _Local:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.store.close()
+
+    def report(self, name: str | None = None, window: float = 300.0) -> dict[str, Any]:
+        return _report(self.store, name, window, time.time(), self.assessors)
+
+    def history(self, name: str, limit: int = 50) -> list[Change]:
+        if name not in self.store.read([name]):
+            raise _unknown(name)
+        return self.store.history(name, limit)
+
+    def change(
+        self,
+        name: str,
+        action: str,
+        *,
+        reason: str = "",
+        percent: float | None = None,
+        expected_version: int | None = None,
+    ) -> RolloutState:
+        from .store import change
+
+        by = self.by or _default_by()
+        return change(
+            self.store, name, action, by=by, reason=reason, percent=percent, expected_version=expected_version
+        )
+
+
+def _operator(args: argparse.Namespace) -> AdminClient | _Local:
+    """What the store commands work through: the admin's client for an ``http(s)://``
+    URL, else the store itself."""
+    client = _admin(args)
+    if client is not None:
+        return client
+    by = getattr(args, "by", None)
+    return _Local(_open(args), by)
+
+
 def _open(args: argparse.Namespace) -> Store:
     url = args.store or os.environ.get(STORE_ENV, "")
     if not url.strip():
@@ -871,16 +924,8 @@ def _success_line(r: dict[str, Any]) -> str:
 
 
 def _status(args: argparse.Namespace) -> int:
-    client = _admin(args)
-    if client is not None:
-        with client:
-            data = client.report(args.name, args.window)
-    else:
-        store = _open(args)
-        try:
-            data = _report(store, args.name, args.window, time.time())
-        finally:
-            store.close()
+    with _operator(args) as operator:
+        data = operator.report(args.name, args.window)
     if args.json:
         _emit_json(data)
     else:
@@ -908,33 +953,14 @@ def _default_by() -> str:
 def _change_command(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from .store import change
-
-    client = _admin(args)
-    if client is not None:
-        with client:
-            state = client.change(
-                args.name,
-                args.command,
-                reason=args.reason,
-                percent=getattr(args, "percent", None),
-                expected_version=args.if_version,
-            )
-    else:
-        by = args.by or _default_by()
-        store = _open(args)
-        try:
-            state = change(
-                store,
-                args.name,
-                args.command,
-                by=by,
-                reason=args.reason,
-                percent=getattr(args, "percent", None),
-                expected_version=args.if_version,
-            )
-        finally:
-            store.close()
+    with _operator(args) as operator:
+        state = operator.change(
+            args.name,
+            args.command,
+            reason=args.reason,
+            percent=getattr(args, "percent", None),
+            expected_version=args.if_version,
+        )
     if args.json:
         _emit_json({"rollout": args.name, "action": args.command, "state": asdict(state)})
     else:
@@ -957,18 +983,8 @@ def _state_line(name: str, action: str, state: RolloutState) -> str:
 def _history(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    client = _admin(args)
-    if client is not None:
-        with client:
-            log = client.history(args.name, args.limit)
-    else:
-        store = _open(args)
-        try:
-            if args.name not in store.read([args.name]):
-                raise _unknown(args.name)
-            log = store.history(args.name, args.limit)
-        finally:
-            store.close()
+    with _operator(args) as operator:
+        log = operator.history(args.name, args.limit)
     if args.json:
         entries = [{"when": _when(c.at), **asdict(c)} for c in log]
         _emit_json({"rollout": args.name, "history": entries})
@@ -1006,21 +1022,14 @@ def _history_text(log: list[Change]) -> list[str]:
 def _watch(args: argparse.Namespace) -> int:
     out = sys.stdout
     tty = out.isatty()
-    client = _admin(args)
-    store = _open(args) if client is None else None
+    operator = _operator(args)  # keeps what it judged of guards between refreshes
     refreshes = 0
-    assessors: dict[str, tuple[dict[str, Any], Assessor]] = {}  # guards judged incrementally
-
-    def fetch(now: float) -> dict[str, Any]:
-        if client is not None:
-            return client.report(args.name, args.window)  # the admin keeps its own assessors
-        return _report(store, args.name, args.window, now, assessors)
 
     try:
         while True:
             now = time.time()
             try:
-                body = _status_text(fetch(now))
+                body = _status_text(operator.report(args.name, args.window))
             except Exception as exc:
                 if refreshes == 0:
                     raise  # a wrong store or name: say so and stop, as status does
@@ -1054,10 +1063,7 @@ def _watch(args: argparse.Namespace) -> int:
             out.write("\n")
         return EXIT_OK
     finally:
-        if client is not None:
-            client.close()
-        elif store is not None:
-            store.close()
+        operator.close()
 
 
 # serve-admin ----------------------------------------------------------------------------
