@@ -4,8 +4,16 @@ The value is ``1.<id>.<issued>.<signature>``: format version ``1``, a random id 
 base64url characters (128 to 132 random bits from the operating system), the issue
 time in hexadecimal Unix seconds, and an itsdangerous HMAC-SHA256 signature under a
 salt of its own, so no other value signed with the same secret key (a Flask session,
-say) ever verifies as a cohort cookie. The cookie never stores the variant: the
-variant follows from the id and the live percent.
+say) ever verifies as a cohort cookie. With the default ``monotone`` policy the variant
+follows from the id and the live percent, and the cookie stores nothing else.
+
+Format ``2`` adds a record: ``2.<id>.<issued>.<record>.<signature>``, the record being
+``<v><epoch>`` or ``<v><epoch>-<bucket>``: ``v`` is ``n`` (new), ``o`` (old) or ``x``
+(no variant recorded), ``epoch`` the assignment epoch in hexadecimal, and ``bucket``
+(hexadecimal) the anchor bucket when it is not the id's own (a user's assignment
+adopted on another device). The ``drain`` and ``pin`` policies record the variant;
+format ``1`` values stay valid and mean "nothing recorded". A value is at most about
+100 characters.
 """
 
 from __future__ import annotations
@@ -20,11 +28,44 @@ from collections.abc import Sequence
 from itsdangerous import Signer
 
 VERSION = "1"
+RECORD_VERSION = "2"
 SIGNER_SALT = "canarymw.cohort"
 MAX_VALUE_LENGTH = 200
 """Longer values are never ours and are rejected before any HMAC is computed."""
 
 _SAMESITE = ("Lax", "Strict", "None")
+_VARIANT_CODES = {"n": "new", "o": "old", "x": None}
+_HEX = frozenset("0123456789abcdef")
+
+
+def encode_record(variant: str | None, epoch: int, bucket: int | None) -> str:
+    """The record field of a format ``2`` value (see the module docstring)."""
+    code = "n" if variant == "new" else "o" if variant == "old" else "x"
+    return f"{code}{epoch:x}" if bucket is None else f"{code}{epoch:x}-{bucket:x}"
+
+
+def decode_record(record: str) -> tuple[str | None, int, int | None] | None:
+    """``(variant, epoch, bucket)`` of a record field, or None if it is not one we write."""
+    if not 2 <= len(record) <= 15 or record[0] not in _VARIANT_CODES:
+        return None
+    epoch, dash, bucket = record[1:].partition("-")
+    if not epoch or len(epoch) > 8 or not _HEX.issuperset(epoch) or (epoch[0] == "0" and len(epoch) > 1):
+        return None
+    anchor = None
+    if dash:
+        if (
+            not bucket
+            or len(bucket) > 4
+            or not _HEX.issuperset(bucket)
+            or (bucket[0] == "0" and len(bucket) > 1)
+        ):
+            return None
+        anchor = int(bucket, 16)
+        if anchor >= 10_000:
+            return None
+    return _VARIANT_CODES[record[0]], int(epoch, 16), anchor
+
+
 _URLSAFE = bytes.maketrans(b"+/", b"-_")
 
 
@@ -104,13 +145,17 @@ class CookieCodec:
                 (hashlib.sha256(bytes(b ^ 0x36 for b in key)), hashlib.sha256(bytes(b ^ 0x5C for b in key)))
             )
 
-    def issue(self, cohort_id: str, issued: int) -> str:
-        """Sign a new value for ``cohort_id`` with the newest key."""
-        return self.issue_many([cohort_id], issued)[0]
+    def issue(self, cohort_id: str, issued: int, record: str = "") -> str:
+        """Sign a new value for ``cohort_id`` with the newest key (format ``2`` with a
+        ``record`` from :func:`encode_record`, else format ``1``)."""
+        return self.issue_many([cohort_id], issued, record)[0]
 
-    def issue_many(self, cohort_ids: list[str], issued: int) -> list[str]:
+    def issue_many(self, cohort_ids: list[str], issued: int, record: str = "") -> list[str]:
         """Sign new values for many ids at once with the newest key (Signer.sign()'s bytes)."""
-        prefix, suffix = f"{VERSION}.".encode("ascii"), f".{issued:x}".encode("ascii")
+        if record:
+            prefix, suffix = f"{RECORD_VERSION}.".encode("ascii"), f".{issued:x}.{record}".encode("ascii")
+        else:
+            prefix, suffix = f"{VERSION}.".encode("ascii"), f".{issued:x}".encode("ascii")
         newest = self._states[0]
         out = []
         for cid in cohort_ids:
@@ -118,8 +163,11 @@ class CookieCodec:
             out.append((payload + b"." + _signature(newest, payload)).decode("ascii"))
         return out
 
-    def verify(self, value: str) -> tuple[str, int, bool] | None:
-        """Return ``(id, issued, signed_with_newest_key)`` or None for any bad value.
+    def verify(self, value: str) -> tuple[str, int, bool, str] | None:
+        """Return ``(id, issued, signed_with_newest_key, record)`` or None for any bad value.
+
+        ``record`` is the format ``2`` record field (checked by :func:`decode_record`),
+        or ``""`` for a format ``1`` value.
 
         Only the canonical signature we issue verifies (itsdangerous would also take the
         same bytes spelt with padding or stray characters): a forged value costs one
@@ -134,13 +182,19 @@ class CookieCodec:
         for index, states in enumerate(self._states):
             if hmac.compare_digest(_signature(states, raw), given):
                 parts = payload.split(".")
-                if len(parts) != 3 or parts[0] != VERSION or len(parts[1]) != 22:
+                if len(parts) == 3 and parts[0] == VERSION:
+                    record = ""
+                elif len(parts) == 4 and parts[0] == RECORD_VERSION and decode_record(parts[3]) is not None:
+                    record = parts[3]
+                else:
+                    return None
+                if len(parts[1]) != 22:
                     return None
                 try:
                     issued = int(parts[2], 16)
                 except ValueError:
                     return None
-                return parts[1], issued, index == 0
+                return parts[1], issued, index == 0, record
         return None
 
 

@@ -17,6 +17,8 @@ from ._bucketing import BUCKETS, bucketer
 from ._cookie import (
     MAX_VALUE_LENGTH,
     CookieCodec,
+    decode_record,
+    encode_record,
     find_values,
     new_ids,
     normalise_keys,
@@ -29,9 +31,13 @@ if TYPE_CHECKING:
     from .guard import Guard
     from .guard._controller import Controller
     from .store import RolloutState, Store
+    from .store._identity import Identities
 
 Variant = Literal["old", "new"]
-Reason = Literal["bucket", "allowlist", "denylist", "forced"]
+Reason = Literal["bucket", "allowlist", "denylist", "forced", "sticky"]
+Policy = Literal["monotone", "drain", "pin"]
+POLICIES = ("monotone", "drain", "pin")
+LOGIN = ("keep", "switch")
 KeyFunc = Callable[[Any], "str | int | None"]
 
 log = logging.getLogger("canarymw")
@@ -70,11 +76,14 @@ class Decision(NamedTuple):
     variant: Variant
     """``"old"`` or ``"new"``."""
     reason: Reason
-    """``"bucket"`` (the percent split), ``"allowlist"``, ``"denylist"`` or ``"forced"``."""
+    """``"bucket"`` (the percent split), ``"sticky"`` (a variant recorded earlier that
+    the ``drain`` or ``pin`` policy keeps), ``"allowlist"``, ``"denylist"`` or ``"forced"``."""
     cohort: str
     """The stickiness key: the user key from ``key=``, else the cookie's random id."""
     bucket: int
-    """``bucket(salt, cohort)`` in ``[0, 10000)``."""
+    """The visitor's anchor bucket in ``[0, 10000)``: ``bucket(salt, key)`` of the first
+    key they were assigned by (the cookie id, or the user key of a user first seen
+    without one), which survives login."""
     set_cookie: str | None = None
     """``Set-Cookie`` value the response must carry, or None (cookie valid and fresh)."""
     first_visit: bool = False
@@ -87,14 +96,35 @@ class Decision(NamedTuple):
 
 
 class _Entry:
-    __slots__ = ("bucket", "decision", "gen", "id", "refresh_at")
+    # One verified cookie value: its id, anchor bucket and record.
+    __slots__ = ("anchor", "bucket", "decision", "epoch", "gen", "id", "refresh_at", "variant")
 
-    def __init__(self, cid: str, bkt: int, refresh_at: float) -> None:
+    def __init__(
+        self, cid: str, bkt: int, refresh_at: float, variant: str | None, epoch: int, anchor: int | None
+    ) -> None:
         self.id = cid
         self.bucket = bkt
         self.refresh_at = refresh_at
+        self.variant = variant
+        self.epoch = epoch
+        self.anchor = anchor
         self.gen = -1
         self.decision: Decision | None = None
+
+
+class _User:
+    # What this process knows of a key= user: the assignment, and whether the store has
+    # confirmed it (then it wins over a cookie: one user, one variant on every device).
+    __slots__ = ("bucket", "epoch", "state", "variant")
+
+    def __init__(self, bkt: int, variant: str | None, epoch: int, state: int) -> None:
+        self.bucket = bkt
+        self.variant = variant
+        self.epoch = epoch
+        self.state = state
+
+
+_UNASKED, _ASKED, _CONFIRMED = 0, 1, 2
 
 
 class _PathMatcher:
@@ -198,6 +228,9 @@ _CONFIG = frozenset(
         "store",
         "guard",
         "controller",
+        "policy",
+        "on_login",
+        "user_memory",
     )
 )
 
@@ -217,6 +250,26 @@ class Rollout:
         percent: Share of cohorts, 0 to 100 (resolution 0.01), sent to ``new``.
             Raising it only moves cohorts from old to new; ``0`` is the kill switch
             (everyone old at once, whatever their cookie), ``100`` the blue/green switch.
+            What lowering it does depends on ``policy``.
+        policy: Who moves when the percent changes (see docs/policies.md).
+            ``"monotone"`` (default): the variant follows the bucket and the live
+            percent, so lowering the percent moves the most recently added cohorts back
+            to ``old``. ``"drain"``: a visitor who got ``new`` keeps it when the percent
+            is lowered (only where new visitors go changes), so no half-migrated
+            session is switched back; raising still moves visitors to ``new``.
+            ``"pin"``: every visitor keeps the first variant they got, both ways. Under
+            every policy ``0`` sends everyone to ``old`` and ``100`` everyone to
+            ``new``; a drop to ``0`` (a rollback) and :meth:`reset` start a new
+            assignment epoch, in which nothing recorded before counts. ``drain`` and
+            ``pin`` record the variant in the cohort cookie (format 2, under 120
+            characters; older cookies stay valid and are recorded on their next visit).
+        on_login: With ``key=``, what a visitor who logs in gets. ``"keep"``
+            (default): the assignment they already had (their cookie's) survives login,
+            so nobody's variant flips when they sign in; with a ``store``, a user's first
+            assignment is kept there for ``user_memory`` seconds and followed on every
+            device. ``"switch"``: the user key's own bucket decides, as if first seen.
+        user_memory: Seconds a store remembers a user's assignment after their last
+            request (default 90 days); needs ``key=`` and ``store=``.
         secret_key: Key for the cohort cookie signature, or a list oldest to newest
             for rotation: the newest signs, all verify, and a cookie that verifies only
             with an older key is re-issued with the newest (same id, same variant).
@@ -293,6 +346,9 @@ class Rollout:
         store: Store | str | None = None,
         store_interval: float = 1.0,
         guard: Guard | None = None,
+        policy: Policy = "monotone",
+        on_login: Literal["keep", "switch"] = "keep",
+        user_memory: float = 90 * 24 * 3600,
     ) -> None:
         if not isinstance(name, str) or not name.strip():
             raise ValueError("Rollout needs a non-empty name, such as 'checkout-v2'.")
@@ -318,10 +374,24 @@ class Rollout:
         validate_cookie_settings(owner, cookie_name, cookie_samesite, cookie_secure, cookie_max_age)
         if not isinstance(cookie_path, str) or not cookie_path.startswith("/"):
             raise ValueError(f"{owner} got cookie_path {cookie_path!r}; it must start with '/'.")
+        if policy not in POLICIES:
+            raise ValueError(f"{owner} got policy={policy!r}; use 'monotone', 'drain' or 'pin'.")
+        if on_login not in LOGIN:
+            raise ValueError(f"{owner} got on_login={on_login!r}; use 'keep' or 'switch'.")
+        if (
+            isinstance(user_memory, bool)
+            or not isinstance(user_memory, int | float)
+            or not math.isfinite(user_memory)
+            or user_memory <= 0
+        ):
+            raise ValueError(f"{owner} got user_memory={user_memory!r}; use a positive number of seconds.")
+        self.policy = policy
+        self.on_login = on_login
+        self.user_memory = float(user_memory)
         self._codec = CookieCodec(normalise_keys(secret_key, owner))
         self._cookie_templates: dict[bool, tuple[str, str, str]] = {}
         self._bucket = bucketer(self.salt)
-        self._state = (0.0, 0.0)
+        self._state = (0.0, 0.0, 0)
         self._gen = 0
         self._lock = threading.Lock()
         self._set_local(_check_percent(percent, owner))
@@ -359,7 +429,8 @@ class Rollout:
         # returning visitor's one dict lookup); user key -> bucket.
         self._seen: BoundedCache[_Entry] = BoundedCache(_CACHE_SIZE, _CACHE_CHARS, MAX_VALUE_LENGTH)
         self._by_header: BoundedCache[_Entry] = BoundedCache(_CACHE_SIZE, _CACHE_CHARS, _HEADER_KEY_MAX)
-        self._keys: BoundedCache[int] = BoundedCache(_CACHE_SIZE, _CACHE_CHARS, _HEADER_KEY_MAX)
+        self._users: BoundedCache[_User] = BoundedCache(_CACHE_SIZE, _CACHE_CHARS, _HEADER_KEY_MAX)
+        self._identities: Identities | None = None
         self.counters: dict[str, int] = dict.fromkeys(
             (
                 "assigned",
@@ -369,12 +440,16 @@ class Rollout:
                 "forced",
                 "exposure_errors",
                 "store_errors",
+                "recorded",
+                "users_dropped",
             ),
             0,
         )
         """Health counters: new ids assigned, cookies rejected (tampered, foreign
         key, malformed), cookies re-issued (refresh or key rotation), failures of the
-        ``key`` callable, forced requests, failed reads of the store."""
+        ``key`` callable, forced requests, failed reads of the store, variants recorded
+        anew in a cookie (``drain``, ``pin``), and users' assignments not sent to the
+        store because its queue was full."""
         if guard is not None:
             from .guard import Guard as GuardType
 
@@ -399,6 +474,10 @@ class Rollout:
             from .store._follow import follow
 
             follow(self, self.store, store_interval)
+            if key is not None:
+                from .store._identity import Identities
+
+                self._identities = Identities(self, self.store)
         if controller is not None:
             controller.ensure_thread()
 
@@ -445,13 +524,34 @@ class Rollout:
             change(self.store, self.name, "set", percent=pct, by="code", reason="percent set in code")
         )
 
-    def _set_local(self, pct: float) -> None:
+    def _set_local(self, pct: float, epoch: int | None = None) -> None:
         with self._lock:
-            # One tuple, so readers never see a percent with another's threshold;
-            # the generation bump afterwards retires cached decisions.
+            old_pct, _, old_epoch = self._state
+            if epoch is None:
+                # Without a store, this process keeps the assignment epoch: one up on a drop to 0.
+                epoch = old_epoch + 1 if pct <= 0.0 < old_pct else old_epoch
+            # One tuple, so readers never see a percent with another's threshold or
+            # epoch; the generation bump afterwards retires cached decisions.
             # Whole buckets: 0.07% is 7 buckets, not 7.000000000000001 (which would let an 8th in).
-            self._state = (pct, round(pct * (BUCKETS / 100), 6))
+            self._state = (pct, round(pct * (BUCKETS / 100), 6), epoch)
             self._gen += 1
+
+    @property
+    def epoch(self) -> int:
+        """The assignment epoch: one up at each :meth:`reset` and each drop to 0 percent.
+        What ``drain`` and ``pin`` recorded for a visitor counts only within its epoch."""
+        return self._state[2]
+
+    def reset(self, *, by: str = "code", reason: str = "") -> None:
+        """Start a new assignment epoch: every visitor's recorded variant (``drain``,
+        ``pin``) is void, and each is assigned afresh by the percent on their next
+        request. With a store, an audited change (``reset``) that every process follows."""
+        if self.store is None:
+            self._set_local(self.percent, self.epoch + 1)
+            return
+        from .store._follow import change
+
+        self._apply_state(change(self.store, self.name, "reset", by=by, reason=reason or "reset in code"))
 
     def switch_off(self) -> None:
         """Send everyone to ``old`` in this process, whatever the store says, for good.
@@ -471,8 +571,8 @@ class Rollout:
             # rollout and it was seeded or restored anew) counts again from its start.
             if held is None or state.version > held.version or state.epoch != held.epoch:
                 # Percent first: whoever sees the new version also sees its percent.
-                if self._override is None and state.percent != self.percent:
-                    self._set_local(state.percent)
+                if self._override is None and (state.percent, state.assignment) != (self.percent, self.epoch):
+                    self._set_local(state.percent, state.assignment)
                 self._store_state = state
                 self._applied_at = at
             self._synced_at = at
@@ -512,20 +612,36 @@ class Rollout:
         return self._bucket(key)
 
     def variant_for(self, key: str) -> Variant:
-        """The variant a cohort key gets right now (overrides included, forcing not)."""
+        """The variant a cohort key gets right now (overrides included, forcing and
+        anything a ramp policy recorded not)."""
         return self._choose(key, self.bucket_of(key))[0]
 
-    def _choose(self, cohort: str, bkt: int) -> tuple[Variant, Reason]:
-        pct, threshold = self._state
+    def _choose(
+        self, cohort: str, bkt: int, recorded: str | None = None, recorded_epoch: int = -1
+    ) -> tuple[Variant, Reason, int | None]:
+        # (variant, reason, epoch to record the variant in, or None: nothing to record).
+        pct, threshold, epoch = self._state
         if pct <= 0.0:
-            return "old", "bucket"
+            return "old", "bucket", None
+        policy = self.policy
+        if recorded_epoch != epoch:
+            recorded = None
         if pct >= 100.0:
-            return "new", "bucket"
-        if cohort in self.deny:
-            return "old", "denylist"
-        if cohort in self.allow:
-            return "new", "allowlist"
-        return ("new" if bkt < threshold else "old"), "bucket"
+            variant: Variant = "new"
+            reason: Reason = "bucket"
+        elif cohort in self.deny:
+            return "old", "denylist", None
+        elif cohort in self.allow:
+            return "new", "allowlist", None
+        elif recorded is not None and (policy == "pin" or (policy == "drain" and recorded == "new")):
+            return recorded, "sticky", None  # type: ignore[return-value]
+        else:
+            variant, reason = ("new" if bkt < threshold else "old"), "bucket"
+        if policy == "monotone" or (policy == "drain" and variant == "old"):
+            return variant, reason, None
+        if recorded is not None and (policy == "pin" or recorded == variant):
+            return variant, reason, None  # pinned to old, shown new at 100%: the pin stays
+        return variant, reason, epoch
 
     def _count(self, name: str) -> None:
         lock = self._lock
@@ -564,7 +680,7 @@ class Rollout:
         # decide() without its cache lookup, for adapters that have just looked themselves.
         decision = None
         if self.key is not None:
-            decision = self._decide_by_key(request)
+            decision = self._decide_by_key(request, cookie_header, https)
         if decision is None:
             gen = self._gen
             entry = self._lookup(cookie_header) if cookie_header else None
@@ -576,9 +692,15 @@ class Rollout:
                 if entry.gen == gen and entry.decision is not None:
                     decision = entry.decision
                 else:
-                    variant, reason = self._choose(entry.id, entry.bucket)
-                    decision = Decision(self.name, variant, reason, entry.id, entry.bucket)
-                    entry.decision, entry.gen = decision, gen
+                    variant, reason, record = self._choose(entry.id, entry.bucket, entry.variant, entry.epoch)
+                    if record is None:
+                        decision = Decision(self.name, variant, reason, entry.id, entry.bucket)
+                        entry.decision, entry.gen = decision, gen
+                    else:
+                        # Not cached: the browser sends the recorded value from its next request.
+                        self._count("recorded")
+                        value = self._cookie(entry.id, https, encode_record(variant, record, entry.anchor))
+                        decision = Decision(self.name, variant, reason, entry.id, entry.bucket, value)
                 if self.key is None:
                     self._by_header.put(cookie_header, entry)  # type: ignore[arg-type]
         if self.force_token is not None and (force or (self.force_query and FORCE_PARAM in query)):
@@ -593,15 +715,15 @@ class Rollout:
 
         The adapters' fast path for returning visitors: one dict lookup, no parsing and
         no HMAC. Returns None when :meth:`decide` must run (unknown header, a changed
-        percent, a cookie due for refresh). Ignores ``key`` and forcing: callers use it
-        only when neither is configured.
+        percent, a cookie due for refresh or for a new record). Ignores ``key`` and
+        forcing: callers use it only when neither is configured.
         """
         entry = self._by_header.get(cookie_header)
         if entry is not None and entry.gen == self._gen and entry.refresh_at > _time():
             return entry.decision
         return None
 
-    def _decide_by_key(self, request: Any) -> Decision | None:
+    def _decide_by_key(self, request: Any, cookie_header: str | None, https: bool) -> Decision | None:
         try:
             raw = self.key(request)  # type: ignore[misc]
         except Exception:
@@ -611,17 +733,70 @@ class Rollout:
         if raw is None or raw == "":
             return None
         user = str(raw)
-        bkt = self._keys.get(user)
-        if bkt is None:
-            bkt = self.bucket_of(user)
-            self._keys.put(user, bkt)
-            variant, reason = self._choose(user, bkt)
-            decision = Decision(self.name, variant, reason, user, bkt)
-            if self.on_exposure is not None:
-                self._expose(decision)
-            return decision
-        variant, reason = self._choose(user, bkt)
-        return Decision(self.name, variant, reason, user, bkt)
+        entry = self._lookup(cookie_header) if cookie_header else None
+        held = self._users.get(user)
+        first = held is None
+        if held is None or (held.state != _CONFIRMED and entry is not None):
+            # Unknown here, or not confirmed by the store: the assignment the visitor
+            # already holds (their cookie's) wins, so logging in never flips a variant.
+            if entry is not None and self.on_login == "keep":
+                if (
+                    held is None
+                    or held.bucket != entry.bucket
+                    or _recorded(held.variant, held.epoch) != _recorded(entry.variant, entry.epoch)
+                ):
+                    held = _User(
+                        entry.bucket, entry.variant, entry.epoch, _UNASKED if held is None else held.state
+                    )
+                    self._users.put(user, held)
+            elif held is None:
+                held = _User(self.bucket_of(user), None, 0, _UNASKED)
+                self._users.put(user, held)
+        identities = self._identities
+        if identities is not None and held.state == _UNASKED:
+            held.state = _ASKED
+            identities.claim(user, held.bucket, held.variant, held.epoch)
+        variant, reason, record = self._choose(user, held.bucket, held.variant, held.epoch)
+        if record is not None:
+            self._count("recorded")
+            held.variant, held.epoch = variant, record
+            if identities is not None:
+                identities.remember(user, held.bucket, variant, record)
+        value = None
+        if entry is None:
+            if record is not None:
+                # Somewhere to keep the record for a user without a cookie: a new one.
+                cid = self._take_fresh()[0]
+                own = self._bucket(cid)
+                anchor = None if own == held.bucket else held.bucket
+                value = self._cookie(cid, https, encode_record(variant, record, anchor))
+        elif (
+            entry.bucket != held.bucket
+            or _recorded(entry.variant, entry.epoch) != _recorded(held.variant, held.epoch)
+            or entry.refresh_at <= _time()
+        ):
+            # The cookie follows the user's assignment, so logging out changes nothing either.
+            own = entry.bucket if entry.anchor is None else self._bucket(entry.id)
+            anchor = None if own == held.bucket else held.bucket
+            text = (
+                ""
+                if anchor is None and held.variant is None
+                else encode_record(held.variant, held.epoch, anchor)
+            )
+            value = self._cookie(entry.id, https, text)
+        decision = Decision(self.name, variant, reason, user, held.bucket, value)
+        if first and self.on_exposure is not None:
+            self._expose(decision)
+        return decision
+
+    def _confirm(self, user: str, bkt: int, variant: str | None, epoch: int) -> None:
+        # The store's answer to a claim: from now on it wins over any cookie.
+        self._users.put(user, _User(bkt, variant, epoch, _CONFIRMED))
+
+    def _unconfirm(self, user: str) -> None:
+        held = self._users.get(user)
+        if held is not None and held.state == _ASKED:
+            held.state = _UNASKED  # ask again on the user's next request
 
     def _lookup(self, header: str) -> _Entry | None:
         # The first verifying value of the first _MAX_CHECKS wins; one rejection
@@ -635,8 +810,16 @@ class Rollout:
                 if verified is None:
                     rejected = True
                     continue
-                cid, issued, newest = verified
-                entry = _Entry(cid, self.bucket_of(cid), issued + self._refresh_after if newest else 0.0)
+                cid, issued, newest, text = verified
+                variant, epoch, anchor = decode_record(text) if text else (None, 0, None)  # type: ignore[misc]
+                entry = _Entry(
+                    cid,
+                    self.bucket_of(cid) if anchor is None else anchor,
+                    issued + self._refresh_after if newest else 0.0,
+                    variant,
+                    epoch,
+                    anchor,
+                )
             # Put back last (also on a hit): a visitor who keeps coming back outlives a flood.
             self._seen.put(value, entry)
             break
@@ -661,9 +844,9 @@ class Rollout:
             ).partition("\0")
         return template
 
-    def _cookie(self, cid: str, https: bool) -> str:
+    def _cookie(self, cid: str, https: bool, record: str = "") -> str:
         template = self._attributes(https)
-        return template[0] + self._codec.issue(cid, int(_time())) + template[2]
+        return template[0] + self._codec.issue(cid, int(_time()), record) + template[2]
 
     def _take_fresh(self) -> tuple[str, int, str]:
         if self._fresh_until > _time():
@@ -684,11 +867,13 @@ class Rollout:
 
     def _assign(self, https: bool) -> Decision:
         cid, bkt, value = self._take_fresh()
-        variant, reason = self._choose(cid, bkt)
+        variant, reason, record = self._choose(cid, bkt)
         self._count("assigned")
         template = self._cookie_templates.get(https if self.cookie_secure is None else self.cookie_secure)
         if template is None:
             template = self._attributes(https)
+        if record is not None:
+            value = self._codec.issue(cid, int(_time()), encode_record(variant, record, None))
         decision: Decision = _tuple_new(
             Decision,
             (self.name, variant, reason, cid, bkt, template[0] + value + template[2], True),
@@ -705,9 +890,18 @@ class Rollout:
             log.exception("canarymw: on_exposure hook of rollout %r failed; request unaffected", self.name)
 
     def _reissue(self, entry: _Entry, https: bool) -> Decision:
-        variant, reason = self._choose(entry.id, entry.bucket)
+        variant, reason, record = self._choose(entry.id, entry.bucket, entry.variant, entry.epoch)
         self._count("cookie_reissued")
-        return Decision(self.name, variant, reason, entry.id, entry.bucket, self._cookie(entry.id, https))
+        if record is not None:
+            self._count("recorded")
+            text = encode_record(variant, record, entry.anchor)
+        elif entry.variant is not None or entry.anchor is not None:
+            text = encode_record(entry.variant, entry.epoch, entry.anchor)
+        else:
+            text = ""
+        return Decision(
+            self.name, variant, reason, entry.id, entry.bucket, self._cookie(entry.id, https, text)
+        )
 
     def _forced(self, header: str | None, query: str) -> Variant | None:
         candidates = [header] if header else []
@@ -720,3 +914,8 @@ class Rollout:
             if variant in ("old", "new") and hmac.compare_digest(given.encode(), token.encode()):
                 return variant  # type: ignore[return-value]
         return None
+
+
+def _recorded(variant: str | None, epoch: int) -> tuple[str | None, int]:
+    # A record compared for what it says: without a variant, its epoch means nothing.
+    return (variant, epoch) if variant is not None else (None, 0)

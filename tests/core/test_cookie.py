@@ -73,7 +73,7 @@ def test_round_trip_and_size() -> None:
     cid = new_ids(2)[0]
     value = c.issue(cid, 1_700_000_000)
     assert len(value) < 100
-    assert c.verify(value) == (cid, 1_700_000_000, True)
+    assert c.verify(value) == (cid, 1_700_000_000, True, "")
 
 
 @pytest.mark.parametrize(
@@ -110,11 +110,11 @@ def test_rotation_oldest_to_newest() -> None:
     old_value = codec("k-old").issue(cid, 1)
     rotated = codec("k-old", "k-new")
     # A cookie signed with the retiring key still verifies, flagged for re-issue.
-    assert rotated.verify(old_value) == (cid, 1, False)
+    assert rotated.verify(old_value) == (cid, 1, False, "")
     # A cookie issued after rotation is signed with the newest key.
     new_value = rotated.issue(cid, 2)
-    assert rotated.verify(new_value) == (cid, 2, True)
-    assert codec("k-new").verify(new_value) == (cid, 2, True)
+    assert rotated.verify(new_value) == (cid, 2, True, "")
+    assert codec("k-new").verify(new_value) == (cid, 2, True, "")
     # Once the old key is retired, its cookies no longer verify.
     assert codec("k-new").verify(old_value) is None
 
@@ -175,7 +175,7 @@ def test_issue_is_byte_identical_to_itsdangerous_signer() -> None:
     ids = new_ids(50)
     values = c.issue_many(ids, 1_700_000_123)
     assert values == [signer.sign(f"1.{i}.{1_700_000_123:x}").decode() for i in ids]
-    assert all(c.verify(v) == (i, 1_700_000_123, True) for i, v in zip(ids, values, strict=True))
+    assert all(c.verify(v) == (i, 1_700_000_123, True, "") for i, v in zip(ids, values, strict=True))
 
 
 def _signed(payload: str, key: str = "k1") -> str:
@@ -197,6 +197,18 @@ def _signed(payload: str, key: str = "k1") -> str:
         pytest.param("1.AAAAAAAAAAAAAAAAAAAAAA", id="two parts"),
         pytest.param("1.AAAAAAAAAAAAAAAAAAAAAA.zz", id="issue time not hexadecimal"),
         pytest.param("1.AAAAAAAAAAAAAAAAAAAAAA.", id="no issue time"),
+        pytest.param("3.AAAAAAAAAAAAAAAAAAAAAA.1.n0", id="format 3"),
+        pytest.param("2.AAAAAAAAAAAAAAAAAAAAAA.1.", id="empty record"),
+        pytest.param("2.AAAAAAAAAAAAAAAAAAAAAA.1.n", id="record without epoch"),
+        pytest.param("2.AAAAAAAAAAAAAAAAAAAAAA.1.q0", id="record of an unknown variant"),
+        pytest.param("2.AAAAAAAAAAAAAAAAAAAAAA.1.n00", id="epoch with a leading zero"),
+        pytest.param("2.AAAAAAAAAAAAAAAAAAAAAA.1.nG", id="epoch not hexadecimal"),
+        pytest.param("2.AAAAAAAAAAAAAAAAAAAAAA.1.n123456789", id="epoch of nine digits"),
+        pytest.param("2.AAAAAAAAAAAAAAAAAAAAAA.1.n0-2710", id="anchor bucket 10000"),
+        pytest.param("2.AAAAAAAAAAAAAAAAAAAAAA.1.n0-", id="empty anchor bucket"),
+        pytest.param("2.AAAAAAAAAAAAAAAAAAAAAA.1.n0-0f", id="anchor with a leading zero"),
+        pytest.param("2.AAAAAAAAAAAAAAAAAAAAAA.1.n0-1-2", id="two anchors"),
+        pytest.param("1.AAAAAAAAAAAAAAAAAAAAAA.1.n0", id="a record in format 1"),
     ],
 )
 def test_signed_but_malformed_values_are_no_cookie(payload: str) -> None:
@@ -205,8 +217,15 @@ def test_signed_but_malformed_values_are_no_cookie(payload: str) -> None:
 
 
 def test_signed_value_fields() -> None:
-    assert codec("k1").verify(_signed("1.AAAAAAAAAAAAAAAAAAAAAA.ff")) == ("A" * 22, 255, True)
-    assert codec("k0", "k1").verify(_signed("1.BBBBBBBBBBBBBBBBBBBBBB.10", "k0")) == ("B" * 22, 16, False)
+    assert codec("k1").verify(_signed("1.AAAAAAAAAAAAAAAAAAAAAA.ff")) == ("A" * 22, 255, True, "")
+    assert codec("k0", "k1").verify(_signed("1.BBBBBBBBBBBBBBBBBBBBBB.10", "k0")) == ("B" * 22, 16, False, "")
+    assert codec("k1").verify(_signed("2.AAAAAAAAAAAAAAAAAAAAAA.ff.n3")) == ("A" * 22, 255, True, "n3")
+    assert codec("k1").verify(_signed("2.AAAAAAAAAAAAAAAAAAAAAA.ff.x0-270f")) == (
+        "A" * 22,
+        255,
+        True,
+        "x0-270f",
+    )
 
 
 @pytest.mark.parametrize("count", [2, 4, 64])

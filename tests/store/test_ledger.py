@@ -348,7 +348,8 @@ def test_an_sqlite_file_of_schema_2_gains_the_ledger(tmp_path: Path) -> None:
     finally:
         store.close()
     conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (3,)
+    assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+    assert SCHEMA_VERSION >= 3  # the version that brought the ledger
     assert conn.execute("SELECT process FROM processes").fetchall() == [("web-1:101:aa",)]
     conn.close()
 

@@ -13,7 +13,7 @@ from dataclasses import replace
 from itertools import pairwise
 from typing import Any, Literal
 
-from ..store._model import WINDOW, Action, Change, RolloutState, _change
+from ..store._model import WINDOW, Action, Change, RolloutState, _change, successor
 from ._analysis import HARM_RATIOS, Analysis, Verdict, Window
 
 OnDeadline = Literal["hold", "ship"]
@@ -221,7 +221,7 @@ def _act(
     judged: Verdict | None,
     **new: Any,
 ) -> tuple[RolloutState, Change]:
-    after = replace(state, version=state.version + 1, updated_at=now, updated_by=BY, reason=reason, **new)
+    after = successor(state, version=state.version + 1, updated_at=now, updated_by=BY, reason=reason, **new)
     change = _change(name, state, after, action, BY, reason)
     if judged is not None:
         extra = {

@@ -6,6 +6,7 @@ stores (memory, SQLite, Redis) differ only in how they read, compare-and-set and
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import secrets
@@ -24,12 +25,13 @@ Action = Literal[
     "rollback",
     "pause",
     "resume",
+    "reset",
     "guard",
     "advance",
     "auto-rollback",
     "auto-pause",
 ]
-OPERATOR_ACTIONS = ("set", "promote", "rollback", "pause", "resume")
+OPERATOR_ACTIONS = ("set", "promote", "rollback", "pause", "resume", "reset")
 GUARD_ACTIONS = ("guard", "advance", "auto-rollback", "auto-pause")
 """What a guarded rollout's controller writes: start, a step up, a rollback, a pause."""
 
@@ -76,6 +78,48 @@ class Lease:
 
 
 @dataclass(frozen=True)
+class Assignment:
+    """What a store remembers of one user of a rollout, so that one user sees one variant
+    on every device: the anchor bucket (of the first key the user was assigned by) and,
+    for the ``drain`` and ``pin`` policies, the variant recorded in an assignment epoch."""
+
+    bucket: int
+    """The anchor bucket in ``[0, 10000)``: the user's place in the percent split."""
+    variant: str | None = None
+    """``"old"`` or ``"new"`` as recorded by ``drain``/``pin``, or None (nothing recorded)."""
+    epoch: int = 0
+    """The assignment epoch :attr:`variant` was recorded in (see :attr:`RolloutState.assignment`)."""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Assignment:
+        return _load(cls, text)
+
+
+def check_assignment(assignment: object) -> Assignment:
+    """``assignment`` if a store may keep it, or ValueError."""
+    if (
+        not isinstance(assignment, Assignment)
+        or isinstance(assignment.bucket, bool)
+        or not isinstance(assignment.bucket, int)
+        or not 0 <= assignment.bucket < 10_000
+        or assignment.variant not in (None, "old", "new")
+        or isinstance(assignment.epoch, bool)
+        or not isinstance(assignment.epoch, int)
+        or assignment.epoch < 0
+    ):
+        raise ValueError(f"{assignment!r} is not an assignment a store can keep.")
+    return assignment
+
+
+def user_digest(user: str) -> str:
+    """How stores key a user: a SHA-256 prefix, so user ids never appear in the store."""
+    return hashlib.sha256(user.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
 class RolloutState:
     """The shared state of one rollout, as a store holds it. Immutable.
 
@@ -112,6 +156,10 @@ class RolloutState:
     epoch: str = ""
     """Who created this line of versions: new at every seed and restore. A store that lost
     a rollout starts counting again; followers take any state of another epoch."""
+    assignment: int = 0
+    """The assignment epoch: what the ``drain`` and ``pin`` policies recorded for a visitor
+    holds only within it. One up at every reset and whenever the percent drops to 0 (a
+    rollback), so a new attempt assigns everyone afresh."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True)
@@ -188,9 +236,10 @@ def check_holder(holder: object) -> str:
 
 
 def check_ttl(ttl: object) -> float:
-    """A lease's time to live: a finite number of seconds above 0 (as a float), or ValueError."""
+    """A time to live (a lease's, a user's assignment's): a finite number of seconds above 0
+    (as a float), or ValueError."""
     if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not math.isfinite(ttl) or ttl <= 0:
-        raise ValueError(f"lease ttl {ttl!r} cannot be used; give a finite number of seconds above 0.")
+        raise ValueError(f"ttl {ttl!r} cannot be used; give a finite number of seconds above 0.")
     return float(ttl)
 
 
@@ -255,6 +304,10 @@ class Counts:
             self.buckets[i] = self.buckets.get(i, 0) + n
 
 
+IDENTITY_TTL = 90 * 24 * 3600
+"""Seconds a store remembers a user's :class:`Assignment` after it was last claimed."""
+IDENTITY_KEEP = 1_000_000
+"""Users a :class:`MemoryStore` holds before it drops expired ones."""
 PROCESS_KEEP = 24 * 3600
 """Seconds a store keeps a process's :class:`ProcessReport` after its last one (at least)."""
 PROCESS_ROLLOUTS = 50
@@ -431,6 +484,18 @@ class Store(Protocol):
         """The ledger's entries last reported at or after ``since``, sorted by process id."""
         ...
 
+    def claim(self, name: str, user: str, assignment: Assignment, ttl: float) -> Assignment:
+        """Keep ``assignment`` for ``user`` of rollout ``name`` unless the store already
+        has an unexpired one (first assignment wins); return the one kept. Either way
+        the entry then lives ``ttl`` seconds more. Atomic across processes and hosts;
+        users are keyed by :func:`user_digest`."""
+        ...
+
+    def remember(self, name: str, user: str, assignment: Assignment, ttl: float) -> None:
+        """Replace ``user``'s assignment (a variant recorded anew by a ramp policy) for
+        ``ttl`` seconds."""
+        ...
+
     def close(self) -> None:
         """Release connections and files (the store may be used again afterwards)."""
         ...
@@ -494,7 +559,7 @@ def on_start(
         noted = replace(existing, version=existing.version + 1, updated_at=at, code_percent=code_percent)
         return noted, _change(name, existing, noted, "deploy-held", "deploy", reason)
     reason = f"code percent changed from {_fmt(existing.code_percent)} to {code_percent:g}"
-    applied = replace(
+    applied = successor(
         existing,
         percent=code_percent,
         version=existing.version + 1,
@@ -541,7 +606,9 @@ def operate(
 
     ``set`` needs ``percent``; ``promote`` is ``set`` 100, ``rollback`` is ``set`` 0 and
     holds the rollout against deploys; ``pause`` holds it as it is; ``resume`` lifts
-    the pause. A ``set``/``promote``/``resume`` ends an earlier hold.
+    the pause. A ``set``/``promote``/``resume`` ends an earlier hold. ``reset`` starts a
+    new assignment epoch and changes nothing else: every visitor's recorded variant
+    (``drain``, ``pin``) is void, and each is assigned afresh by the percent.
     """
     if action not in OPERATOR_ACTIONS:
         raise ValueError(f"unknown action {action!r}; use one of {', '.join(OPERATOR_ACTIONS)}.")
@@ -563,12 +630,21 @@ def operate(
         new.update(percent=0.0, held=True)
     elif action == "pause":
         new.update(paused=True, held=True)
-    else:  # resume
+    elif action == "resume":
         new.update(paused=False, held=False)
-    if existing.stage is not None:
+    if existing.stage is not None and action != "reset":
         new.update(_guarded(existing, action, new, at))
-    after = replace(existing, **new)  # type: ignore[arg-type]
+    after = successor(existing, reset=action == "reset", **new)
     return after, _change(name, existing, after, action, by, reason)
+
+
+def successor(existing: RolloutState, *, reset: bool = False, **fields: Any) -> RolloutState:
+    """``existing`` with ``fields`` changed, in a new assignment epoch if this is a reset
+    or the percent drops to 0: the one rule every writer of a state follows."""
+    after = replace(existing, **fields)
+    if reset or (after.percent <= 0.0 < existing.percent):
+        after = replace(after, assignment=existing.assignment + 1)
+    return after
 
 
 def _guarded(existing: RolloutState, action: Action, new: dict[str, Any], at: float) -> dict[str, Any]:

@@ -9,14 +9,17 @@ from dataclasses import dataclass
 
 from ._model import (
     HISTORY,
+    IDENTITY_KEEP,
     PROCESS_KEEP,
     RETENTION,
     WINDOW,
+    Assignment,
     Change,
     Counts,
     Lease,
     ProcessReport,
     RolloutState,
+    check_assignment,
     check_fence,
     check_holder,
     check_name,
@@ -25,6 +28,7 @@ from ._model import (
     check_write,
     conflict,
     lease_lost,
+    user_digest,
 )
 
 
@@ -53,6 +57,7 @@ class MemoryStore:
         # Kept after a release or an expiry: the next holder's token must be larger.
         self._leases: dict[str, _Held] = {}
         self._processes: dict[str, ProcessReport] = {}
+        self._users: dict[tuple[str, str], tuple[Assignment, float]] = {}
         self._seq = 0
         self._seen = 0
 
@@ -184,6 +189,32 @@ class MemoryStore:
             return sorted(
                 (r for r in self._processes.values() if r.last_flush_at >= since), key=lambda r: r.process
             )
+
+    def claim(self, name: str, user: str, assignment: Assignment, ttl: float) -> Assignment:
+        """Keep ``assignment`` for ``user`` unless an unexpired one is held; the one kept."""
+        key = self._user_key(name, user, assignment, ttl)
+        with self._cond:
+            now = time.monotonic()
+            held = self._users.get(key)
+            kept = assignment if held is None or held[1] <= now else held[0]
+            self._users[key] = (kept, now + ttl)
+            if len(self._users) > IDENTITY_KEEP:
+                for k in [k for k, (_, until) in self._users.items() if until <= now]:
+                    del self._users[k]
+            return kept
+
+    def remember(self, name: str, user: str, assignment: Assignment, ttl: float) -> None:
+        """Replace ``user``'s assignment for ``ttl`` seconds."""
+        key = self._user_key(name, user, assignment, ttl)
+        with self._cond:
+            self._users[key] = (assignment, time.monotonic() + ttl)
+
+    @staticmethod
+    def _user_key(name: str, user: str, assignment: Assignment, ttl: float) -> tuple[str, str]:
+        check_name(name)
+        check_assignment(assignment)
+        check_ttl(ttl)
+        return name, user_digest(user)
 
     def close(self) -> None:
         pass

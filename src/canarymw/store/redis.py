@@ -31,12 +31,14 @@ from ._model import (
     PROCESS_KEEP,
     RETENTION,
     WINDOW,
+    Assignment,
     Change,
     Counts,
     Lease,
     ProcessReport,
     RolloutState,
     StoreUnavailable,
+    check_assignment,
     check_fence,
     check_holder,
     check_name,
@@ -45,6 +47,7 @@ from ._model import (
     check_write,
     conflict,
     lease_lost,
+    user_digest,
 )
 
 __all__ = ["RedisStore"]
@@ -487,6 +490,33 @@ class RedisStore:
             raise lease_lost(name, int(have) or None, fence)
         if not done:
             raise conflict(name, int(have), expected_version)
+
+    def claim(self, name: str, user: str, assignment: Assignment, ttl: float) -> Assignment:
+        """Keep ``assignment`` for ``user`` unless an unexpired one is held; the one kept.
+        One MULTI/EXEC on one key: set if absent, read, and extend the expiry (by the
+        server's clock). See :class:`Store`."""
+        check_name(name)
+        check_assignment(assignment)
+        ms = max(1, math.ceil(min(check_ttl(ttl), _MAX_TTL) * 1000))
+        key = self._key(name, "user:" + user_digest(user))
+
+        def run(client: redis.Redis | RedisCluster) -> Assignment:
+            pipe = client.pipeline(transaction=True)
+            pipe.set(key, assignment.to_json(), nx=True, px=ms)
+            pipe.get(key)
+            pipe.pexpire(key, ms)
+            kept = pipe.execute()[1]
+            return assignment if kept is None else Assignment.from_json(kept)
+
+        return self._call(f"claim a user of rollout {name!r}", run)
+
+    def remember(self, name: str, user: str, assignment: Assignment, ttl: float) -> None:
+        """Replace ``user``'s assignment for ``ttl`` seconds. See :class:`Store`."""
+        check_name(name)
+        check_assignment(assignment)
+        ms = max(1, math.ceil(min(check_ttl(ttl), _MAX_TTL) * 1000))
+        key = self._key(name, "user:" + user_digest(user))
+        self._call(f"remember a user of rollout {name!r}", lambda c: c.set(key, assignment.to_json(), px=ms))
 
     def lease(self, name: str, holder: str, ttl: float) -> int | None:
         """Take or renew the controller lease of ``name`` for ``ttl`` seconds; the fencing

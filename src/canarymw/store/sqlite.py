@@ -17,12 +17,14 @@ from ._model import (
     PROCESS_KEEP,
     RETENTION,
     WINDOW,
+    Assignment,
     Change,
     Counts,
     Lease,
     ProcessReport,
     RolloutState,
     StoreUnavailable,
+    check_assignment,
     check_fence,
     check_holder,
     check_name,
@@ -31,13 +33,14 @@ from ._model import (
     check_write,
     conflict,
     lease_lost,
+    user_digest,
 )
 
 T = TypeVar("T")
 
 _CHUNK = 500  # names per ``IN (...)``: well under SQLite's limit of bound parameters
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """Kept in the file's ``PRAGMA user_version``; a later release migrates from it."""
 
 _SCHEMA_1 = (
@@ -96,7 +99,19 @@ _SCHEMA_3 = (
     "CREATE INDEX IF NOT EXISTS processes_by_time ON processes (last_flush_at)",
 )
 
-_MIGRATIONS = (_SCHEMA_1, _SCHEMA_2, _SCHEMA_3)
+_SCHEMA_4 = (
+    # Users' assignments (one variant on every device): keyed by a digest of the user
+    # id; expired rows go when a claim finds one (and in the pruning of counters).
+    """CREATE TABLE IF NOT EXISTS users (
+        rollout TEXT NOT NULL,
+        user TEXT NOT NULL,
+        expires_at REAL NOT NULL,
+        json TEXT NOT NULL,
+        PRIMARY KEY (rollout, user)
+    )""",
+)
+
+_MIGRATIONS = (_SCHEMA_1, _SCHEMA_2, _SCHEMA_3, _SCHEMA_4)
 """The statements that take a file from version ``i`` to ``i + 1``, at index ``i``."""
 assert len(_MIGRATIONS) == SCHEMA_VERSION
 
@@ -109,6 +124,11 @@ ON CONFLICT (rollout, window_start, variant) DO UPDATE SET
     exceptions = exceptions + excluded.exceptions,
     disconnects = disconnects + excluded.disconnects,
     latency_sum = latency_sum + excluded.latency_sum
+"""
+
+_PUT_USER = """
+INSERT INTO users (rollout, user, expires_at, json) VALUES (?, ?, ?, ?)
+ON CONFLICT (rollout, user) DO UPDATE SET expires_at = excluded.expires_at, json = excluded.json
 """
 
 _ADD_BUCKETS = """
@@ -157,10 +177,11 @@ class SQLiteStore:
     the write lock; they expire by ``time.time()``, the clock every process of the host
     shares. A fenced :meth:`write` checks the lease in its own transaction.
 
-    Tables (schema version 3, in the file's ``PRAGMA user_version``): ``state`` and
-    ``audit``; ``counts`` and ``buckets`` (the outcome counters); ``lease``; and
+    Tables (schema version 4, in the file's ``PRAGMA user_version``): ``state`` and
+    ``audit``; ``counts`` and ``buckets`` (the outcome counters); ``lease``;
     ``processes``, the ledger of the processes that add counters (one row per process:
-    its :class:`~canarymw.store.ProcessReport` as JSON, kept a day after its last report).
+    its :class:`~canarymw.store.ProcessReport` as JSON, kept a day after its last report);
+    and ``users``, users' assignments keyed by a digest of the user id.
     A file of an older version gains what it lacks when first opened.
 
     Every SQLite error (a lock held longer than ``timeout``, a full disk, a file that is
@@ -377,6 +398,7 @@ class SQLiteStore:
             conn.executemany(_ADD_BUCKETS, buckets)
             if prune:  # windows past the retention go, a few times an hour per process
                 conn.execute("DELETE FROM counts WHERE window_start < ?", (oldest,))
+                conn.execute("DELETE FROM users WHERE expires_at < ?", (time.time(),))
                 conn.execute("DELETE FROM buckets WHERE window_start < ?", (oldest,))
 
         self._run("adding outcome counters", run, transaction="IMMEDIATE")
@@ -441,6 +463,43 @@ class SQLiteStore:
             return [ProcessReport.from_json(text) for (text,) in rows]
 
         return self._run("reading the ledger of processes", run)
+
+    def claim(self, name: str, user: str, assignment: Assignment, ttl: float) -> Assignment:
+        """Keep ``assignment`` for ``user`` unless an unexpired one is held (one
+        transaction under the write lock); the one kept. See :class:`Store`."""
+        check_name(name)
+        check_assignment(assignment)
+        seconds = check_ttl(ttl)
+        key = user_digest(user)
+
+        def run(conn: sqlite3.Connection) -> Assignment:
+            now = time.time()
+            row = conn.execute(
+                "SELECT json FROM users WHERE rollout = ? AND user = ? AND expires_at > ?", (name, key, now)
+            ).fetchone()
+            kept = assignment if row is None else Assignment.from_json(row[0])
+            conn.execute(
+                _PUT_USER,
+                (name, key, now + seconds, kept.to_json()),
+            )
+            return kept
+
+        return self._run(f"claiming a user of rollout {name!r}", run, transaction="IMMEDIATE")
+
+    def remember(self, name: str, user: str, assignment: Assignment, ttl: float) -> None:
+        """Replace ``user``'s assignment for ``ttl`` seconds. See :class:`Store`."""
+        check_name(name)
+        check_assignment(assignment)
+        seconds = check_ttl(ttl)
+        row = (name, user_digest(user), time.time() + seconds, assignment.to_json())
+
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                _PUT_USER,
+                row,
+            )
+
+        self._run(f"remembering a user of rollout {name!r}", run, transaction="IMMEDIATE")
 
     def close(self) -> None:
         """Close this process's connections; the next call opens new ones."""
