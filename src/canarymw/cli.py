@@ -17,7 +17,7 @@ URL`` or the environment variable ``CANARYMW_STORE``; see docs/cli.md):
   estimate with its uncertainty now, at the next step and at 100%, and what the guard
   does next and when.
 - ``set NAME PERCENT``, ``promote NAME``, ``rollback NAME``, ``pause NAME``,
-  ``resume NAME``: an audited operator change (``--by``, ``--reason``), compare-and-set
+  ``resume NAME``, ``reset NAME``: an audited operator change (``--by``, ``--reason``), compare-and-set
   against ``--if-version N`` when given.
 - ``history NAME``: the audit log.
 - ``watch [NAME]``: ``status`` refreshed in the terminal until Ctrl-C.
@@ -200,6 +200,7 @@ _CHANGES = {
     "rollback": "send every cohort to old (percent 0) and hold it there against deploys",
     "pause": "hold the rollout as it is: deploys no longer change its percent",
     "resume": "lift a pause",
+    "reset": "start a new assignment epoch: void what the drain and pin policies recorded per visitor",
 }
 
 _STORE_EPILOG = (
@@ -971,8 +972,9 @@ def _change_command(args: argparse.Namespace) -> int:
 def _state_line(name: str, action: str, state: RolloutState) -> str:
     held = "paused" if state.paused else "running"
     why = f": {state.reason}" if state.reason else ""
+    epoch = f", assignment epoch {state.assignment}" if action == "reset" else ""
     return (
-        f"{name}: {_pct(state.percent)} to new, {held}, version {state.version} "
+        f"{name}: {_pct(state.percent)} to new, {held}, version {state.version}{epoch} "
         f"({action} by {state.updated_by}{why})"
     )
 

@@ -298,7 +298,7 @@ def test_the_operate_role_gets_a_form_per_control_against_the_shown_version(admi
     page = get(admin, "/rollout", name="plain-v2")
     forms = page.forms()
 
-    assert set(forms) == {"set", "promote", "rollback", "pause", "resume"}
+    assert set(forms) == {"set", "promote", "rollback", "pause", "resume", "reset"}
     tokens = {f["csrf"] for f in forms.values()}
     assert len(tokens) == 1 and len(tokens.pop()) >= 32
     for action, fields in forms.items():
@@ -312,7 +312,7 @@ def test_the_operate_role_gets_a_form_per_control_against_the_shown_version(admi
         "any",
     )
     assert page.find("label", **{"for": "set-percent"}) and page.find("label", **{"for": "rollback-reason"})
-    assert len(page.find("button")) == 5
+    assert len(page.find("button")) == 6
 
     # A submitted form: 303 to the rollout, which says what was done and shows it.
     form = forms["set"] | {"percent": "42.5", "reason": "halfway"}

@@ -298,3 +298,27 @@ def test_a_failing_store_leaves_the_cookies_assignment_in_force(caplog: pytest.L
     assert [p.visit().variant for p in people] == before
     assert r.counters["store_errors"] >= 100
     assert sum("cannot keep users" in m for m in caplog.messages) == 1  # rate limited
+
+
+def test_reset_and_rollback_through_a_store_reach_every_process() -> None:
+    import time
+
+    store = MemoryStore()
+    a = Rollout("p", percent=30, secret_key=KEY, store=store, policy="pin", store_interval=0.1)
+    b = Rollout("p", percent=30, secret_key=KEY, store=store, policy="pin", store_interval=0.1)
+    people = crowd(a, 100)
+    pinned = variants(people)
+    for p in people:
+        p.rollout = b
+    assert variants(people) == pinned  # the record travels in the cookie
+    a.reset()
+    assert a.epoch == 1
+    deadline = time.monotonic() + 5
+    while b.epoch != 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert b.epoch == 1
+    a.percent = 0
+    while b.epoch != 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert (b.epoch, b.percent) == (2, 0)
+    assert [c.action for c in store.history("p")] == ["seed", "reset", "set"]

@@ -373,6 +373,23 @@ def test_the_store_comes_from_the_environment(
 # -- changes -------------------------------------------------------------------------------
 
 
+def test_reset_starts_a_new_assignment_epoch_and_a_rollback_does_too(
+    where: Where, capsys: pytest.CaptureFixture[str]
+) -> None:
+    seed(where.store, "checkout", 10)
+    code, out, err = run(
+        capsys, "reset", "checkout", "--by", "alice", "--reason", "new build", "--store", where.url
+    )
+    assert (code, err) == (0, "")
+    assert out == "checkout: 10% to new, running, version 2, assignment epoch 1 (reset by alice: new build)\n"
+    state = where.store.read(["checkout"])["checkout"]
+    assert (state.percent, state.assignment) == (10, 1)
+    run(capsys, "rollback", "checkout", "--by", "alice", "--store", where.url)
+    run(capsys, "set", "checkout", "20", "--by", "alice", "--store", where.url)
+    assert where.store.read(["checkout"])["checkout"].assignment == 2
+    assert [c.action for c in where.store.history("checkout")] == ["seed", "reset", "rollback", "set"]
+
+
 def test_operator_commands_change_the_store_and_are_audited(
     where: Where, capsys: pytest.CaptureFixture[str]
 ) -> None:

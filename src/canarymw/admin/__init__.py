@@ -20,7 +20,7 @@
 The page lists the rollouts; each rollout's page shows its percent, stage, verdict and
 sentence, per-variant numbers, time-series charts (server-rendered SVG, no script, no
 CDN), the blended success estimate and the audit log, with buttons to set the percent,
-promote, roll back, pause and resume. Each change is a POST carrying a CSRF token and
+promote, roll back, pause, resume and reset. Each change is a POST carrying a CSRF token and
 the state version it was made against: a stale page gets 409, never a silent
 overwrite, and the audit log records the operator's name. The JSON API
 (``/api/...``, described by ``/api/openapi.json``) does the same, with the same checks.

@@ -18,7 +18,7 @@ class Principal(NamedTuple):
     """Someone the admin app let in: a name (recorded in the audit log) and a role.
 
     ``read`` sees every page and every GET of the API; ``operate`` may also change
-    rollouts (set, promote, rollback, pause, resume).
+    rollouts (set, promote, rollback, pause, resume, reset).
     """
 
     name: str

@@ -21,7 +21,7 @@ _EXAMPLE = "checkout-v2"
 _DESCRIPTION = f"""\
 The JSON API of the canarymw operator page: read the rollouts of one store (their state,
 per-variant numbers, the guard's verdict, the audit log, time series) and change them
-(set, promote, rollback, pause, resume) with the same rules as the `canarymw` command:
+(set, promote, rollback, pause, resume, reset) with the same rules as the `canarymw` command:
 every change is audited with the caller's name and is a compare-and-set on the
 rollout's version (a stale `expected_version` gets 409, never a silent overwrite).
 
@@ -137,6 +137,14 @@ def _schemas() -> dict[str, Any]:
                 "description": "The guard's settings (steps, bake time, levels); null without a guard.",
             },
             "epoch": {"type": "string"},
+            "assignment": {
+                "type": "integer",
+                "minimum": 0,
+                "description": (
+                    "The assignment epoch: one up at each reset and each drop to 0%; what the "
+                    "drain and pin policies recorded for a visitor counts only within it."
+                ),
+            },
         },
     }
     interval = _nullable(
@@ -403,7 +411,8 @@ def _schemas() -> dict[str, Any]:
             "type": "object",
             "description": (
                 "promote (percent 100), rollback (percent 0, held against deploys), pause (held as "
-                "it is), resume (lifts a pause): these take no percent."
+                "it is), resume (lifts a pause), reset (a new assignment epoch: what the drain and "
+                "pin policies recorded is void): these take no percent."
             ),
             "required": required,
             "properties": {

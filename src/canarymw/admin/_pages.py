@@ -100,6 +100,7 @@ _DONE = {
     "rollback": "Rolled back",
     "pause": "Paused",
     "resume": "Resumed",
+    "reset": "Assignments reset",
 }
 
 
@@ -590,6 +591,7 @@ def _controls(name: str, state: dict[str, Any], csrf: str, root: str) -> str:
         form("rollback", "Roll back", "Roll back to 0%", danger=True),
         form("pause", "Pause", "Pause"),
         form("resume", "Resume", "Resume"),
+        form("reset", "Reset assignments", "Start a new assignment epoch"),
     ]
     return (
         '<h2 id="controls">Controls</h2><p class="muted">Every change is made against version '

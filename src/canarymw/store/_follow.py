@@ -174,7 +174,7 @@ def change(
     """Apply an operator's action to a rollout in ``store`` and return the new state.
 
     ``action`` is one of ``set`` (needs ``percent``), ``promote``, ``rollback``,
-    ``pause``, ``resume``. The write is a compare-and-set on the version read just
+    ``pause``, ``resume``, ``reset``. The write is a compare-and-set on the version read just
     before (or on ``expected_version``): if someone else changed the rollout in
     between, :class:`VersionConflict` says so and nothing is written. An action that
     changes nothing (pausing a paused rollout) writes nothing and returns the state. Every process
@@ -188,11 +188,12 @@ def change(
         )
     new, entry = operate(name, current, action, by=by, reason=reason, percent=percent)
     assert current is not None  # operate raises UnknownRollout otherwise
-    if (new.percent, new.paused, new.held, new.stage) == (
+    if (new.percent, new.paused, new.held, new.stage, new.assignment) == (
         current.percent,
         current.paused,
         current.held,
         current.stage,
+        current.assignment,
     ):
         return current  # pausing a paused rollout (and the like) changes nothing: no version, no entry
     store.write(name, current.version, new, entry)
