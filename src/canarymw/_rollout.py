@@ -115,13 +115,14 @@ class _Entry:
 class _User:
     # What this process knows of a key= user: the assignment, and whether the store has
     # confirmed it (then it wins over a cookie: one user, one variant on every device).
-    __slots__ = ("bucket", "epoch", "state", "variant")
+    __slots__ = ("agrees", "bucket", "epoch", "state", "variant")
 
     def __init__(self, bkt: int, variant: str | None, epoch: int, state: int) -> None:
         self.bucket = bkt
         self.variant = variant
         self.epoch = epoch
         self.state = state
+        self.agrees: _Entry | None = None  # the cookie entry last seen to carry this assignment
 
 
 _UNASKED, _ASKED, _CONFIRMED = 0, 1, 2
@@ -733,8 +734,19 @@ class Rollout:
         if raw is None or raw == "":
             return None
         user = str(raw)
-        entry = self._lookup(cookie_header) if cookie_header else None
+        entry = None
+        if cookie_header:
+            entry = self._by_header.get(cookie_header)
+            if entry is None:
+                entry = self._lookup(cookie_header)
+                if entry is not None:
+                    self._by_header.put(cookie_header, entry)
         held = self._users.get(user)
+        if held is not None and entry is not None and held.agrees is entry and entry.refresh_at > _time():
+            # A returning user whose cookie already says what this process knows.
+            variant, reason, record = self._choose(user, held.bucket, held.variant, held.epoch)
+            if record is None:
+                return _tuple_new(Decision, (self.name, variant, reason, user, held.bucket, None, False))
         first = held is None
         if held is None or (held.state != _CONFIRMED and entry is not None):
             # Unknown here, or not confirmed by the store: the assignment the visitor
@@ -759,7 +771,7 @@ class Rollout:
         variant, reason, record = self._choose(user, held.bucket, held.variant, held.epoch)
         if record is not None:
             self._count("recorded")
-            held.variant, held.epoch = variant, record
+            held.variant, held.epoch, held.agrees = variant, record, None
             if identities is not None:
                 identities.remember(user, held.bucket, variant, record)
         value = None
@@ -784,6 +796,8 @@ class Rollout:
                 else encode_record(held.variant, held.epoch, anchor)
             )
             value = self._cookie(entry.id, https, text)
+        else:
+            held.agrees = entry
         decision = Decision(self.name, variant, reason, user, held.bucket, value)
         if first and self.on_exposure is not None:
             self._expose(decision)

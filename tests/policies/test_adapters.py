@@ -53,10 +53,19 @@ steps = st.lists(
 )
 
 
+def user_of(request: Any) -> str | None:
+    """The X-User header of a WSGI environ or an ASGI scope."""
+    if "headers" in request:
+        return next((v.decode() for k, v in request["headers"] if k == b"x-user"), None)
+    value = request.get("HTTP_X_USER")
+    return str(value) if value is not None else None
+
+
 class Person:
-    __slots__ = ("cookie", "epoch", "first", "seen_new")
+    __slots__ = ("cookie", "epoch", "first", "seen_new", "user")
 
     def __init__(self) -> None:
+        self.user: str | None = None  # logged in (path "key"): sent as X-User
         self.cookie: str | None = None
         self.first: str | None = None  # pin: the variant first given in this epoch (0 < pct)
         self.seen_new = False  # drain: given new in this epoch
@@ -64,13 +73,17 @@ class Person:
 
 
 @pytest.mark.parametrize("policy", ["monotone", "drain", "pin"])
-@pytest.mark.parametrize("path", ["cached", "decide"])
+@pytest.mark.parametrize("path", ["cached", "decide", "key"])
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(start=st.sampled_from([0, 10, 50, 100]), plan=steps)
 def test_policy_invariants(
     kit: WSGIKit | ASGIKit, policy: str, path: str, start: float, plan: list[Step]
 ) -> None:
-    extra = {"force_token": FORCE} if path == "decide" else {}
+    extra: dict[str, Any] = {}
+    if path == "decide":
+        extra["force_token"] = FORCE
+    elif path == "key":
+        extra["key"] = user_of
     rollout = Rollout("prop", percent=start, secret_key=KEY, policy=policy, **extra)  # type: ignore[arg-type]
     app = kit.wrap(decision_app(kit), decision_app(kit), rollout)
     people = [Person() for _ in range(24)]
@@ -79,6 +92,8 @@ def test_policy_invariants(
 
         def visit(p: Person) -> tuple[str, int]:
             headers = {} if p.cookie is None else {"cookie": f"canarymw={p.cookie}"}
+            if p.user is not None:
+                headers["x-user"] = p.user
             r = client.get("/", headers=headers)
             client.cookies.clear()  # each person's cookie is theirs alone
             got = r.headers.get("set-cookie")
@@ -114,6 +129,11 @@ def test_policy_invariants(
                 assert visit(p)[0] == variant
 
         check_all()
+        if path == "key":
+            # Half of them log in: nobody's variant may change for it.
+            for i, p in enumerate(people[::2]):
+                p.user = f"user-{i}"
+            check_all()
         for action, pct in plan:
             if action == "reset":
                 rollout.reset()
