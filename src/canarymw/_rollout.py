@@ -587,8 +587,8 @@ class Rollout:
         """How this process's view of the store stands: ``version``, ``percent`` and
         ``paused`` of the last state applied (None before the first), ``applied_at``
         (Unix time this process applied it), ``age`` in seconds since the store last
-        answered (None if never), and ``error``, the last failure while the store does
-        not answer (None when it does)."""
+        answered (None if never), ``error``, the last failure while the store does
+        not answer (None when it does), and ``assignment``, the assignment epoch in force."""
         with self._store_lock:
             state, synced, applied, percent = (
                 self._store_state,
@@ -605,6 +605,7 @@ class Rollout:
             "age": None if synced is None else max(0.0, time_now() - synced),
             "error": self._store_error,
             "switched_off": self._override is not None,
+            "assignment": self.epoch,
         }
 
     # -- pure helpers ------------------------------------------------------------
