@@ -536,7 +536,10 @@ BAD_FIELDS: list[tuple[dict[str, Any], str]] = [
     ({"action": "pause", "expected_version": 2**63}, "is not a version"),
     ({"action": "pause", "expected_version": float("nan")}, "expected_version NaN is not a version"),
     # action
-    ({"action": "delete"}, 'action "delete" is unknown; use one of set, promote, rollback, pause, resume, reset.'),
+    (
+        {"action": "delete"},
+        'action "delete" is unknown; use one of set, promote, rollback, pause, resume, reset.',
+    ),
     ({"action": "seed"}, 'action "seed" is unknown'),
     ({"action": "advance"}, 'action "advance" is unknown'),
     ({"action": "SET", "percent": 5}, 'action "SET" is unknown'),
