@@ -14,16 +14,18 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 
 from canarymw import Rollout
 
 ROOT = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -93,15 +95,17 @@ def gunicorn(app: str, port: int, workers: int = 2) -> list[str]:
 
 
 @contextlib.contextmanager
-def gunicorn_example(example: Path, app: str, key: str) -> Iterator[str]:
-    """The example app ``app`` in the folder ``example`` under gunicorn with 2 workers,
-    its ``CANARY_KEY`` set to ``key``; its base URL."""
+def gunicorn_example(
+    example: Path, app: str, key: str, *, workers: int = 2, env: Mapping[str, str] | None = None
+) -> Iterator[str]:
+    """The example app ``app`` in the folder ``example`` under gunicorn with ``workers``
+    workers, its ``CANARY_KEY`` set to ``key`` (and ``env`` set too); its base URL."""
     port = free_port()
     argv = [
-        "gunicorn", "-w", "2", "-b", f"127.0.0.1:{port}", "--chdir", str(example),
+        "gunicorn", "-w", str(workers), "-b", f"127.0.0.1:{port}", "--chdir", str(example),
         "--log-level", "warning", app,
     ]  # fmt: skip
-    with serve(argv, port, env={"CANARY_KEY": key}, ready_path="/healthz") as base:
+    with serve(argv, port, env={"CANARY_KEY": key, **(env or {})}, ready_path="/healthz") as base:
         yield base
 
 
@@ -129,30 +133,47 @@ class _SharedPool(httpx.BaseTransport):
         pass
 
 
+def each_user(
+    base_url: str,
+    count: int,
+    visit: Callable[[httpx.Client, int], T],
+    *,
+    headers: Mapping[str, str] | None = None,
+    threads: int = 8,
+) -> list[T]:
+    """``visit(client, i)`` for ``count`` users, ``threads`` at a time, each with a client of
+    its own (so a cookie jar of its own: one browser per user) over one connection pool;
+    what each returned, in order. ``headers`` go with every request."""
+
+    def one(pool: httpx.BaseTransport, i: int) -> T:
+        with httpx.Client(
+            transport=pool, base_url=base_url, timeout=10, trust_env=False, headers=headers
+        ) as client:
+            return visit(client, i)
+
+    with httpx.HTTPTransport() as transport:
+        pool = _SharedPool(transport)
+        with ThreadPoolExecutor(threads) as executor:
+            return list(executor.map(lambda i: one(pool, i), range(count)))
+
+
 def visit_as_users(base_url: str, *, headers: Mapping[str, str] | None = None) -> list[Seen]:
     """200 users, 8 at a time, each asking for ``/`` 4 times (each answer a 200), through one
     connection pool: what each saw. ``headers`` go with every request."""
 
-    def visit(pool: httpx.BaseTransport) -> Seen:
+    def visit(client: httpx.Client, _: int) -> Seen:
         seen = Seen()
-        # Its own client, so its own cookie jar: one browser per user.
-        with httpx.Client(
-            transport=pool, base_url=base_url, timeout=10, trust_env=False, headers=headers
-        ) as client:
-            for _ in range(4):
-                response = client.get("/")
-                assert response.status_code == 200
-                seen.bodies.add(response.text)
-                seen.variants.add(response.headers["x-canary-variant"])
-                seen.pids.add(response.headers["x-worker-pid"])
-                seen.cookies_set += "set-cookie" in response.headers
-            seen.cookie = client.cookies["canarymw"]
+        for _ in range(4):
+            response = client.get("/")
+            assert response.status_code == 200
+            seen.bodies.add(response.text)
+            seen.variants.add(response.headers["x-canary-variant"])
+            seen.pids.add(response.headers["x-worker-pid"])
+            seen.cookies_set += "set-cookie" in response.headers
+        seen.cookie = client.cookies["canarymw"]
         return seen
 
-    with httpx.HTTPTransport() as transport:
-        pool = _SharedPool(transport)
-        with ThreadPoolExecutor(8) as executor:
-            return list(executor.map(lambda _: visit(pool), range(200)))
+    return each_user(base_url, 200, visit, headers=headers)
 
 
 def assert_one_colour_per_user(users: Sequence[Seen], rollout: Rollout, colour: Mapping[str, str]) -> None:

@@ -3,13 +3,15 @@
 Configured by the environment (every gunicorn worker imports it and follows the store
 on its own): ``CANARYMW_TEST_STORE`` (a store URL), ``CANARYMW_TEST_NAME``,
 ``CANARYMW_TEST_KEY``, ``CANARYMW_TEST_PERCENT`` (the code's percent),
-``CANARYMW_TEST_STORE_INTERVAL`` and ``CANARYMW_TEST_SINK_INTERVAL`` (a ``StoreSink``
-on the same store, flushing that often; empty: no sink).
+``CANARYMW_TEST_STORE_INTERVAL``, ``CANARYMW_TEST_SINK_INTERVAL`` (a ``StoreSink``
+on the same store, flushing that often; empty: no sink) and ``CANARYMW_TEST_POLICY``
+(the ramp policy, ``monotone`` by default).
 
 ``/stats`` is excluded from the rollout (never routed, never counted) and answers JSON:
-the worker's pid, ``rollout.store_status()``, the rollout's ``store_errors`` and what
-the sink has flushed. Routed responses say their variant, the worker's pid, the cohort
-id and its bucket (``X-Variant``, ``X-Pid``, ``X-Cohort``, ``X-Bucket``).
+the worker's pid, ``rollout.store_status()``, the rollout's assignment ``epoch`` and
+``store_errors``, and what the sink has flushed. Routed responses say their variant,
+the worker's pid, the cohort id and its bucket (``X-Variant``, ``X-Pid``, ``X-Cohort``,
+``X-Bucket``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ ROLLOUT = Rollout(
     exclude=[STATS],
     store=os.environ["CANARYMW_TEST_STORE"],
     store_interval=float(os.environ.get("CANARYMW_TEST_STORE_INTERVAL", "0.2")),
+    policy=os.environ.get("CANARYMW_TEST_POLICY", "monotone"),  # type: ignore[arg-type]
 )
 
 _sink_interval = os.environ.get("CANARYMW_TEST_SINK_INTERVAL", "")
@@ -64,6 +67,7 @@ def _stats(environ: dict[str, Any], start_response: Any) -> list[bytes]:
         "pid": os.getpid(),
         "decision": repr(environ.get("canarymw.decision")),
         **ROLLOUT.store_status(),
+        "epoch": ROLLOUT.epoch,
         "store_errors": ROLLOUT.counters["store_errors"],
         "flushed": None if SINK is None else SINK.flushed,
         "sink_failures": None if SINK is None else SINK.failures,
