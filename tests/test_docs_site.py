@@ -36,6 +36,7 @@ PUBLIC_MODULES = [
     "canarymw.store",
     "canarymw.guard",
     "canarymw.upstream",
+    "canarymw.shadow",
     "canarymw.admin",
 ]
 #: Modules that are not private by name but have no API of their own, and why.

@@ -13,10 +13,12 @@ Public names (everything else is private)::
     BackgroundSink, CallableSink             non-blocking dispatch; any function as a sink
     bucket, BUCKETS                          the frozen bucketing hash
     Upstream                                 another server as old or new (proxied; extra "upstream")
+    Shadow                                   copy requests to a second app and compare (shadow=)
 
 Integrations and optional sinks live in submodules that import their dependency:
 ``canarymw.flask`` (Canary), ``canarymw.starlette`` (split, CanaryRoute),
 ``canarymw.sinks.prometheus``, ``canarymw.sinks.otel``, ``canarymw.sinks.jsonl``, ``canarymw.sinks``;
+``canarymw.shadow`` holds the shadow's report and comparison types;
 ``canarymw.upstream`` holds the upstream exceptions (httpx is imported only when used);
 ``canarymw.store`` shares a rollout's live state across processes and hosts
 (``Rollout(..., store=...)``; redis-py is imported only by ``RedisStore``).
@@ -30,6 +32,7 @@ from ._bucketing import BUCKETS, bucket
 from ._rollout import Decision, Rollout
 from ._version import __version__
 from .asgi import ASGICanaryMiddleware
+from .shadow import Shadow
 from .sinks import (
     BackgroundSink,
     CallableSink,
@@ -58,6 +61,7 @@ __all__ = [
     "MemorySink",
     "Outcome",
     "Rollout",
+    "Shadow",
     "Sink",
     "Upstream",
     "VariantStats",

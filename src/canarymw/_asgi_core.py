@@ -20,6 +20,7 @@ from .sinks._dispatch import as_sink, direct_queue, record
 from .sinks.background import background_sinks
 
 if TYPE_CHECKING:
+    from .shadow import Shadow
     from .upstream import Upstream
 
 StartupFailurePolicy = Literal["fail", "disable"]
@@ -113,6 +114,7 @@ class _Core:
         cache_control: str | None = "private",
         on_new_startup_failure: StartupFailurePolicy = "disable",
         shutdown_flush_timeout: float = 2.0,
+        shadow: ASGIApp | Upstream | Shadow | None = None,
     ) -> None:
         # Upstreams become plain ASGI apps here, once, so the request path never checks.
         old_app, new = resolve_upstreams(old_app, new, "asgi")
@@ -145,6 +147,11 @@ class _Core:
         self._record = self._guard.sink.record if self._guard is not None else None
         self._memory = direct_queue(self._guard)
         self._new_state: dict[str, Any] | None = None
+        self.shadow: Shadow | None = None
+        """The :class:`~canarymw.Shadow` given (an app or Upstream becomes one), or None."""
+        self._shadow: Callable[[ASGIApp, Scope], ASGIApp] | None = None
+        if shadow is not None:
+            self._bind_shadow(shadow)
 
     @property
     def sink_errors(self) -> int:
@@ -230,6 +237,12 @@ class _Core:
         x.started = _perf()
         return app, scope, x
 
+    def _bind_shadow(self, shadow: object) -> None:
+        """Set :attr:`shadow` and the per-request wrapper from ``shadow=``; done by
+        :class:`~canarymw.asgi.ASGICanaryMiddleware`, whose module may import the
+        shadow's ASGI side (which imports this one)."""
+        raise NotImplementedError
+
     def _flush_sinks(self) -> None:
         # Outcomes still queued in a BackgroundSink are delivered before the server exits;
         # bounded, as a stuck sink must not hold the shutdown hostage.
@@ -278,14 +291,19 @@ def outcome(
     """Build and record one outcome; a failing sink is counted, never raised."""
     if mw._record is None:
         return
+    error = error or scope.get("canarymw.error")
+    record(mw, decision, status, duration, error, disconnected, method, route_of(scope), wall, close_code)
+
+
+def route_of(scope: Scope) -> str | None:
+    """The route template of a request the app has handled, if known (never the raw path)."""
     route = scope.get("canarymw.route")
     if route is None:
         # Starlette's Router (and FastAPI's) store the matched route object here.
         route = getattr(scope.get("route"), "path", None)
         if not isinstance(route, str):
             route = None
-    error = error or scope.get("canarymw.error")
-    record(mw, decision, status, duration, error, disconnected, method, route, wall, close_code)
+    return route
 
 
 class _Exchange:

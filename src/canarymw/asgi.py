@@ -88,6 +88,7 @@ from typing import Any
 from ._asgi_core import StartupFailurePolicy, _app_path, _Core, _own_headers, outcome, start_message
 from ._lifespan import LifespanApp, run_beside
 from ._types import ASGIApp, Message, Receive, Scope, Send
+from .shadow._bind import shadow_tap
 
 __all__ = ["ASGIApp", "ASGICanaryMiddleware", "Message", "Receive", "Scope", "Send", "StartupFailurePolicy"]
 
@@ -124,7 +125,15 @@ class ASGICanaryMiddleware(_Core):
         shutdown_flush_timeout: On lifespan shutdown, after both apps stopped, each
             :class:`~canarymw.BackgroundSink` fed by this middleware gets this many
             seconds to deliver the outcomes it still holds.
+        shadow: Send a copy of requests to another app after the primary answered and
+            compare the two responses: a :class:`~canarymw.Shadow`, or an ASGI app or
+            :class:`~canarymw.Upstream` to shadow with its defaults (GET and HEAD
+            requests served by old). Never affects the user's response. See
+            docs/shadow.md.
     """
+
+    def _bind_shadow(self, shadow: object) -> None:
+        self.shadow, self._shadow = shadow_tap(shadow, self, "asgi")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -143,6 +152,8 @@ class ASGICanaryMiddleware(_Core):
             await self.old_app(scope, receive, send)
             return
         app, scope, x = self._begin(scope, receive, send)
+        if self._shadow is not None:
+            app = self._shadow(app, scope)
         # The outcome waits for the app to return (like WSGI's close()), so an exception
         # raised after the last byte still counts: Starlette's ServerErrorMiddleware sends
         # its 500 first and raises afterwards; a background task may fail.

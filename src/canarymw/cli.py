@@ -327,7 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
             "s = s_new * w + s_old * (1 - w) beside the measured success rate. For a guarded "
             "rollout also its stage, the verdict and its evidence, the process controlling it, "
             "the blended estimate with a 95% interval now, at the next step and at 100%, and "
-            "what the guard does next and when."
+            "what the guard does next and when. With shadow traffic, the share of compared "
+            "copies whose response differed from the primary's (the mismatch rate)."
         ),
         epilog=_STORE_EPILOG,
     )
@@ -768,6 +769,8 @@ def _status_text(data: dict[str, Any]) -> list[str]:
     for name, r in rollouts.items():
         lines += ["", f"{name}: the last {_seconds(data['window'])}"]
         lines += _variant_table(r)
+        if r.get("shadow") is not None:
+            lines.append(_shadow_line(r["shadow"]))
         if r.get("guard") is not None:
             lines += _guard_text(r, data["at"])
     if data.get("processes") and data["processes"]["reported"]:
@@ -921,6 +924,15 @@ def _success_line(r: dict[str, Any]) -> str:
     return (
         f"success  blended estimate s = s_new * w + s_old * (1 - w) = {s(s_new)} * {w:g} + "
         f"{s(s_old)} * {1 - w:g} = {_rate(estimate)}; measured {measured}"
+    )
+
+
+def _shadow_line(sh: dict[str, Any]) -> str:
+    """The shadow comparisons of a rollout in ``status``: never requests, so never in the table."""
+    return (
+        f"  shadow   mismatch rate {_rate(sh['mismatch_rate'])} ({sh['mismatches']:,} of "
+        f"{sh['compared']:,} compared copies differ); {sh['failures']:,} failed or timed out, "
+        f"{sh['dropped']:,} dropped; shadow p50 {_ms(sh['p50'])} ms, p95 {_ms(sh['p95'])} ms"
     )
 
 

@@ -224,6 +224,9 @@ class Canary:
         rollout: A :class:`~canarymw.Rollout` to use for every app; without it each app
             builds its own from ``CANARYMW_*`` config in :meth:`init_app`.
         sink: Where outcomes go (a sink or a list of sinks).
+        shadow: Copies of the requests that reach the middleware go to this app too, and
+            the answers are compared: a :class:`~canarymw.Shadow`, a WSGI app or an
+            :class:`~canarymw.Upstream` (see docs/shadow.md).
 
     The extension never stores the app: per-app state lives in
     ``app.extensions["canarymw"]``.
@@ -235,9 +238,11 @@ class Canary:
         *,
         rollout: Rollout | None = None,
         sink: Sink | Sequence[Sink] | None = None,
+        shadow: Any = None,
     ) -> None:
         self._rollout = rollout
         self._sink = sink
+        self._shadow = shadow
         if app is not None:
             self.init_app(app)
 
@@ -255,6 +260,7 @@ class Canary:
             rollout=rollout,
             sink=self._sink,
             cache_control=app.config.get("CANARYMW_CACHE_CONTROL", "private"),
+            shadow=self._shadow,
         )
         middleware.split_only = record == "split"
         if record == "all":

@@ -51,6 +51,8 @@ from starlette.routing import Route, request_response
 
 from ._rollout import Decision, Rollout, Variant
 from .asgi import ASGIApp, ASGICanaryMiddleware, Receive, Scope, Send
+from .shadow import Shadow
+from .shadow._config import _is_upstream
 from .sinks import Sink
 
 __all__ = ["CanaryRoute", "SplitEndpoint", "get_decision", "get_variant", "split"]
@@ -93,16 +95,25 @@ def split(
     rollout: Rollout,
     sink: Sink | Sequence[Sink] | None = None,
     cache_control: str | None = "private",
+    shadow: Any = None,
 ) -> SplitEndpoint:
     """Return an endpoint that sends each request to ``old`` or ``new`` by cohort.
 
     Use it as the endpoint of a ``Route`` (pass ``methods=`` there: an ASGI endpoint
     accepts every method by default) or use :class:`CanaryRoute`. ``rollout``,
-    ``sink`` and ``cache_control`` mean what they mean for
-    :class:`~canarymw.asgi.ASGICanaryMiddleware`.
+    ``sink``, ``cache_control`` and ``shadow`` mean what they mean for
+    :class:`~canarymw.asgi.ASGICanaryMiddleware` (a shadow endpoint may be a function
+    taking a ``Request``, like ``old`` and ``new``).
     """
+    if shadow is not None and not isinstance(shadow, Shadow) and not _is_upstream(shadow):
+        shadow = _as_app(shadow)
     return SplitEndpoint(
-        _as_app(old), new=_as_app(new), rollout=rollout, sink=sink, cache_control=cache_control
+        _as_app(old),
+        new=_as_app(new),
+        rollout=rollout,
+        sink=sink,
+        cache_control=cache_control,
+        shadow=shadow,
     )
 
 
@@ -123,6 +134,7 @@ class CanaryRoute(Route):
         rollout: Rollout,
         sink: Sink | Sequence[Sink] | None = None,
         cache_control: str | None = "private",
+        shadow: Any = None,
         methods: Collection[str] | None = None,
         name: str | None = None,
         include_in_schema: bool = True,
@@ -133,7 +145,7 @@ class CanaryRoute(Route):
             name = getattr(old, "__name__", None) or type(old).__name__
         super().__init__(
             path,
-            split(old, new, rollout=rollout, sink=sink, cache_control=cache_control),
+            split(old, new, rollout=rollout, sink=sink, cache_control=cache_control, shadow=shadow),
             methods=methods,
             name=name,
             include_in_schema=include_in_schema,

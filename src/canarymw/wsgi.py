@@ -33,10 +33,12 @@ from ._headers import with_ours
 from ._rollout import FORCE_HEADER, FORCE_PARAM, Decision, Rollout, split_force_query
 from ._setup import check_adapter_args, resolve_upstreams, with_guard_sink
 from ._types import StartResponse, WSGIApplication, WSGIEnvironment
+from .shadow._bind import shadow_tap
 from .sinks._base import Sink
 from .sinks._dispatch import as_sink, direct_queue, record
 
 if TYPE_CHECKING:
+    from .shadow import Shadow
     from .upstream import Upstream
 
 ExcInfo = tuple[type[BaseException], BaseException, TracebackType] | tuple[None, None, None]
@@ -69,6 +71,11 @@ class WSGICanaryMiddleware:
         cache_control: Directive added to ``Cache-Control`` of routed responses unless
             the app chose ``private``/``no-store``/``public`` itself; ``None`` adds none.
             ``Vary: Cookie`` is always merged, so shared caches never mix cohorts.
+        shadow: Send a copy of requests to another app after the primary answered and
+            compare the two responses: a :class:`~canarymw.Shadow`, or a WSGI app or
+            :class:`~canarymw.Upstream` to shadow with its defaults (GET and HEAD
+            requests served by old). Never affects the user's response. See
+            docs/shadow.md.
     """
 
     def __init__(
@@ -79,6 +86,7 @@ class WSGICanaryMiddleware:
         rollout: Rollout,
         sink: Sink | Sequence[Sink] | None = None,
         cache_control: str | None = "private",
+        shadow: WSGIApplication | Upstream | Shadow | None = None,
     ) -> None:
         # Upstreams become plain WSGI apps here, once, so the request path never checks.
         old: WSGIApplication
@@ -101,6 +109,10 @@ class WSGICanaryMiddleware:
             self.extra_headers.append(("Cache-Control", cache_control))
         self.split_only = False
         # Set by canarymw.flask: count only requests that reached a split view.
+        self.shadow: Shadow | None
+        """The :class:`~canarymw.Shadow` given (an app or Upstream becomes one), or None."""
+        self._shadow: Callable[[WSGIApplication, Decision, WSGIEnvironment], WSGIApplication] | None
+        self.shadow, self._shadow = shadow_tap(shadow, self, "wsgi")
 
     @property
     def sink_errors(self) -> int:
@@ -129,14 +141,10 @@ class WSGICanaryMiddleware:
         if not fast and rollout.force_token is not None:
             _drop_force(environ)
         environ["canarymw.decision"] = decision
-        return _respond(
-            self,
-            self.new_app if decision.variant == "new" else self.old_app,
-            decision,
-            environ,
-            start_response,
-            wall,
-        )
+        app = self.new_app if decision.variant == "new" else self.old_app
+        if self._shadow is not None:
+            app = self._shadow(app, decision, environ)
+        return _respond(self, app, decision, environ, start_response, wall)
 
 
 def _respond(

@@ -241,6 +241,24 @@ def _schemas() -> dict[str, Any]:
                 },
             },
             "guard": _nullable(_ref("Guard")),
+            "shadow": {
+                "type": ["object", "null"],
+                "description": (
+                    "Shadow comparisons over the window (copies of requests sent to a shadow app "
+                    "and compared with the primary's response), or null without any. Never a "
+                    "variant: no success rate counts them."
+                ),
+                "properties": {
+                    "copies": _COUNT,
+                    "compared": _COUNT,
+                    "mismatches": _COUNT,
+                    "failures": _COUNT,
+                    "dropped": _COUNT,
+                    "mismatch_rate": {**_RATE, "description": "mismatches / compared."},
+                    "p50": {"type": ["number", "null"]},
+                    "p95": {"type": ["number", "null"]},
+                },
+            },
         },
     }
     lost = {

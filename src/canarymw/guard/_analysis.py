@@ -497,6 +497,8 @@ def windows_from_counts(
     """
     by: dict[int, dict[str, Counts]] = {}
     for c in counts:
+        if c.variant not in ("old", "new"):
+            continue  # shadow comparisons are not requests: no window of theirs is judged
         held = by.setdefault(c.window, {}).setdefault(c.variant, Counts(c.rollout, c.variant, c.window))
         held.add(c)
     out = []

@@ -21,6 +21,7 @@ is up to you (OTLP push, a Prometheus reader, ...). Instruments (the prefix is
     canarymw.sink.errors       ObservableCounter         canarymw.stage ("request" | "background")
     canarymw.outcomes.dropped  ObservableCounter
     canarymw.queue.depth       ObservableGauge
+    canarymw.shadow.comparisons Counter       {copy}     canarymw.rollout, canarymw.variant, canarymw.result
 
 The values are per process, as everything in OpenTelemetry is: each worker reports its
 own and the backend sums them (give each process its own ``service.instance.id``).
@@ -53,7 +54,7 @@ from ._base import DEFAULT_BUCKETS, Outcome, outcome_class
 from ._health import GuardedRollouts, HealthSnapshot, HealthSources
 
 if TYPE_CHECKING:
-    pass
+    from ..shadow import Comparison
 
 __all__ = ["DEFAULT_BUCKETS", "GuardGauges", "OpenTelemetrySink"]
 
@@ -112,6 +113,11 @@ class OpenTelemetrySink:
                 unit="s",
                 description="Time from routing to the end of the response.",
             )
+        self.shadow_comparisons = meter.create_counter(
+            p + "shadow.comparisons",
+            unit="{copy}",
+            description="Shadow copies by rollout, the primary's variant and result (match, mismatch, ...).",
+        )
         self._sources = HealthSources()
         self._attrs: dict[tuple[str, str, str], _Attrs] = {}
         self._lock = threading.Lock()
@@ -165,6 +171,17 @@ class OpenTelemetrySink:
         self.requests.add(1, attrs)
         d = outcome.duration
         self.duration.record(d if d >= 0.0 else 0.0, attrs)
+
+    def record_comparison(self, comparison: Comparison) -> None:
+        """Count one shadow comparison (see :class:`~canarymw.Shadow`)."""
+        self.shadow_comparisons.add(
+            1,
+            {
+                "canarymw.rollout": comparison.rollout,
+                "canarymw.variant": comparison.variant,
+                "canarymw.result": comparison.result,
+            },
+        )
 
     def record_many(self, outcomes: Iterable[Outcome]) -> None:
         """Record a batch: one counter add per attribute set, one histogram value per outcome."""

@@ -20,10 +20,14 @@ Metrics (the prefix is ``namespace``)::
     canarymw_sink_errors_total{stage}                             counter: "request" | "background"
     canarymw_outcomes_dropped_total                               counter
     canarymw_queue_depth                                          gauge
+    canarymw_shadow_comparisons_total{rollout, variant, result}   counter: shadow copies
+    canarymw_shadow_mismatches_total{rollout, part}               counter: status | headers | body
 
 ``outcome`` is one of ``1xx 2xx 3xx 4xx 5xx exception disconnect`` (see
 :func:`canarymw.sinks.outcome_class`); no label ever carries a path, a user or a cookie, so
-the number of series is bounded by rollouts x 2 variants x 7 outcomes.
+the number of series is bounded by rollouts x 2 variants x 7 outcomes. Shadow comparisons
+(:class:`~canarymw.Shadow`) reach the sink through the middleware it is given to; their
+``result`` is one of :data:`canarymw.shadow.RESULTS`.
 
 Guarded rollouts (``Rollout(..., guard=Guard(...))``, see :mod:`canarymw.guard`) have a
 collector of their own, read at each scrape::
@@ -63,6 +67,8 @@ from ._health import GuardedRollouts, HealthSources
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
+
+    from ..shadow import Comparison
 
 
 __all__ = ["DEFAULT_BUCKETS", "GuardCollector", "PrometheusSink"]
@@ -186,6 +192,19 @@ class PrometheusSink:
                 "Outcomes dropped because a BackgroundSink queue was full or closed.",
                 registry=registry,
             )
+            self.shadow_comparisons = Counter(
+                p + "shadow_comparisons",
+                "Shadow copies by rollout, the primary's variant and result: match, mismatch, error, "
+                "timeout, not-compared, dropped.",
+                ("rollout", "variant", "result"),
+                registry=registry,
+            )
+            self.shadow_mismatches = Counter(
+                p + "shadow_mismatches",
+                "Shadow mismatches by rollout and the part that differed: status, headers, body.",
+                ("rollout", "part"),
+                registry=registry,
+            )
             self.queue_depth = Gauge(
                 p + "queue_depth",
                 "Outcomes waiting in BackgroundSink queues.",
@@ -222,6 +241,12 @@ class PrometheusSink:
         series.histogram.observe(_clean(outcome.duration))
         if self._sources and _monotonic() >= self._next_sync:
             self.flush()
+
+    def record_comparison(self, comparison: Comparison) -> None:
+        """Count one shadow comparison (see :class:`~canarymw.Shadow`; thread-safe)."""
+        self.shadow_comparisons.labels(comparison.rollout, comparison.variant, comparison.result).inc()
+        for part in comparison.differences:
+            self.shadow_mismatches.labels(comparison.rollout, part).inc()
 
     def record_many(self, outcomes: Iterable[Outcome]) -> None:
         """Count a batch of outcomes, updating each series once (the BackgroundSink path)."""

@@ -18,10 +18,12 @@ from typing import TYPE_CHECKING
 
 from .._runtime import RateLimit, reset_after_fork
 from ..store._model import IDLE_REPORT, PROCESS_ROLLOUTS, WINDOW, Counts, ProcessReport
+from ..store._stats import SHADOW
 from ._base import Classifier, Outcome, default_classifier
 from .memory import _BOUNDS
 
 if TYPE_CHECKING:
+    from ..shadow import Comparison
     from ..store import Store
 
 log = logging.getLogger("canarymw")
@@ -100,6 +102,7 @@ class StoreSink:
         self._lock = threading.Lock()
         self._pending: dict[tuple[str, str, int], Counts] = {}
         self._queue: deque[Outcome] = deque()
+        self._comparisons: deque[Comparison] = deque()
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()
         self._closed = False
@@ -123,6 +126,34 @@ class StoreSink:
         if self._thread is None:
             self._start()
 
+    def record_comparison(self, comparison: Comparison) -> None:
+        """Queue one shadow comparison (see :class:`~canarymw.Shadow`), counted as the
+        variant ``"shadow"`` of its rollout: ``requests`` every copy sent or dropped,
+        ``errors`` the mismatches, ``exceptions`` the shadow's failures and timeouts,
+        ``disconnects`` the copies dropped, latency the shadow's. Copies that could not
+        be compared for another reason are not counted. Thread-safe, never does I/O."""
+        if comparison.result != "not-compared":
+            self._comparisons.append(comparison)
+            if self._thread is None:
+                self._start()
+
+    def _count_comparisons(self, pending: dict[tuple[str, str, int], Counts]) -> None:
+        queue = self._comparisons
+        for _ in range(len(queue)):
+            c = queue.popleft()
+            key = (c.rollout, SHADOW, int(c.timestamp) // WINDOW * WINDOW)
+            counts = pending.get(key)
+            if counts is None:
+                counts = pending[key] = Counts(*key)
+            counts.requests += 1
+            counts.errors += c.result == "mismatch"
+            counts.exceptions += c.result in ("error", "timeout")
+            counts.disconnects += c.result == "dropped"
+            if c.duration is not None:
+                counts.latency_sum += c.duration
+                bucket = bisect_left(_BOUNDS, c.duration)
+                counts.buckets[bucket] = counts.buckets.get(bucket, 0) + 1
+
     def _count(self) -> dict[tuple[str, str, int], Counts]:
         # Under the lock: what was queued, counted into the counts held back so far. Column
         # by column, every pass in C (zip, map, compress, Counter); each outcome's
@@ -130,6 +161,8 @@ class StoreSink:
         # passes run over ints. A batch holds few ids (variants x windows), so one C pass
         # per id for the latency sums is cheaper than a Python loop over outcomes.
         pending, queue = self._pending, self._queue
+        if self._comparisons:
+            self._count_comparisons(pending)
         batch = [queue.popleft() for _ in range(len(queue))]
         if not batch:
             return pending

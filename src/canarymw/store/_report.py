@@ -9,7 +9,7 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from ._model import RolloutState, Store, UnknownRollout, lost
-from ._stats import VariantSummary, blended, blended_interval, measured, summarize
+from ._stats import SHADOW, VariantSummary, blended, blended_interval, measured, shadow_summary, summarize
 
 if TYPE_CHECKING:
     from ..guard._controller import Assessor
@@ -31,10 +31,12 @@ def report(
     (``success``), and for a guarded rollout its ``guard``: stage, the verdict (judged
     live while it ramps, else the sentence behind the guard's last action), evidence,
     the controller holding the lease, the blended estimate with its 95% interval now,
-    at the next step and at 100%, and the outlook. ``processes``: the ledger of the
-    processes that added counters in the window (running, stopped gracefully, and those
-    that stopped without their final flush, with the outcomes they likely lost). ``name``
-    limits it to one rollout (:class:`UnknownRollout` if the store has none of that name).
+    at the next step and at 100%, and the outlook; and its ``shadow`` comparisons
+    (:class:`ShadowSummary` as a dict, None without any), which are never a variant.
+    ``processes``: the ledger of the processes that added counters in the window
+    (running, stopped gracefully, and those that stopped without their final flush,
+    with the outcomes they likely lost). ``name`` limits it to one rollout
+    (:class:`UnknownRollout` if the store has none of that name).
 
     ``assessors`` keeps the judgement of each guarded rollout between calls (a screen
     that refreshes), so that a refresh reads only the windows closed since the last one.
@@ -55,6 +57,8 @@ def report(
     for rollout in ordered:
         state = states[rollout]
         variants = summaries[rollout]
+        # Comparisons, not requests: kept apart from the variants and every rate over them.
+        shadow = variants.pop(SHADOW, None)
         rollouts[rollout] = {
             "state": asdict(state),
             "age": max(0.0, now - state.updated_at),
@@ -64,6 +68,7 @@ def report(
                 "measured": measured(variants.values()),
             },
             "guard": None if state.guard is None else _guard(store, rollout, state, variants, now, assessors),
+            "shadow": _shadow(shadow),
         }
     return {
         "at": now,
@@ -71,6 +76,12 @@ def report(
         "rollouts": rollouts,
         "processes": _processes(store, name, window, now),
     }
+
+
+def _shadow(summary: VariantSummary | None) -> dict[str, Any] | None:
+    """The shadow comparisons of the window (:class:`ShadowSummary` as a dict), or None."""
+    got = None if summary is None else shadow_summary(summary)
+    return None if got is None else asdict(got)
 
 
 def _processes(store: Store, name: str | None, window: float, now: float) -> dict[str, Any]:

@@ -17,6 +17,12 @@ from ._model import Counts
 
 VARIANTS = ("old", "new")
 """The variants every rollout's summary holds, with or without traffic."""
+SHADOW = "shadow"
+"""The variant the counters of shadow comparisons are kept under (see
+:meth:`StoreSink.record_comparison <canarymw.sinks.store.StoreSink.record_comparison>`):
+no request is routed to it, so success rates, blended estimates and the guard leave it
+out. Its ``errors`` are mismatches, ``exceptions`` the shadow's failures and timeouts,
+``disconnects`` the copies dropped."""
 
 
 @dataclass(frozen=True)
@@ -171,3 +177,42 @@ def measured(summaries: Iterable[VariantSummary]) -> float | None:
         requests += s.requests
         errors += s.errors
     return 1.0 - errors / requests if requests else None
+
+
+@dataclass(frozen=True)
+class ShadowSummary:
+    """The shadow comparisons of one rollout, summed over windows and processes.
+
+    Latencies are the shadow's (seconds), over the copies it answered or failed.
+    """
+
+    copies: int
+    """Copies sent or dropped."""
+    compared: int
+    """Copies the shadow answered, compared with the primary: matches and mismatches."""
+    mismatches: int
+    failures: int
+    """The shadow raised, failed or timed out."""
+    dropped: int
+    """Never sent: the queue was full."""
+    mismatch_rate: float | None
+    """mismatches / compared; None before the first comparison."""
+    p50: float | None
+    p95: float | None
+
+
+def shadow_summary(summary: VariantSummary) -> ShadowSummary | None:
+    """The counters of the :data:`SHADOW` variant read as comparisons; None without any."""
+    if not summary.requests:
+        return None
+    compared = summary.requests - summary.exceptions - summary.disconnects
+    return ShadowSummary(
+        copies=summary.requests,
+        compared=compared,
+        mismatches=summary.errors,
+        failures=summary.exceptions,
+        dropped=summary.disconnects,
+        mismatch_rate=summary.errors / compared if compared > 0 else None,
+        p50=summary.p50,
+        p95=summary.p95,
+    )
