@@ -415,3 +415,32 @@ def test_every_page_links_an_icon_the_admin_serves() -> None:
     icon = admin.handle("GET", "/static/icon.svg", headers=auth, root="/canary")
     assert icon.status == 200 and ("Content-Type", "image/svg+xml") in icon.headers
     assert icon.body.startswith(b"<svg") and b"<script" not in icon.body
+
+
+def test_a_rollout_with_shadow_traffic_shows_its_mismatch_rate_apart_from_the_variants(
+    admin: Admin, store: MemoryStore
+) -> None:
+    assert not get(admin, "/rollout", name="plain-v2").find("h3", id="shadow")  # none yet
+    at = time.time() - WINDOW
+    # Comparisons as a StoreSink counts them: copies, mismatches, failures, drops.
+    store.add_counts(
+        [
+            Counts(
+                "plain-v2",
+                "shadow",
+                at,
+                requests=50,
+                errors=9,
+                exceptions=2,
+                disconnects=4,
+                buckets={230: 44},
+            )
+        ]
+    )
+    page = get(admin, "/rollout", name="plain-v2")
+    assert page.status == 200 and page.find("h3", id="shadow")
+    assert "Mismatch rate: 20.45% (9 of 44 compared copies differ" in page.words
+    assert "2 copies failed or timed out and 4 were dropped" in page.words
+    # The copies are not traffic: the variant table still lists old and new only.
+    table = page.words[page.words.index("Per variant, over the last") : page.words.index("Success rate")]
+    assert " old " in table and " new " in table and "shadow" not in table.lower()

@@ -382,7 +382,27 @@ def _traffic_section(r: dict[str, Any], window: float) -> str:
                 "Blended success intervals",
             )
         )
-    return f'<h2 id="traffic">Traffic</h2>{variants}<h3>Success rate</h3>{"".join(lines)}'
+    return (
+        f'<h2 id="traffic">Traffic</h2>{variants}<h3>Success rate</h3>{"".join(lines)}'
+        f"{_shadow_section(r.get('shadow'), window)}"
+    )
+
+
+def _shadow_section(shadow: dict[str, Any] | None, window: float) -> str:
+    """Shadow comparisons: copies, never requests, so never in the variant table."""
+    if shadow is None:
+        return ""
+    return (
+        '<h3 id="shadow">Shadow traffic</h3>'
+        "<p><strong>Mismatch rate:</strong> "
+        f'<span id="mismatch-rate">{_rate(shadow["mismatch_rate"])}</span> '
+        f"({_count(shadow['mismatches'])} of {_count(shadow['compared'])} compared copies differ from "
+        f"the response the user got, over the last {window:g} s).</p>"
+        f'<p class="muted">{_count(shadow["failures"])} copies failed or timed out and '
+        f"{_count(shadow['dropped'])} were dropped (queue full); the shadow answered in "
+        f"{_ms(shadow['p50'])} at the median and {_ms(shadow['p95'])} at p95. "
+        "Which routes differ, and how, is in the serving process's <code>shadow.report()</code>.</p>"
+    )
 
 
 # -- charts -------------------------------------------------------------------------------
