@@ -4,8 +4,9 @@ Configured by the environment (every gunicorn worker imports it and follows the 
 on its own): ``CANARYMW_TEST_STORE`` (a store URL), ``CANARYMW_TEST_NAME``,
 ``CANARYMW_TEST_KEY``, ``CANARYMW_TEST_PERCENT`` (the code's percent),
 ``CANARYMW_TEST_STORE_INTERVAL``, ``CANARYMW_TEST_SINK_INTERVAL`` (a ``StoreSink``
-on the same store, flushing that often; empty: no sink) and ``CANARYMW_TEST_POLICY``
-(the ramp policy, ``monotone`` by default).
+on the same store, flushing that often; empty: no sink), ``CANARYMW_TEST_POLICY``
+(the ramp policy, ``monotone`` by default) and ``CANARYMW_TEST_USERS`` (set: the rollout's
+``key=`` is the ``X-User`` request header, a logged-in user).
 
 ``/stats`` is excluded from the rollout (never routed, never counted) and answers JSON:
 the worker's pid, ``rollout.store_status()``, the rollout's assignment ``epoch`` and
@@ -33,6 +34,7 @@ ROLLOUT = Rollout(
     store=os.environ["CANARYMW_TEST_STORE"],
     store_interval=float(os.environ.get("CANARYMW_TEST_STORE_INTERVAL", "0.2")),
     policy=os.environ.get("CANARYMW_TEST_POLICY", "monotone"),  # type: ignore[arg-type]
+    key=(lambda environ: environ.get("HTTP_X_USER")) if os.environ.get("CANARYMW_TEST_USERS") else None,
 )
 
 _sink_interval = os.environ.get("CANARYMW_TEST_SINK_INTERVAL", "")
