@@ -322,3 +322,20 @@ def test_reset_and_rollback_through_a_store_reach_every_process() -> None:
         time.sleep(0.01)
     assert (b.epoch, b.percent) == (2, 0)
     assert [c.action for c in store.history("p")] == ["seed", "reset", "set"]
+
+
+def test_a_forked_child_asks_again_for_the_users_its_parent_had_asked_about() -> None:
+    from canarymw._rollout import _ASKED, _CONFIRMED, _UNASKED
+    from canarymw.store._identity import Identities
+
+    store = MemoryStore()
+    r = Rollout("p", percent=50, secret_key=KEY, key=by_user, store=store)
+    r.decide(None, request={"user": "alice"})
+    assert r._identities is not None and r._identities.join()
+    r.decide(None, request={"user": "bob"})
+    r._users["bob"].state = _ASKED  # a claim still queued at the fork
+    Identities._forget(r._identities)  # what the after-fork hook runs in the child
+    assert r._users["alice"].state == _CONFIRMED  # answered before the fork: kept
+    assert r._users["bob"].state == _UNASKED
+    r.decide(None, request={"user": "bob"})
+    assert r._identities.join() and r._users["bob"].state == _CONFIRMED

@@ -39,10 +39,13 @@ class Identities:
         reset_after_fork(self, Identities._forget)
 
     def _forget(self) -> None:
-        # A child forked mid-claim starts empty: its users are asked again.
+        # A child forked mid-claim starts empty: claims its parent had queued are not
+        # its own, so the users they were for are asked again.
         self._queue: queue.Queue[_Item] = queue.Queue(QUEUE_SIZE)
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        for user in list(self.rollout._users):
+            self.rollout._unconfirm(user)
 
     def claim(self, user: str, bucket: int, variant: str | None, epoch: int) -> None:
         """Ask the store for ``user``'s assignment, offering this one (first one wins)."""
@@ -80,9 +83,9 @@ class Identities:
         return done.wait(timeout)
 
     def _run(self) -> None:
-        rollout, store, ttl = self.rollout, self.store, self.rollout.user_memory
+        rollout, store, ttl, jobs = self.rollout, self.store, self.rollout.user_memory, self._queue
         while True:
-            is_claim, user, offered = self._queue.get()
+            is_claim, user, offered = jobs.get()
             try:
                 if is_claim:
                     kept = store.claim(rollout.name, user, offered, ttl)
@@ -101,4 +104,4 @@ class Identities:
                         exc,
                     )
             finally:
-                self._queue.task_done()
+                jobs.task_done()
