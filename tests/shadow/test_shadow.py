@@ -155,6 +155,17 @@ def test_the_cohort_cookie_is_stripped_unless_configured(kit: Kit) -> None:
     assert sent.cookies == [header]
 
 
+def test_the_cohort_cookie_is_stripped_from_repeated_cookie_headers(kit: Kit) -> None:
+    # Two Cookie headers: WSGI servers join them with ", " into one (PEP 3333), ASGI keeps two.
+    seen = Seen()
+    shadow = Shadow(make_app(kit.kind, seen=seen))
+    two = [("Cookie", "theme=dark"), ("Cookie", "canarymw=signed-cohort-id; sid=abc")]
+    run(kit, serve(kit, make_app(kit.kind), shadow), shadow, headers=two)
+    [got] = seen.cookies
+    assert got is not None and "canarymw" not in got
+    assert got.replace(",", ";").replace(" ", "").split(";") == ["theme=dark", "sid=abc"]
+
+
 def test_a_custom_cohort_cookie_name_is_the_one_stripped(kit: Kit) -> None:
     seen = Seen()
     shadow = Shadow(make_app(kit.kind, seen=seen))

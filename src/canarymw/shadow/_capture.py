@@ -103,9 +103,18 @@ def verdict(
 
 def strip_cookie(header: str, name: str) -> str:
     """A ``Cookie`` header without the cookie ``name`` (lenient: any piece without ``=``
-    or with another name stays as it was)."""
-    kept = [p for p in header.split(";") if p.partition("=")[0].strip() != name]
-    return ";".join(kept).strip(" ;")
+    or with another name stays as it was). Pieces end at ``;`` or at ``,`` (two headers
+    a WSGI server joined), as :func:`canarymw._cookie.find_values` reads them."""
+    if name + "=" not in header:
+        return header
+    kept = []
+    for part in header.split(";"):
+        pieces = part.split(",")
+        if any(p.partition("=")[0].strip() == name for p in pieces):
+            part = ",".join(p for p in pieces if p.partition("=")[0].strip() != name)
+        if part.strip(" ,"):
+            kept.append(part)
+    return ";".join(kept).strip(" ;,")
 
 
 def status_code(line: str) -> int | None:
