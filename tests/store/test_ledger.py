@@ -11,7 +11,7 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from itertools import pairwise
 from pathlib import Path
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from canarymw.sinks.store import StoreSink
-from canarymw.store import MemoryStore, ProcessReport, Store, StoreUnavailable, lost
+from canarymw.store import Counts, MemoryStore, ProcessReport, Store, StoreUnavailable, lost
 from canarymw.store._model import IDLE_REPORT, PROCESS_KEEP, PROCESS_ROLLOUTS
 
 from ..harness import make_outcome
@@ -412,5 +412,159 @@ def test_redis_cluster_keeps_the_ledger(cluster_redis: RedisServer) -> None:
         store.report_process(b)
         store.report_process(a)
         assert store.processes() == [a, b]
+    finally:
+        client.close()
+
+
+# -- counters and report in one write ----------------------------------------------------------
+
+
+def test_counters_and_the_report_go_in_one_call(backend: Backend) -> None:
+    store = backend()
+    first = report("web-1:101:aa", time.time(), last_batch=3, flushed=3)
+    assert store.add_counts([Counts("r", "new", 1000, requests=3, buckets={4: 3})], first) is True
+    assert store.processes() == [first]
+    assert [c.requests for c in store.read_counts(["r"], 0)] == [3]
+    idle = replace(first, last_flush_at=first.last_flush_at + 1, last_batch=0)
+    assert store.add_counts([], idle) is True  # nothing to add: the report alone
+    assert store.processes() == [idle]
+    assert [c.requests for c in store.read_counts(["r"], 0)] == [3]
+
+
+class ReportsApart(MemoryStore):
+    """A store written before ``add_counts`` took the report (a third party's, say)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reports = 0
+
+    def add_counts(self, counts: list[Counts]) -> None:  # type: ignore[override]
+        super().add_counts(counts)
+
+    def report_process(self, report: ProcessReport) -> None:
+        self.reports += 1
+        super().report_process(report)
+
+
+def test_a_store_without_the_report_argument_gets_the_report_apart() -> None:
+    store = ReportsApart()
+    sink = StoreSink(store, interval=60)
+    outcomes(sink, 4)
+    assert sink.flush() is True and store.reports == 1
+    assert [p.flushed for p in store.processes()] == [4]
+    sink.close()
+
+
+def _commands(server: RedisServer) -> dict[str, int]:
+    stats = server.command("INFO", "commandstats").decode()
+    return {
+        line.split(":")[0].removeprefix("cmdstat_"): int(line.split("calls=")[1].split(",")[0])
+        for line in stats.splitlines()
+        if line.startswith("cmdstat_")
+    }
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    yield server
+    server.kill()
+
+
+def test_redis_adds_a_flush_in_one_transaction_without_asking_for_scripts(private_redis: RedisServer) -> None:
+    pytest.importorskip("redis")
+    from canarymw.store.redis import RedisStore
+
+    store = RedisStore(private_redis.url, prefix="t:")
+    sink = StoreSink(store, interval=60)
+    try:
+        for variant in ("new", "old"):
+            outcomes(sink, 3)
+            sink.record(make_outcome(variant, 200, 0.01, timestamp=time.time()))
+        assert sink.flush()  # loads the scripts
+        before = _commands(private_redis)
+        outcomes(sink, 5)
+        sink.record(make_outcome("old", 200, 0.01, timestamp=time.time()))
+        assert sink.flush()
+        after = _commands(private_redis)
+        used = {name: n - before.get(name, 0) for name, n in after.items() if n != before.get(name, 0)}
+        sent = {name: used.get(name, 0) for name in ("multi", "evalsha", "exec", "script", "eval")}
+        assert sent == {"multi": 1, "evalsha": 3, "exec": 1, "script": 0, "eval": 0}  # 2 counters, 1 report
+        assert [p.flushed for p in store.processes()] == [14]
+    finally:
+        sink.close()
+        store.close()
+
+
+@pytest.mark.parametrize("held", ["none", "report only", "counters only"])
+def test_redis_loads_missing_scripts_and_adds_nothing_twice(private_redis: RedisServer, held: str) -> None:
+    pytest.importorskip("redis")
+    import redis
+
+    from canarymw.store.redis import _ADD_LUA, _REPORT_LUA, RedisStore
+
+    store = RedisStore(private_redis.url, prefix="t:")
+    raw = redis.Redis.from_url(private_redis.url)
+    try:
+        r = report("web-1:101:aa", time.time())
+        assert store.add_counts([Counts("r", "new", 1000, requests=2)], r)
+        raw.script_flush()
+        if held != "none":
+            raw.script_load(_REPORT_LUA if held == "report only" else _ADD_LUA)
+        later = replace(r, last_flush_at=r.last_flush_at + 1, flushed=12)
+        assert store.add_counts(
+            [Counts("r", "new", 1000, requests=3), Counts("r", "old", 1000, requests=5)], later
+        )
+        got = {c.variant: c.requests for c in store.read_counts(["r"], 0)}
+        assert got == {"new": 5, "old": 5} and store.processes() == [later]
+    finally:
+        raw.close()
+        store.close()
+
+
+def test_a_report_redis_refuses_leaves_the_counters_added_once(
+    redis_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    redis = pytest.importorskip("redis")
+    from canarymw.store.redis import RedisStore
+
+    store = RedisStore(REDIS_URL, prefix=redis_prefix)
+    raw = redis.Redis.from_url(REDIS_URL)
+    ledger = f"{redis_prefix}{{ledger}}:processes"
+    sink = StoreSink(store, interval=60)
+    try:
+        raw.set(ledger, "not a hash")  # the report's HSET fails with WRONGTYPE; the counters' do not
+        window = int(time.time()) // 10 * 10
+        assert store.add_counts([Counts("r", "new", window, requests=2)], report(at=time.time())) is False
+        assert [c.requests for c in store.read_counts(["r"], 0)] == [2]
+        outcomes(sink, 3)
+        with caplog.at_level("WARNING", logger="canarymw"):
+            assert sink.flush() is True  # the counts are in; only the ledger lags
+        assert sink.report_failures == 1 and sink.flushed == 3 and "its counts were added" in caplog.text
+        assert sum(c.requests for c in store.read_counts(["r"], 0)) == 5
+        raw.delete(ledger)
+        assert sink.flush() is True  # nothing to add, but a report is due
+        assert [p.flushed for p in store.processes()] == [3]
+    finally:
+        sink.close()
+        raw.close()
+        store.close()
+
+
+def test_redis_cluster_adds_counters_and_the_report(cluster_redis: RedisServer) -> None:
+    pytest.importorskip("redis")
+    from redis.cluster import RedisCluster
+
+    from canarymw.store.redis import RedisStore
+
+    client = RedisCluster(host="127.0.0.1", port=cluster_redis.port, socket_timeout=1)
+    store = RedisStore(client, prefix="c:")
+    try:
+        r = report("a:1:x", time.time())
+        counts = [Counts("r", "new", 1000, requests=2), Counts("s", "old", 1000, requests=4)]
+        assert store.add_counts(counts, r) is True
+        assert store.processes() == [r]
+        assert {c.rollout: c.requests for c in store.read_counts(["r", "s"], 0)} == {"r": 2, "s": 4}
     finally:
         client.close()

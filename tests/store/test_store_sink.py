@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import time
+from bisect import bisect_left
+from collections.abc import Callable
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from canarymw import Rollout
 from canarymw.sinks import Outcome
@@ -93,7 +98,6 @@ def test_counting_in_columns_matches_counting_one_by_one(classify: str) -> None:
     counting each outcome on its own gives, for any mix of rollouts, variants, windows,
     statuses (None, 1xx-9xx, out of range), exceptions and disconnects."""
     import random
-    from bisect import bisect_left
 
     rng = random.Random(7)
     outcomes = [
@@ -109,11 +113,20 @@ def test_counting_in_columns_matches_counting_one_by_one(classify: str) -> None:
         for _ in range(3000)
     ]
 
-    def slow_rule(o: Outcome) -> bool:
-        return o.status == 200 and o.duration < 0.02
+    rule = None if classify == "default" else slow_rule
+    assert_counted_as_one_by_one(outcomes, rule, groups=8)
 
+
+def slow_rule(o: Outcome) -> bool:
+    return o.status == 200 and o.duration < 0.02
+
+
+def assert_counted_as_one_by_one(
+    outcomes: list[Outcome], rule: Callable[[Outcome], bool] | None, groups: int = 0
+) -> None:
+    """Flush ``outcomes`` through a StoreSink and compare with counting each on its own."""
     store = MemoryStore()
-    sink = StoreSink(store, interval=60, **({} if classify == "default" else {"classify": slow_rule}))
+    sink = StoreSink(store, interval=60, **({} if rule is None else {"classify": rule}))
     for o in outcomes:
         sink.record(o)
     assert sink.flush()
@@ -122,14 +135,15 @@ def test_counting_in_columns_matches_counting_one_by_one(classify: str) -> None:
         key = (o.rollout, o.variant, int(o.timestamp // WINDOW) * WINDOW)
         row = want.setdefault(key, Counts(*key))
         row.requests += 1
-        row.errors += not (o.ok if classify == "default" else slow_rule(o))
+        row.errors += not (o.ok if rule is None else rule(o))
         row.exceptions += o.error is not None
         row.disconnects += bool(o.disconnected)
         row.latency_sum += o.duration
         b = bisect_left(_BOUNDS, o.duration)
         row.buckets[b] = row.buckets.get(b, 0) + 1
-    got = {(c.rollout, c.variant, c.window): c for c in store.read_counts(["r", "s"], 0)}
-    assert set(got) == set(want) and len(got) > 8
+    names = sorted({o.rollout for o in outcomes})
+    got = {(c.rollout, c.variant, c.window): c for c in store.read_counts(names, 0)}
+    assert set(got) == set(want) and len(got) > groups
     for key, w in want.items():
         c = got[key]
         assert (c.requests, c.errors, c.exceptions, c.disconnects) == (
@@ -137,5 +151,57 @@ def test_counting_in_columns_matches_counting_one_by_one(classify: str) -> None:
             w.errors,
             w.exceptions,
             w.disconnects,
-        )
-        assert c.latency_sum == pytest.approx(w.latency_sum) and c.buckets == w.buckets
+        ), key
+        assert c.buckets == w.buckets, key
+        if math.isnan(w.latency_sum):
+            assert math.isnan(c.latency_sum)
+        else:
+            assert c.latency_sum == pytest.approx(w.latency_sum)
+    sink.close()
+
+
+_EDGES = [0.0, -0.0, -1.0, _BOUNDS[0], _BOUNDS[7], _BOUNDS[-1], _BOUNDS[-1] * 2, math.inf, 1e-9]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_counting_a_batch_of_few_groups_matches_counting_one_by_one(data: st.DataObject) -> None:
+    """The common batch (few rollouts and variants, one or two windows) is counted group by
+    group, with a sorted histogram; any mix of edge values must count as one by one."""
+    window = data.draw(st.integers(100_000, 200_000)) * WINDOW
+    span = data.draw(
+        st.sampled_from([0.5, WINDOW - 1e-6, WINDOW, 1.5 * WINDOW, 2 * WINDOW - 1e-6, 3 * WINDOW])
+    )
+    start = data.draw(st.floats(0, WINDOW - 1e-6)) + window
+    rollouts = data.draw(st.lists(st.sampled_from(["r", "s", "t"]), min_size=1, max_size=3, unique=True))
+    variants = data.draw(st.lists(st.sampled_from(["old", "new", "x"]), min_size=1, max_size=3, unique=True))
+    durations = st.one_of(
+        st.floats(0, 5, allow_nan=False), st.sampled_from(_EDGES), st.sampled_from([math.nan, 7])
+    )
+    one = st.builds(
+        outcome,
+        st.sampled_from(variants),
+        st.sampled_from([200, 200, 302, 500, 503, None, 99, 1200]),
+        durations,
+        rollout=st.sampled_from(rollouts),
+        error=st.sampled_from([None, None, None, "Boom"]),
+        disconnected=st.sampled_from([False, False, True]),
+        timestamp=st.one_of(st.floats(start, start + span), st.sampled_from([window, window + WINDOW])),
+    )
+    outcomes = data.draw(st.lists(one, min_size=1, max_size=60))
+    rule = data.draw(st.sampled_from([None, slow_rule]))
+    assert_counted_as_one_by_one(outcomes, rule)
+
+
+def test_a_plain_batch_takes_the_group_path() -> None:
+    """The batch the figures in docs/benchmarks.md describe (one rollout, two variants, two
+    windows at most) is counted by groups, not by ids."""
+    from canarymw.sinks.store import _groups
+
+    stamps = [1_000_008.0, 1_000_009.5, 1_000_010.0, 1_000_011.0]
+    groups = _groups(["r"] * 4, ["old", "new", "old", "new"], stamps)
+    assert groups is not None and len(groups) == 4
+    assert dict(groups)[("r", "new", 1_000_010)] == [False, False, False, True]
+    assert _groups(["r"] * 2, ["old"] * 2, [1_000_000.0, 1_000_020.0]) is None  # three windows
+    assert _groups(["r"], ["old"], [math.nan]) is None
+    assert _groups(["r"], ["old"], [-1.0]) is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import inspect
 import logging
 import os
 import secrets
@@ -10,11 +11,13 @@ import socket
 import threading
 import time
 import weakref
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections import Counter, deque
-from itertools import compress, count, repeat
-from operator import add, eq, floordiv, is_not, mul, or_
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Sequence
+from itertools import compress, count, repeat, starmap
+from math import isfinite
+from operator import add, and_, eq, floordiv, ge, is_not, mul, not_, or_, sub, truth
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .._runtime import RateLimit, reset_after_fork
 from ..store._model import IDLE_REPORT, PROCESS_ROLLOUTS, WINDOW, Counts, ProcessReport
@@ -28,6 +31,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("canarymw")
 
+_T = TypeVar("_T")
 _KEEP = 3600.0  # seconds of unflushed windows kept while the store is down
 _TIMESTAMP = Outcome._fields.index("timestamp")
 _SLOTS = len(_BOUNDS) + 1  # latency buckets per key id in one int: id * _SLOTS + bucket
@@ -93,6 +97,7 @@ class StoreSink:
         self.process = ""
         """This process's id in the store's ledger, ``HOST:PID:RANDOM`` (new in a forked child)."""
         self._log_limit = RateLimit(60.0)
+        self._merged = _takes_report(store)
         self._reset()
         reset_after_fork(self, StoreSink._reset)
         _flush_at_exit(self)
@@ -155,18 +160,61 @@ class StoreSink:
                 counts.buckets[bucket] = counts.buckets.get(bucket, 0) + 1
 
     def _count(self) -> dict[tuple[str, str, int], Counts]:
-        # Under the lock: what was queued, counted into the counts held back so far. Column
-        # by column, every pass in C (zip, map, compress, Counter); each outcome's
-        # (rollout, variant, window) is hashed once, into a small int id, and the per-id
-        # passes run over ints. A batch holds few ids (variants x windows), so one C pass
-        # per id for the latency sums is cheaper than a Python loop over outcomes.
+        # Under the lock: what was queued, counted into the counts held back so far, column
+        # by column with every per-outcome pass in C. A batch holds few groups (rollouts x
+        # variants x one or two windows): each is picked out with one mask, and its latency
+        # histogram read off its sorted durations, one bisect per non-empty bucket.
         pending, queue = self._pending, self._queue
         if self._comparisons:
             self._count_comparisons(pending)
-        batch = [queue.popleft() for _ in range(len(queue))]
+        batch = list(starmap(queue.popleft, repeat((), len(queue))))  # exactly what was there
         if not batch:
             return pending
         cols = list(zip(*batch, strict=False))
+        groups = _groups(cols[0], cols[1], cols[_TIMESTAMP])
+        if groups is None:  # many groups, or times whose window cannot be read off min and max
+            self._count_by_ids(batch, cols, pending)
+            return pending
+        statuses, durations, errors, disconnected = cols[2:6]
+        default = self._classify is default_classifier
+        raised = None if errors.count(None) == len(errors) else list(map(is_not, errors, repeat(None)))
+        failing: list[bool] | None = None  # per outcome, where the status alone does not tell
+        if not default:
+            failing = [not self._classify(o) for o in batch]
+        elif not _STATUSES.issuperset(statuses):  # a status outside 100-999: the rule itself
+            failing = [s is None or s >= 500 for s in statuses]
+        mixed = any(disconnected)
+        for key, mask in groups:
+            picked = _pick(durations, mask)
+            if not picked:
+                continue
+            counts = pending.get(key)
+            if counts is None:
+                counts = pending[key] = Counts(key[0], key[1], key[2])
+            counts.requests += len(picked)
+            failed: Sequence[bool]
+            if failing is None:
+                failed = list(map(_FAILING.__contains__, _pick(statuses, mask)))
+            else:
+                failed = _pick(failing, mask)
+            if raised is not None:
+                caught = _pick(raised, mask)
+                counts.exceptions += sum(caught)
+                if default:
+                    failed = list(map(or_, failed, caught))
+            counts.errors += sum(failed)
+            if mixed:
+                counts.disconnects += sum(map(truth, _pick(disconnected, mask)))
+            total = sum(picked)
+            counts.latency_sum += total
+            _histogram(picked, counts.buckets, exact=not isfinite(total))
+        return pending
+
+    def _count_by_ids(
+        self, batch: list[Outcome], cols: list[tuple[Any, ...]], pending: dict[tuple[str, str, int], Counts]
+    ) -> None:
+        # Any batch: each outcome's (rollout, variant, window) is hashed once, into a small
+        # int id (the position of the key's first outcome), and the passes run over ints.
         rollouts, variants, statuses, durations, errors, disconnected = cols[:6]
         # Window numbers (floor(t) // WINDOW is floor(t / WINDOW) for t >= 0); times WINDOW per key.
         windows = map(floordiv, map(int, cols[_TIMESTAMP]), repeat(WINDOW))
@@ -205,7 +253,6 @@ class StoreSink:
             i, bucket = divmod(slot, _SLOTS)
             held = pending[keys[i]].buckets
             held[bucket] = held.get(bucket, 0) + n
-        return pending
 
     def _start(self) -> None:
         with self._lock:
@@ -235,8 +282,30 @@ class StoreSink:
         if not batch:
             self._report(0, final)
             return True
+        added = sum(c.requests for c in batch.values())
+        rollouts = self._rollouts
+        for rollout, _, _ in batch:
+            if len(rollouts) >= PROCESS_ROLLOUTS:
+                break
+            rollouts.add(rollout)
+        if not self._merged:  # a store of another kind: the counters, then the report apart
+            if not self._add(batch, None):
+                return False
+            self._report(added, final)
+            return True
+        with self._report_lock:  # the counters and the report, in one round trip
+            report = self._ledger_entry(added, final, self.flushed + added)
+            kept = self._add(batch, report)
+            if kept is None:
+                return False
+            self._reported(report, None if kept else "the store kept the counters only")
+        return True
+
+    def _add(self, batch: dict[tuple[str, str, int], Counts], report: ProcessReport | None) -> bool | None:
+        """Add the counters (and the report, if any); whether the report was kept, None if
+        the counters were not added (they are kept for the next flush)."""
         try:
-            self.store.add_counts(list(batch.values()))
+            kept = self.store.add_counts(list(batch.values()), report) if report else self._add_only(batch)
         except Exception as exc:  # never lose counts to a store hiccup: keep them for the next flush
             self.failures += 1
             if self._log_limit.due():
@@ -244,15 +313,12 @@ class StoreSink:
                     "canarymw: StoreSink could not add counts to %r (%s); keeping them.", self.store, exc
                 )
             self._keep(batch)
-            return False
-        added = sum(c.requests for c in batch.values())
-        self.flushed += added
-        rollouts = self._rollouts
-        for rollout, _, _ in batch:
-            if len(rollouts) >= PROCESS_ROLLOUTS:
-                break
-            rollouts.add(rollout)
-        self._report(added, final)
+            return None
+        self.flushed += sum(c.requests for c in batch.values())
+        return kept is not False
+
+    def _add_only(self, batch: dict[tuple[str, str, int], Counts]) -> bool:
+        self.store.add_counts(list(batch.values()))
         return True
 
     def _report(self, added: int, final: bool) -> None:
@@ -271,35 +337,44 @@ class StoreSink:
                         return
                 elif self._idle_reported and now - self._reported_at < IDLE_REPORT:
                     return
-            closed = final or self._closed_reported
-            report = ProcessReport(
-                process=self.process,
-                started_at=self._started_at,
-                last_flush_at=time.time(),
-                flushed=self.flushed,
-                last_batch=added,
-                interval=self.interval,
-                closed=closed,
-                rollouts=tuple(sorted(self._rollouts)),
-                next_within=self.interval if added else IDLE_REPORT + self.interval,
-            )
+            report = self._ledger_entry(added, final, self.flushed)
             try:
                 self.store.report_process(report)
             except Exception as exc:  # the counts are in: only the ledger lags behind
-                self.report_failures += 1
-                self._report_due = True
-                if self._log_limit.due():
-                    log.warning(
-                        "canarymw: StoreSink could not report this process to the ledger of %r (%s); "
-                        "its counts were added.",
-                        self.store,
-                        exc,
-                    )
+                self._reported(report, exc)
                 return
-            self._reported_at = now
-            self._report_due = False
-            self._idle_reported = not added
-            self._closed_reported = closed
+            self._reported(report, None)
+
+    def _ledger_entry(self, added: int, final: bool, flushed: int) -> ProcessReport:
+        return ProcessReport(
+            process=self.process,
+            started_at=self._started_at,
+            last_flush_at=time.time(),
+            flushed=flushed,
+            last_batch=added,
+            interval=self.interval,
+            closed=final or self._closed_reported,
+            rollouts=tuple(sorted(self._rollouts)),
+            next_within=self.interval if added else IDLE_REPORT + self.interval,
+        )
+
+    def _reported(self, report: ProcessReport, failure: object) -> None:
+        # Under _report_lock: what the ledger now holds, or that a report is due again.
+        if failure is not None:
+            self.report_failures += 1
+            self._report_due = True
+            if self._log_limit.due():
+                log.warning(
+                    "canarymw: StoreSink could not report this process to the ledger of %r (%s); "
+                    "its counts were added.",
+                    self.store,
+                    failure,
+                )
+            return
+        self._reported_at = time.monotonic()
+        self._report_due = False
+        self._idle_reported = not report.last_batch
+        self._closed_reported = report.closed
 
     def _keep(self, batch: dict[tuple[str, str, int], Counts]) -> None:
         oldest = time.time() - _KEEP
@@ -326,6 +401,87 @@ class StoreSink:
             thread.join(timeout if timeout is not None else 5.0)
         idle = thread is None or thread is threading.current_thread() or not thread.is_alive()
         return self._flush(final=idle)
+
+
+def _takes_report(store: Store) -> bool:
+    # A store written before add_counts took the ledger report still works, reporting apart.
+    try:
+        return "report" in inspect.signature(store.add_counts).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+_GROUPS = 16  # more (rollout, variant, window) groups in one batch: counted by ids instead
+
+
+def _pick(col: Sequence[_T], mask: list[bool] | None) -> Sequence[_T]:
+    return col if mask is None else list(compress(col, mask))
+
+
+def _groups(
+    rollouts: Sequence[str], variants: Sequence[str], stamps: Sequence[float]
+) -> list[tuple[tuple[str, str, int], list[bool] | None]] | None:
+    """The batch's (rollout, variant, window) groups, each with the mask that picks its
+    outcomes (None: all of them); None if the batch spans more than two windows, holds
+    times that are not plain non-negative numbers, or too many groups."""
+    lo, hi = min(stamps), max(stamps)
+    if not 0 <= lo <= hi < 1e15:  # also NaN, which no comparison lets through
+        return None
+    first, last = int(lo) // WINDOW, int(hi) // WINDOW  # int(t) // WINDOW is floor(t / WINDOW) for t >= 0
+    if last - first > 1:
+        return None
+    names, kinds = set(rollouts), set(variants)
+    if len(names) * len(kinds) * (last - first + 1) > _GROUPS:
+        return None
+    pairs: list[tuple[tuple[str, str], list[bool] | None]]
+    if len(names) == 1 and len(kinds) == 1:
+        pairs = [((rollouts[0], variants[0]), None)]
+    elif len(names) == 1:
+        order = list(kinds)
+        masks = [list(map(eq, variants, repeat(v))) for v in order[:-1]]
+        # The last variant's mask: with two, the complement of the first.
+        masks.append(
+            list(map(not_, masks[0])) if len(masks) == 1 else list(map(eq, variants, repeat(order[-1])))
+        )
+        pairs = [((rollouts[0], v), mask) for v, mask in zip(order, masks, strict=True)]
+    else:
+        both = list(zip(rollouts, variants, strict=True))
+        pairs = [((r, v), list(map(eq, both, repeat((r, v))))) for r in names for v in kinds]
+    if first == last:
+        return [((r, v, first * WINDOW), mask) for (r, v), mask in pairs]
+    # Two windows: t >= the boundary (an int) exactly when int(t) is, so one comparison splits them.
+    late = list(map(ge, stamps, repeat(last * WINDOW)))
+    early = list(map(not_, late))
+    out: list[tuple[tuple[str, str, int], list[bool] | None]] = []
+    for (r, v), mask in pairs:
+        for number, side in ((first, early), (last, late)):
+            out.append(((r, v, number * WINDOW), side if mask is None else list(map(and_, mask, side))))
+    return out
+
+
+def _histogram(durations: Sequence[float], into: dict[int, int], exact: bool) -> None:
+    """Add ``durations`` to the latency buckets ``into``: bucket i counts the d with
+    ``bisect_left(_BOUNDS, d) == i``. Sorted, each non-empty bucket is one bisect;
+    ``exact`` counts one by one (NaN and infinities, which a sort does not place)."""
+    if exact:
+        found: Iterable[tuple[int, int]] = Counter(map(bisect_left, repeat(_BOUNDS), durations)).items()
+    else:
+        found = _sorted_buckets(sorted(durations))
+    if not into:  # a window's first counts in this flush, the usual case
+        into.update(found)
+        return
+    for bucket, n in found:
+        into[bucket] = into.get(bucket, 0) + n
+
+
+def _sorted_buckets(ordered: list[float]) -> Iterable[tuple[int, int]]:
+    # Bucket i < last holds the d with _BOUNDS[i - 1] < d <= _BOUNDS[i]: how many are at most
+    # each bound the batch spans (one C bisect per bound), differenced; the last takes the rest.
+    first, last = bisect_left(_BOUNDS, ordered[0]), bisect_left(_BOUNDS, ordered[-1])
+    ends = list(map(bisect_right, repeat(ordered), _BOUNDS[first:last]))
+    ends.append(len(ordered))
+    sizes = list(map(sub, ends, [0, *ends[:-1]]))
+    return compress(zip(count(first), sizes), sizes)
 
 
 _live: weakref.WeakSet[StoreSink] = weakref.WeakSet()

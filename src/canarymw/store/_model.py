@@ -466,9 +466,16 @@ class Store(Protocol):
         The first call may return True at once: there is no earlier point to compare with."""
         ...
 
-    def add_counts(self, counts: list[Counts]) -> None:
+    def add_counts(self, counts: list[Counts], report: ProcessReport | None = None) -> bool:
         """Add these counters to the store's (atomically per call; several processes add).
-        Windows older than :data:`RETENTION` may be dropped."""
+        Windows older than :data:`RETENTION` may be dropped.
+
+        With ``report``, also keep it as its process's ledger entry (as
+        :meth:`report_process` does) in the same round trip. True if the report was kept
+        too (or none was given); False if only the counters were added, so the caller
+        sends the report again. Raises :class:`StoreUnavailable` if the counters were not
+        added. (A store whose ``add_counts`` takes no ``report`` still works: the
+        :class:`~canarymw.sinks.store.StoreSink` then reports apart.)"""
         ...
 
     def read_counts(self, names: list[str], since: float) -> list[Counts]:

@@ -150,7 +150,17 @@ class MemoryStore:
             self._seen = self._seq
             return bool(changed)
 
-    def add_counts(self, counts: list[Counts]) -> None:
+    def add_counts(self, counts: list[Counts], report: ProcessReport | None = None) -> bool:
+        self._add(counts)
+        if report is None:
+            return True
+        try:
+            self.report_process(report)
+        except Exception:  # the counters are in: the caller sends the report again
+            return False
+        return True
+
+    def _add(self, counts: list[Counts]) -> None:
         with self._cond:
             if counts:
                 oldest = max(c.window for c in counts) - RETENTION

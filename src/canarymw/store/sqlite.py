@@ -379,9 +379,17 @@ class SQLiteStore:
                 if self._seq == seq:
                     self._cond.wait(min(self.poll_interval, left))
 
-    def add_counts(self, counts: list[Counts]) -> None:
+    def add_counts(self, counts: list[Counts], report: ProcessReport | None = None) -> bool:
+        """Add the counters and, with ``report``, keep it in the ledger, in one
+        transaction (both or neither). See :class:`Store`."""
+        if report is not None:
+            check_report(report)
+            ledger = _ledger_writer(report)
+            if not counts:
+                self._run("reporting a process to the ledger", ledger, transaction="IMMEDIATE")
+                return True
         if not counts:
-            return
+            return True
         rows = [
             (c.rollout, c.window, c.variant, c.requests, c.errors, c.exceptions, c.disconnects, c.latency_sum)
             for c in counts
@@ -400,8 +408,11 @@ class SQLiteStore:
                 conn.execute("DELETE FROM counts WHERE window_start < ?", (oldest,))
                 conn.execute("DELETE FROM users WHERE expires_at < ?", (time.time(),))
                 conn.execute("DELETE FROM buckets WHERE window_start < ?", (oldest,))
+            if report is not None:
+                ledger(conn)
 
         self._run("adding outcome counters", run, transaction="IMMEDIATE")
+        return True
 
     def read_counts(self, names: list[str], since: float) -> list[Counts]:
         wanted = list(dict.fromkeys(names))
@@ -441,19 +452,7 @@ class SQLiteStore:
         rows silent for more than :data:`PROCESS_KEEP` seconds (an index range, usually
         empty), in one transaction. See :class:`Store`."""
         check_report(report)
-        row = (report.process, float(report.last_flush_at), report.to_json())
-        oldest = time.time() - PROCESS_KEEP
-
-        def run(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "INSERT INTO processes (process, last_flush_at, json) VALUES (?, ?, ?) "
-                "ON CONFLICT (process) DO UPDATE SET last_flush_at = excluded.last_flush_at, "
-                "json = excluded.json",
-                row,
-            )
-            conn.execute("DELETE FROM processes WHERE last_flush_at < ?", (oldest,))
-
-        self._run("reporting a process to the ledger", run, transaction="IMMEDIATE")
+        self._run("reporting a process to the ledger", _ledger_writer(report), transaction="IMMEDIATE")
 
     def processes(self, since: float = 0.0) -> list[ProcessReport]:
         def run(conn: sqlite3.Connection) -> list[ProcessReport]:
@@ -669,6 +668,22 @@ def _current_lease(conn: sqlite3.Connection, name: str, now: float) -> Lease | N
 
 def _user_version(conn: sqlite3.Connection) -> int:
     return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+
+def _ledger_writer(report: ProcessReport) -> Callable[[sqlite3.Connection], None]:
+    row = (report.process, float(report.last_flush_at), report.to_json())
+    oldest = time.time() - PROCESS_KEEP
+
+    def run(conn: sqlite3.Connection) -> None:
+        conn.execute(
+            "INSERT INTO processes (process, last_flush_at, json) VALUES (?, ?, ?) "
+            "ON CONFLICT (process) DO UPDATE SET last_flush_at = excluded.last_flush_at, "
+            "json = excluded.json",
+            row,
+        )
+        conn.execute("DELETE FROM processes WHERE last_flush_at < ?", (oldest,))
+
+    return run
 
 
 def _close(conn: sqlite3.Connection | None) -> None:
