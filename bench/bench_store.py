@@ -30,8 +30,10 @@ The issue's targets, each checked and printed:
 - flush: StoreSink costs at most 1 us per outcome, amortised. ``record`` timed over
   100,000 outcomes; then 60 flushes of 1,000 outcomes each (1,000 outcomes/s, one flush a
   second, six 10-second windows of simulated time; 90/10 split, lognormal latencies
-  around 20 ms), the wall time and the CPU time of each ``flush()`` (one ``add_counts``)
-  divided by the outcomes it carried.
+  around 20 ms), the CPU time (the flushing thread's) and the wall time of each
+  ``flush()`` (counting the queue, then one ``add_counts`` with the ledger report)
+  divided by the outcomes it carried. The target is judged on CPU: the wall time also
+  holds the wait for the store's answer, when the process is free to serve requests.
 - idle: a process that only follows the store uses under 0.5% of a core. One spawned
   process per store (and one without a store, the floor), side by side for 20 s; CPU
   time (getrusage) over wall time, after start-up.
@@ -450,10 +452,12 @@ def flush(kind: str, seconds: int = 60, rate: int = 1000) -> dict[str, float]:
         f"{out['add_cpu']:.2f} us/outcome"
     )
     total = rec + out["flush_cpu"]
+    # The cost is CPU: the flushing thread's wall time also holds its wait for the store's
+    # answer, during which the process serves requests.
     print(
-        f"target: <= 1 us per outcome amortised: flush {'MET' if out['flush_wall'] <= 1 else 'MISSED'} "
-        f"(wall {out['flush_wall']:.2f}, CPU {out['flush_cpu']:.2f} us); record + flush CPU {total:.2f} us: "
-        f"{'MET' if total <= 1 else 'MISSED'}"
+        f"target: <= 1 us per outcome amortised: flush CPU {out['flush_cpu']:.2f} us "
+        f"{'MET' if out['flush_cpu'] <= 1 else 'MISSED'} (wall {out['flush_wall']:.2f} us); "
+        f"record + flush CPU {total:.2f} us: {'MET' if total <= 1 else 'MISSED'}"
     )
     return out
 
