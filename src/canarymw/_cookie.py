@@ -24,8 +24,11 @@ import os
 from base64 import urlsafe_b64encode
 from binascii import b2a_base64
 from collections.abc import Sequence
+from typing import Any
 
 from itsdangerous import Signer
+
+from ._bucketing import sha256
 
 VERSION = "1"
 RECORD_VERSION = "2"
@@ -131,6 +134,7 @@ class CookieCodec:
     """Signs and verifies cohort cookie values with a rotating key list."""
 
     __slots__ = ("_states",)
+    _states: list[tuple[Any, Any]]  # (inner, outer) keyed SHA-256 states, newest key first
 
     def __init__(self, keys: list[bytes]) -> None:
         # Signing and verifying are what new visitors pay for (and forged values too):
@@ -141,9 +145,7 @@ class CookieCodec:
         for k in reversed(keys):
             signer = Signer(k, salt=SIGNER_SALT, key_derivation="hmac", digest_method=hashlib.sha256)
             key = signer.derive_key().ljust(64, b"\0")  # derived key: 32 bytes
-            self._states.append(
-                (hashlib.sha256(bytes(b ^ 0x36 for b in key)), hashlib.sha256(bytes(b ^ 0x5C for b in key)))
-            )
+            self._states.append((sha256(bytes(b ^ 0x36 for b in key)), sha256(bytes(b ^ 0x5C for b in key))))
 
     def issue(self, cohort_id: str, issued: int, record: str = "") -> str:
         """Sign a new value for ``cohort_id`` with the newest key (format ``2`` with a
@@ -198,7 +200,7 @@ class CookieCodec:
         return None
 
 
-def _signature(states: tuple[hashlib._Hash, hashlib._Hash], payload: bytes) -> bytes:
+def _signature(states: tuple[Any, Any], payload: bytes) -> bytes:
     # HMAC-SHA256 from the keyed states, base64url without padding: itsdangerous's format.
     inner, outer = states[0].copy(), states[1].copy()
     inner.update(payload)

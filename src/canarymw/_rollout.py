@@ -414,6 +414,7 @@ class Rollout:
         force token): a returning visitor's decision may then come from :meth:`cached`."""
         self.is_excluded = _PathMatcher(exclude, owner)
         self.cookie_name = cookie_name
+        self._needle = cookie_name + "="  # a Cookie header without it holds no value of ours
         self.cookie_max_age = cookie_max_age
         self.cookie_path = cookie_path
         self.cookie_domain = cookie_domain
@@ -685,7 +686,7 @@ class Rollout:
             decision = self._decide_by_key(request, cookie_header, https)
         if decision is None:
             gen = self._gen
-            entry = self._lookup(cookie_header) if cookie_header else None
+            entry = self._lookup(cookie_header) if cookie_header and self._needle in cookie_header else None
             if entry is None:
                 decision = self._assign(https)
             elif entry.refresh_at <= _time():

@@ -114,3 +114,17 @@ def test_javascript_in_the_docs_agrees_with_the_vectors(tmp_path: Path) -> None:
         [node, str(script), json.dumps(VECTORS["vectors"])], capture_output=True, text=True, check=True
     )
     assert json.loads(out.stdout) == [c["bucket"] for c in VECTORS["vectors"]]
+
+
+@given(st.binary(max_size=300), st.binary(max_size=300))
+def test_the_hash_used_is_sha256_and_copies_keep_their_state(head: bytes, tail: bytes) -> None:
+    """Buckets and cookie signatures hash with CPython's own SHA-256 where it has one
+    (cheaper than OpenSSL's for one-block messages): it must be SHA-256, bit for bit,
+    and a copy must go on from the state it was taken in."""
+    from canarymw._bucketing import sha256
+
+    state = sha256(head)
+    copy = state.copy()
+    copy.update(tail)
+    assert copy.digest() == hashlib.sha256(head + tail).digest()
+    assert state.digest() == hashlib.sha256(head).digest()
