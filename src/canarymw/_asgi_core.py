@@ -15,7 +15,7 @@ from ._headers import joined_cookie, with_ours
 from ._rollout import FORCE_HEADER, FORCE_PARAM, Decision, Rollout, split_force_query
 from ._setup import check_adapter_args, resolve_upstreams, with_guard_sink
 from ._types import ASGIApp, Message, Receive, Scope, Send
-from .sinks._base import Sink
+from .sinks._base import Sink, default_classifier
 from .sinks._dispatch import as_sink, direct_queue, record
 from .sinks.background import background_sinks
 
@@ -146,6 +146,8 @@ class _Core:
         self._excluded: Callable[[str], bool] | None = rollout.is_excluded if rollout.is_excluded else None
         self._record = self._guard.sink.record if self._guard is not None else None
         self._memory = direct_queue(self._guard)
+        # A MemorySink that folds with the default rule reads no route: skip looking it up.
+        self._routes = self._memory is None or self._memory._classify is not default_classifier
         self._new_state: dict[str, Any] | None = None
         self.shadow: Shadow | None = None
         """The :class:`~canarymw.Shadow` given (an app or Upstream becomes one), or None."""
@@ -159,11 +161,10 @@ class _Core:
         return self._guard.total_errors if self._guard is not None else 0
 
     # -- routing -------------------------------------------------------------------
-    def _decide(self, scope: Scope) -> Decision:
-        """Decide from the request or handshake headers, in one pass over ``scope["headers"]``."""
+    def _decide(self, scope: Scope, cookie: bytes | None) -> Decision:
+        """Decide from the request or handshake headers (``cookie``: their cookies, joined)."""
         rollout = self.rollout
         headers = scope.get("headers", ())
-        cookie = joined_cookie(headers)
         force: str | None = None
         query = ""
         if rollout.force_token is not None:
@@ -200,20 +201,19 @@ class _Core:
         return self.old_app, decision
 
     def _begin(self, scope: Scope, receive: Receive, send: Send) -> tuple[ASGIApp, Scope, _Exchange]:
-        """The HTTP request's app, our copy of its scope, and its exchange (the prelude
-        of ``__call__``, compiled)."""
+        """The request's (or WebSocket handshake's) app, our copy of its scope, and its
+        exchange (the prelude of ``__call__``, compiled)."""
         scope = dict(scope)
         headers = scope.get("headers", ())
         if type(headers) is not list and type(headers) is not tuple:
             headers = _own_headers(scope)["headers"]
         decision = None
-        if self.rollout.cookie_only:
-            # A returning visitor: one pass for the cookie, one dict lookup, no parsing.
-            cookie_header = joined_cookie(headers)
-            if cookie_header is not None:
-                decision = self.rollout.cached(cookie_header.decode("latin-1"))
+        cookie = joined_cookie(headers)
+        if cookie is not None and self.rollout.cookie_only:
+            # A returning visitor: one dict lookup, no parsing.
+            decision = self.rollout.cached(cookie.decode("latin-1"))
         if decision is None:
-            decision = self._decide(scope)
+            decision = self._decide(scope, cookie)
         if decision.variant == "new":
             app, decision = self._pick(scope, decision)
         else:
@@ -229,8 +229,8 @@ class _Core:
         x.server_receive = receive
         set_cookie = decision.set_cookie
         if set_cookie is not None:
-            x.cookie = cookie = set_cookie.encode("latin-1")
-            x.extra = [*self._extra, (b"set-cookie", cookie)]
+            x.cookie = ours = set_cookie.encode("latin-1")
+            x.extra = [*self._extra, (b"set-cookie", ours)]
         else:
             x.extra = self._extra
         x.wall = _wall()
@@ -260,41 +260,6 @@ class _Core:
         )
 
 
-def start_message(
-    mw: _Core, message: Message, cookie: bytes | None, extra: list[tuple[bytes, bytes]]
-) -> Message:
-    """A copy of a response start message with our headers merged into a new list."""
-    # Module functions, not methods: compiled code calls them directly (a method of a
-    # class open to interpreted subclasses is looked up on every call).
-    headers: Iterable[Any] | None = message.get("headers")
-    if headers is None:
-        headers = ()
-    elif not isinstance(headers, (list, tuple)):
-        headers = list(headers)  # a one-shot iterable is read twice below
-    out = dict(message)
-    out["headers"] = with_ours(headers, extra, cookie, mw.cache_control, _NAMES, _dec, _enc, False)
-    return out
-
-
-def outcome(
-    mw: _Core,
-    decision: Decision,
-    scope: Scope,
-    status: int | None,
-    duration: float,
-    error: str | None,
-    disconnected: bool,
-    method: str,
-    wall: float,
-    close_code: int | None = None,
-) -> None:
-    """Build and record one outcome; a failing sink is counted, never raised."""
-    if mw._record is None:
-        return
-    error = error or scope.get("canarymw.error")
-    record(mw, decision, status, duration, error, disconnected, method, route_of(scope), wall, close_code)
-
-
 def route_of(scope: Scope) -> str | None:
     """The route template of a request the app has handled, if known (never the raw path)."""
     route = scope.get("canarymw.route")
@@ -307,13 +272,16 @@ def route_of(scope: Scope) -> str | None:
 
 
 class _Exchange:
-    """One HTTP request's state; ``send``/``receive`` wrap the server's callables."""
+    """One HTTP request's (or WebSocket's) state; ``send``/``receive`` wrap the server's
+    callables for HTTP, and the WebSocket wrappers use its fields."""
 
     # No __slots__: class-level defaults spare the per-request stores of fields that
     # keep their default. The middleware fills in the rest.
     cookie: bytes | None = None
     status: int | None = None
     trailers = False
+    method: str | None = None  # None: the scope's ("WEBSOCKET" for a WebSocket)
+    close_code: int | None = None
     ended = 0.0  # perf_counter() when the last response message went out
     done = False  # the outcome has been recorded
     mw: _Core
@@ -330,10 +298,19 @@ class _Exchange:
         last = False
         if kind == "http.response.body":
             last = not (self.ended or self.trailers or message.get("more_body", False))
-        elif kind == "http.response.start":
+        elif kind == "http.response.start" or kind == "websocket.http.response.start":
+            # See: https://asgi.readthedocs.io/en/latest/extensions.html#websocket-denial-response
             self.status = message.get("status")
             self.trailers = bool(message.get("trailers", False))
-            message = start_message(self.mw, message, self.cookie, self.extra)
+            headers: Iterable[Any] | None = message.get("headers")
+            if headers is None:
+                headers = ()
+            elif not isinstance(headers, (list, tuple)):
+                headers = list(headers)  # a one-shot iterable is read twice below
+            message = dict(message)
+            message["headers"] = with_ours(
+                headers, self.extra, self.cookie, self.mw.cache_control, _NAMES, _dec, _enc, False
+            )
         elif kind == "http.response.trailers":
             # See: https://asgi.readthedocs.io/en/latest/extensions.html#http-trailers
             last = not (self.ended or message.get("more_trailers", False))
@@ -356,20 +333,28 @@ class _Exchange:
             self.finish(None, True, _perf())
         return message
 
-    def finish(self, error: str | None, disconnected: bool, at: float) -> None:
-        """Record the outcome once (see :func:`outcome`)."""
+    def finish(self, error: str | None = None, disconnected: bool = False, at: float = 0.0) -> None:
+        """Record the outcome unless it already was; a failing sink is counted, never
+        raised. ``at``: when the exchange ended; 0 for when the last response message
+        went out, else now."""
+        if self.done:
+            return
         self.done = True
+        mw = self.mw
+        if mw._record is None:
+            return
         scope = self.scope
-        outcome(
-            self.mw,
+        record(
+            mw,
             self.decision,
-            scope,
             self.status,
-            at - self.started,
-            error,
+            (at or self.ended or _perf()) - self.started,
+            error or scope.get("canarymw.error"),
             disconnected,
-            scope.get("method", "GET"),
+            self.method or scope.get("method", "GET"),
+            route_of(scope) if mw._routes else None,
             self.wall,
+            self.close_code,
         )
 
     def raised(self, exc: BaseException) -> None:
@@ -378,11 +363,6 @@ class _Exchange:
         if self.done:
             return
         if isinstance(exc, Exception):
-            self.finish(type(exc).__name__, False, self.ended or _perf())
+            self.finish(type(exc).__name__, False)
         else:
-            self.finish(None, not self.ended, self.ended or _perf())
-
-    def returned(self) -> None:
-        """The app returned: record the outcome unless it already was."""
-        if not self.done and self.mw._record is not None:
-            self.finish(None, False, self.ended or _perf())
+            self.finish(None, not self.ended)

@@ -74,15 +74,20 @@ def with_ours(
     and the ``Set-Cookie`` when there is one) when the app set neither ``Vary`` nor
     ``Cache-Control``: the common case. Otherwise the values are merged by
     :func:`finish_headers`. ``fold``: compare names case-insensitively (WSGI); ASGI
-    response header names are lower case by the spec.
+    response header names are lower case by the spec, and so must ``names`` be then.
     """
-    vary, cache_control = names[0].lower(), names[1].lower()
-    for name, _ in headers:
-        if (name.lower() if fold else name) in (vary, cache_control):
-            return finish_headers(headers, set_cookie, policy, names, dec, enc)
-    out = list(headers)
-    out += ours
-    return out
+    if fold:
+        vary, cache_control = names[0].lower(), names[1].lower()
+        for name, _ in headers:
+            low = name.lower()
+            if low == vary or low == cache_control:  # noqa: SIM109 - no tuple built per header
+                return finish_headers(headers, set_cookie, policy, names, dec, enc)
+    else:
+        exact_vary, exact_cache_control = names[0], names[1]
+        for name, _ in headers:
+            if name == exact_vary or name == exact_cache_control:  # noqa: SIM109
+                return finish_headers(headers, set_cookie, policy, names, dec, enc)
+    return [*headers, *ours]
 
 
 def finish_headers(

@@ -85,7 +85,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ._asgi_core import StartupFailurePolicy, _app_path, _Core, _own_headers, outcome, start_message
+from ._asgi_core import StartupFailurePolicy, _app_path, _Core
 from ._lifespan import LifespanApp, run_beside
 from ._types import ASGIApp, Message, Receive, Scope, Send
 from .shadow._bind import shadow_tap
@@ -162,7 +162,7 @@ class ASGICanaryMiddleware(_Core):
         except BaseException as exc:
             x.raised(exc)
             raise
-        x.returned()
+        x.finish()  # the app returned: record the outcome unless it already was
 
     # -- WebSocket -----------------------------------------------------------------
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -170,81 +170,53 @@ class ASGICanaryMiddleware(_Core):
         if excluded is not None and excluded(_app_path(scope)):
             await self.old_app(scope, receive, send)
             return
-        scope = _own_headers(dict(scope))
-        decision = self._decide(scope)
-        app, decision = self._pick(scope, decision)
-        scope["canarymw.decision"] = decision
-        set_cookie = decision.set_cookie
-        cookie = None if set_cookie is None else set_cookie.encode("latin-1")
-        extra = self._extra if cookie is None else [*self._extra, (b"set-cookie", cookie)]
-        status: int | None = None
-        close_code: int | None = None
-        ended = 0.0
-        done = False
-        wall = _wall()
-        started = _perf()
-
-        def finish(error: str | None, disconnected: bool) -> None:
-            nonlocal done
-            done = True
-            duration = (ended or _perf()) - started
-            outcome(
-                self, decision, scope, status, duration, error, disconnected, "WEBSOCKET", wall, close_code
-            )
+        app, scope, x = self._begin(scope, receive, send)
+        x.method = "WEBSOCKET"
+        cookie = x.cookie
 
         async def send_(message: Message) -> None:
-            nonlocal status, close_code, ended
             kind = message["type"]
             last = False
             if kind == "websocket.send":
                 pass
             elif kind == "websocket.accept":
-                status = 101
+                x.status = 101
                 if cookie is not None:
                     # See: https://asgi.readthedocs.io/en/latest/specs/www.html#accept-send-event
                     message = dict(message)
                     message["headers"] = [*(message.get("headers") or ()), (b"set-cookie", cookie)]
             elif kind == "websocket.close":
-                if status is None:
-                    status = 403  # closing before accept rejects the handshake with 403
-                if not (ended or done):
-                    close_code = message.get("code", 1000)
+                if x.status is None:
+                    x.status = 403  # closing before accept rejects the handshake with 403
+                if not (x.ended or x.done):
+                    x.close_code = message.get("code", 1000)
                     last = True
             elif kind == "websocket.http.response.start":
-                # See: https://asgi.readthedocs.io/en/latest/extensions.html#websocket-denial-response
-                status = message.get("status")
-                message = start_message(self, message, cookie, extra)
+                await x.send(message)  # a denial response: our headers as on any response
+                return
             elif kind == "websocket.http.response.body":
-                last = not (ended or message.get("more_body", False))
+                last = not (x.ended or message.get("more_body", False))
             try:
                 await send(message)
             except OSError:
-                if not done:
-                    finish(None, True)
+                x.finish(None, True)
                 raise
             if last:
-                ended = _perf()
+                x.ended = _perf()
 
         async def receive_() -> Message:
-            nonlocal close_code
             message = await receive()
-            if not (done or ended) and message["type"] == "websocket.disconnect":
-                close_code = message.get("code", 1005)  # 1005: no code given, RFC 6455 §7.4.1
-                finish(None, True)
+            if not (x.done or x.ended) and message["type"] == "websocket.disconnect":
+                x.close_code = message.get("code", 1005)  # 1005: no code given, RFC 6455 §7.4.1
+                x.finish(None, True)
             return message
 
         try:
             await app(scope, receive_, send_)
-        except Exception as exc:
-            if not done:
-                finish(type(exc).__name__, False)
+        except BaseException as exc:
+            x.raised(exc)
             raise
-        except BaseException:
-            if not done:
-                finish(None, not ended)
-            raise
-        if not done:
-            finish(None, False)
+        x.finish()
 
     # -- Lifespan ------------------------------------------------------------------
     def _flushing(self, send: Send) -> Send:

@@ -201,3 +201,26 @@ def test_canary_route_with_a_partial_and_explicit_options(make_rollout: MakeRoll
     assert route.name == "page" and route.methods == {"POST"}
     with TestClient(Starlette(routes=[route])) as client:
         assert client.post("/p").text == "new" and client.get("/p").status_code == 405
+
+
+@pytest.mark.parametrize("custom", [False, True], ids=["default rule", "custom classifier"])
+def test_the_route_reaches_a_memory_sinks_classifier(make_rollout: MakeRollout, custom: bool) -> None:
+    """A plain MemorySink folds without reading routes (the adapter skips looking them up);
+    one with a classifier gets every outcome whole, route template included."""
+    from canarymw.sinks import MemorySink, Outcome
+
+    seen: list[Outcome] = []
+
+    def rule(o: Outcome) -> bool:
+        seen.append(o)
+        return o.status is not None and o.status < 500
+
+    app = Starlette(routes=[Route("/checkout/{cart}", checkout)])
+    sink = MemorySink(classify=rule) if custom else MemorySink()
+    mw = ASGICanaryMiddleware(app, new=app, rollout=make_rollout(50), sink=sink)
+    with TestClient(mw) as client:
+        for i in range(5):
+            assert client.get(f"/checkout/{i}").status_code == 200
+    stats = sink.snapshot()
+    assert sum(v.requests for v in stats.values()) == 5 and sum(v.errors for v in stats.values()) == 0
+    assert [o.route for o in seen] == (["/checkout/{cart}"] * 5 if custom else [])

@@ -126,7 +126,8 @@ class MemorySink:
                 return
             # Columns (rollout, variant, status, duration, error, disconnected, ...): the
             # per-outcome work below all runs in C.
-            names, variants, statuses, durations, errors, disconnected = list(zip(*batch, strict=True))[:6]
+            # The first six columns only: zip builds one column per next().
+            names, variants, statuses, durations, errors, disconnected = islice(zip(*batch, strict=False), 6)
             n = len(batch)
             counts = self._counts
             if self._classify is not default_classifier:
