@@ -81,6 +81,15 @@ def redis_prefix() -> Iterator[str]:
 
 
 @pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A ``redis-server`` of the test's own on a free port (killed at the end)."""
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
 def cluster_redis(tmp_path: Path) -> Iterator[RedisServer]:
     """A one-node cluster: every slot on one server, and CROSSSLOT checked all the same."""
     bus = str(free_port())  # the default, port + 10000, may be taken or out of range

@@ -11,7 +11,7 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from itertools import pairwise
 from pathlib import Path
@@ -412,6 +412,12 @@ def test_redis_cluster_keeps_the_ledger(cluster_redis: RedisServer) -> None:
         store.report_process(b)
         store.report_process(a)
         assert store.processes() == [a, b]
+        # Counters of two rollouts (two hash slots) and a report (a third), in one call.
+        later = replace(a, last_flush_at=a.last_flush_at + 1)
+        counts = [Counts("r", "new", 1000, requests=2), Counts("s", "old", 1000, requests=4)]
+        assert store.add_counts(counts, later) is True
+        assert store.processes() == [later, b]
+        assert {c.rollout: c.requests for c in store.read_counts(["r", "s"], 0)} == {"r": 2, "s": 4}
     finally:
         client.close()
 
@@ -462,14 +468,6 @@ def _commands(server: RedisServer) -> dict[str, int]:
         for line in stats.splitlines()
         if line.startswith("cmdstat_")
     }
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    yield server
-    server.kill()
 
 
 def test_redis_adds_a_flush_in_one_transaction_without_asking_for_scripts(private_redis: RedisServer) -> None:
@@ -550,21 +548,3 @@ def test_a_report_redis_refuses_leaves_the_counters_added_once(
         sink.close()
         raw.close()
         store.close()
-
-
-def test_redis_cluster_adds_counters_and_the_report(cluster_redis: RedisServer) -> None:
-    pytest.importorskip("redis")
-    from redis.cluster import RedisCluster
-
-    from canarymw.store.redis import RedisStore
-
-    client = RedisCluster(host="127.0.0.1", port=cluster_redis.port, socket_timeout=1)
-    store = RedisStore(client, prefix="c:")
-    try:
-        r = report("a:1:x", time.time())
-        counts = [Counts("r", "new", 1000, requests=2), Counts("s", "old", 1000, requests=4)]
-        assert store.add_counts(counts, r) is True
-        assert store.processes() == [r]
-        assert {c.rollout: c.requests for c in store.read_counts(["r", "s"], 0)} == {"r": 2, "s": 4}
-    finally:
-        client.close()

@@ -63,14 +63,6 @@ def stores() -> Iterator[Callable[[RedisStore], RedisStore]]:
         store.close()
 
 
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    yield server
-    server.kill()
-
-
 def test_importing_the_store_package_does_not_import_redis() -> None:
     code = "import sys, canarymw, canarymw.store; print('redis' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
