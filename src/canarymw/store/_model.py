@@ -39,6 +39,10 @@ GUARD_ACTIONS = ("guard", "advance", "auto-rollback", "auto-pause")
 T = TypeVar("T")
 
 
+# json.dumps() with separators builds a new encoder per call: one, made once.
+_dumps = json.JSONEncoder(separators=(",", ":"), sort_keys=True).encode
+
+
 def _load(cls: type[T], text: str | bytes) -> T:
     # Fields a newer version added are ignored, so old readers keep working.
     data = json.loads(text)
@@ -91,7 +95,7 @@ class Assignment:
     """The assignment epoch :attr:`variant` was recorded in (see :attr:`RolloutState.assignment`)."""
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True)
+        return _dumps(asdict(self))
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Assignment:
@@ -162,7 +166,7 @@ class RolloutState:
     rollback), so a new attempt assigns everyone afresh."""
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True)
+        return _dumps(asdict(self))
 
     @classmethod
     def from_json(cls, text: str | bytes) -> RolloutState:
@@ -187,7 +191,7 @@ class Change:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True)
+        return _dumps(asdict(self))
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Change:
@@ -371,7 +375,7 @@ class ProcessReport:
         return max(self.next_within, interval) + max(2.0 * interval, 2.0)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True)
+        return _dumps(asdict(self))
 
     @classmethod
     def from_json(cls, text: str | bytes) -> ProcessReport:

@@ -64,6 +64,7 @@ _HEALTH_CHECK_INTERVAL = 10
 """Seconds a connection of ours may sit idle before redis-py pings it before use."""
 _Call = tuple[Script, list[str], list[Any]]  # a script call: script, keys, args
 _COUNT_FIELDS = ("requests", "errors", "exceptions", "disconnects")
+_compact_json = json.JSONEncoder(separators=(",", ":")).encode  # made once: json.dumps() makes one per call
 
 # KEYS[1] a counter hash, KEYS[2] its rollout's set of windows. ARGV: the integer fields to
 # add (JSON), the latency sum to add, the window's member and start, the TTL in seconds.
@@ -725,7 +726,7 @@ class RedisStore:
         fields.update({f"b:{int(i)}": int(n) for i, n in c.buckets.items() if n})
         keys = [self._key(c.rollout, f"c:{int(c.window)}:{c.variant}"), self._key(c.rollout, "windows")]
         args: list[Any] = [
-            json.dumps(fields, separators=(",", ":")),
+            _compact_json(fields),
             repr(float(c.latency_sum)),
             f"{int(c.window)}:{c.variant}",
             int(c.window),
