@@ -289,23 +289,29 @@ class StoreSink:
                 break
             rollouts.add(rollout)
         if not self._merged:  # a store of another kind: the counters, then the report apart
-            if not self._add(batch, None):
+            if self._add(batch, added, None) is None:
                 return False
             self._report(added, final)
             return True
         with self._report_lock:  # the counters and the report, in one round trip
             report = self._ledger_entry(added, final, self.flushed + added)
-            kept = self._add(batch, report)
+            kept = self._add(batch, added, report)
             if kept is None:
                 return False
             self._reported(report, None if kept else "the store kept the counters only")
         return True
 
-    def _add(self, batch: dict[tuple[str, str, int], Counts], report: ProcessReport | None) -> bool | None:
-        """Add the counters (and the report, if any); whether the report was kept, None if
-        the counters were not added (they are kept for the next flush)."""
+    def _add(
+        self, batch: dict[tuple[str, str, int], Counts], added: int, report: ProcessReport | None
+    ) -> bool | None:
+        """Add the counters (and the report, if any): whether the report was kept too, or
+        None if the counters were not added (they are kept for the next flush)."""
         try:
-            kept = self.store.add_counts(list(batch.values()), report) if report else self._add_only(batch)
+            if report is None:
+                self.store.add_counts(list(batch.values()))
+                kept = True
+            else:
+                kept = self.store.add_counts(list(batch.values()), report) is not False
         except Exception as exc:  # never lose counts to a store hiccup: keep them for the next flush
             self.failures += 1
             if self._log_limit.due():
@@ -314,12 +320,8 @@ class StoreSink:
                 )
             self._keep(batch)
             return None
-        self.flushed += sum(c.requests for c in batch.values())
-        return kept is not False
-
-    def _add_only(self, batch: dict[tuple[str, str, int], Counts]) -> bool:
-        self.store.add_counts(list(batch.values()))
-        return True
+        self.flushed += added
+        return kept
 
     def _report(self, added: int, final: bool) -> None:
         """Report this process to the store's ledger after a flush that succeeded, if due:
