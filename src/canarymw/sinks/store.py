@@ -163,7 +163,7 @@ class StoreSink:
         # Under the lock: what was queued, counted into the counts held back so far, column
         # by column with every per-outcome pass in C. A batch holds few groups (rollouts x
         # variants x one or two windows): each is picked out with one mask, and its latency
-        # histogram read off its sorted durations, one bisect per non-empty bucket.
+        # histogram read off its sorted durations, one C bisect per bucket bound they span.
         pending, queue = self._pending, self._queue
         if self._comparisons:
             self._count_comparisons(pending)
@@ -463,8 +463,8 @@ def _groups(
 
 def _histogram(durations: Sequence[float], into: dict[int, int], exact: bool) -> None:
     """Add ``durations`` to the latency buckets ``into``: bucket i counts the d with
-    ``bisect_left(_BOUNDS, d) == i``. Sorted, each non-empty bucket is one bisect;
-    ``exact`` counts one by one (NaN and infinities, which a sort does not place)."""
+    ``bisect_left(_BOUNDS, d) == i``. Read off the sorted durations, one bisect per bound
+    they span; ``exact`` counts one by one (NaN and infinities, which a sort does not place)."""
     if exact:
         found: Iterable[tuple[int, int]] = Counter(map(bisect_left, repeat(_BOUNDS), durations)).items()
     else:
