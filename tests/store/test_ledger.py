@@ -435,6 +435,9 @@ def test_counters_and_the_report_go_in_one_call(backend: Backend) -> None:
     assert store.add_counts([], idle) is True  # nothing to add: the report alone
     assert store.processes() == [idle]
     assert [c.requests for c in store.read_counts(["r"], 0)] == [3]
+    with pytest.raises(ValueError, match="cannot be stored"):  # refused before anything is added
+        store.add_counts([Counts("r", "new", 1000, requests=5)], replace(first, process=""))
+    assert [c.requests for c in store.read_counts(["r"], 0)] == [3] and store.processes() == [idle]
 
 
 class ReportsApart(MemoryStore):

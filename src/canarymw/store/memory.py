@@ -151,9 +151,11 @@ class MemoryStore:
             return bool(changed)
 
     def add_counts(self, counts: list[Counts], report: ProcessReport | None = None) -> bool:
-        self._add(counts)
         if report is None:
+            self._add(counts)
             return True
+        check_report(report)  # a report no store would keep is refused before anything is added
+        self._add(counts)
         try:
             self.report_process(report)
         except Exception:  # the counters are in: the caller sends the report again

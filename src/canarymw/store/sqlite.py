@@ -382,14 +382,14 @@ class SQLiteStore:
     def add_counts(self, counts: list[Counts], report: ProcessReport | None = None) -> bool:
         """Add the counters and, with ``report``, keep it in the ledger, in one
         transaction (both or neither). See :class:`Store`."""
+        if not counts:
+            if report is not None:
+                self.report_process(report)
+            return True
+        ledger = None
         if report is not None:
             check_report(report)
             ledger = _ledger_writer(report)
-            if not counts:
-                self._run("reporting a process to the ledger", ledger, transaction="IMMEDIATE")
-                return True
-        if not counts:
-            return True
         rows = [
             (c.rollout, c.window, c.variant, c.requests, c.errors, c.exceptions, c.disconnects, c.latency_sum)
             for c in counts
@@ -408,7 +408,7 @@ class SQLiteStore:
                 conn.execute("DELETE FROM counts WHERE window_start < ?", (oldest,))
                 conn.execute("DELETE FROM users WHERE expires_at < ?", (time.time(),))
                 conn.execute("DELETE FROM buckets WHERE window_start < ?", (oldest,))
-            if report is not None:
+            if ledger is not None:
                 ledger(conn)
 
         self._run("adding outcome counters", run, transaction="IMMEDIATE")
