@@ -686,35 +686,30 @@ class RedisStore:
                 self.report_process(report)
             return True
         client, scripts = self._conn()
-        calls = [(scripts.add, *self._add_call(c)) for c in counts]
-        if report is not None:
-            calls.append((scripts.report, *self._report_call(report)))
+        adds: list[_Call] = [(scripts.add, *self._add_call(c)) for c in counts]
+        ledger: _Call | None = None if report is None else (scripts.report, *self._report_call(report))
         try:
             if self._cluster:  # a counter's keys share its rollout's hash slot, not the ledger's
-                return self._add_on_cluster(client, calls, report is not None)
-            results = _evalsha_all(client, calls)
+                return self._add_on_cluster(client, adds, ledger)
+            results = _evalsha_all(client, adds if ledger is None else [*adds, ledger])
         except (RedisError, OSError) as exc:
             raise self._unavailable("add outcome counters", exc) from exc
-        failed = [r for r in results[: len(counts)] if isinstance(r, Exception)]
+        failed = [r for r in results[: len(adds)] if isinstance(r, Exception)]
         if failed:
             raise self._unavailable("add outcome counters", failed[0])
-        return report is None or not isinstance(results[-1], Exception)
+        return ledger is None or not isinstance(results[-1], Exception)
 
     def _add_on_cluster(
-        self,
-        client: redis.Redis | RedisCluster,
-        calls: list[_Call],
-        report: bool,
+        self, client: redis.Redis | RedisCluster, adds: list[_Call], ledger: _Call | None
     ) -> bool:
-        adds = calls[:-1] if report else calls
         client.script_load(_ADD_LUA)  # a cluster pipeline does not load scripts itself
         pipe = client.pipeline(transaction=False)
         for script, keys, args in adds:
             script(keys=keys, args=args, client=pipe)
         pipe.execute()
-        if not report:
+        if ledger is None:
             return True
-        script, keys, args = calls[-1]
+        script, keys, args = ledger
         try:
             script(keys=keys, args=args, client=client)
         except (RedisError, OSError):
