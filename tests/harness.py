@@ -11,6 +11,7 @@ import contextlib
 import io
 import warnings
 from collections.abc import Callable, Iterator, MutableMapping, Sequence
+from decimal import Decimal
 from typing import Any
 from wsgiref.validate import validator
 
@@ -399,6 +400,13 @@ async def _lifespan_ok(receive: Callable[[], Any], send: Callable[[dict[str, Any
         elif message["type"] == "lifespan.shutdown":
             await send({"type": "lifespan.shutdown.complete"})
             return
+
+
+def by_bucket(bucket: int, percent: float) -> str:
+    """The frozen rule of docs/cohorts.md: ``new`` iff ``bucket < percent x 100``, the
+    percent taken as the decimal it is written as (1.1% is buckets 0-109: in binary floating
+    point ``1.1 * 100`` is 110.00000000000001, which would let bucket 110 in)."""
+    return "new" if bucket < Decimal(repr(percent)) * 100 else "old"
 
 
 def make_outcome(

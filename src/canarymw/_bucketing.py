@@ -7,7 +7,8 @@ Specification (stable across releases; any change is a breaking change caught by
     h      = first 8 bytes of digest, read as an unsigned big-endian 64-bit integer
     bucket = h mod 10000
 
-A visitor is in the ``new`` variant iff ``bucket < percent * 100``. SHA-256 is chosen
+A visitor is in the ``new`` variant iff ``bucket < percent * 100``, the product rounded
+to 6 decimal places (1.1% is buckets 0-109, not 0-110). SHA-256 is chosen
 because every platform has it (Python ``hashlib``, browsers' ``crypto.subtle``, Node,
 OpenSSL, nginx via njs/lua), so a front end or an edge rule can compute the same split.
 The modulo bias of a 64-bit hash over 10,000 buckets is below 1e-15 and is ignored.

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from canarymw import Rollout
 
 from ..conftest import KEY
-from ..harness import ASGIKit, WSGIKit, _lifespan_ok
+from ..harness import ASGIKit, WSGIKit, _lifespan_ok, by_bucket
 
 FORCE = "force-token-0123456789"
 Step = tuple[str, float]
@@ -104,23 +104,22 @@ def test_policy_invariants(
 
         def check_all() -> None:
             pct = rollout.percent
-            threshold = pct * 100
             for p in people:
                 if p.epoch != epoch:
                     p.first, p.seen_new, p.epoch = None, False, epoch
                 variant, bucket = visit(p)
-                by_bucket = "new" if bucket < threshold else "old"
+                frozen = by_bucket(bucket, pct)
                 if pct <= 0:
                     assert variant == "old"
                 elif pct >= 100:
                     assert variant == "new"
                 elif policy == "monotone":
-                    assert variant == by_bucket
+                    assert variant == frozen
                 elif policy == "drain":
                     # Never back from new within an epoch; old goes by the bucket.
-                    assert variant == ("new" if p.seen_new else by_bucket)
+                    assert variant == ("new" if p.seen_new else frozen)
                 else:
-                    assert variant == (p.first or by_bucket), (pct, p.first, by_bucket, p.cookie, plan, start)
+                    assert variant == (p.first or frozen), (pct, p.first, frozen, p.cookie, plan, start)
                 if pct > 0:
                     p.seen_new = p.seen_new or variant == "new"
                     if p.first is None:

@@ -38,6 +38,7 @@ import pytest
 from canarymw._bucketing import bucket
 from canarymw.store import change, open_store
 
+from ..harness import by_bucket as frozen_rule
 from .test_store_servers import NAME, at_version, gunicorn, hit, no_jar_client, workers_until
 
 pytestmark = pytest.mark.server
@@ -83,7 +84,7 @@ def visit(client: httpx.Client, base: str, visitor: Visitor, step: str) -> None:
 
 
 def by_bucket(v: Visitor, percent: float) -> str:
-    return "new" if v.bucket < percent * 100 else "old"
+    return frozen_rule(v.bucket, percent)
 
 
 # What each policy gives a visitor at a step: from its bucket, and its variant at the

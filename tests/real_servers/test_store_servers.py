@@ -32,9 +32,10 @@ from typing import IO, Any
 import httpx
 import pytest
 
-from canarymw._bucketing import BUCKETS, bucket
+from canarymw._bucketing import bucket
 from canarymw.store import ProcessReport, Store, change, lost, open_store
 
+from ..harness import by_bucket
 from ..servers import ROOT, free_port
 from ..store.conftest import REDIS_URL, delete_redis_keys
 from ..store.redis_server import RedisServer
@@ -224,7 +225,7 @@ def sessions(base: str, users: int, visits: int, threads: int = 6) -> list[Hit]:
 
 def frozen(cohort: str, percent: float) -> str:
     """The frozen hash rule: ``new`` iff the cohort's bucket is under the percent's threshold."""
-    return "new" if bucket(NAME, cohort) < percent * BUCKETS / 100 else "old"
+    return by_bucket(bucket(NAME, cohort), percent)
 
 
 def counted(store: Store) -> dict[str, int]:
