@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import math
 import multiprocessing as mp
 import os
 import random
@@ -503,6 +504,19 @@ def idle(kinds: tuple[str, ...], seconds: float) -> dict[str, float]:
 # -- main ---------------------------------------------------------------------------
 
 
+def reference_ms() -> float:
+    """CPU time of a fixed pure-Python loop (10**6 additions), best of 5: how fast this
+    machine runs Python right now, so that runs on different days can be compared."""
+    best = math.inf
+    for _ in range(5):
+        t0 = time.thread_time()
+        total = 0
+        for i in range(1_000_000):
+            total += i
+        best = min(best, time.thread_time() - t0)
+    return best * 1e3
+
+
 def main() -> None:
     if len(sys.argv) == 5 and sys.argv[1] == "--workload":
         _workload(sys.argv[2], sys.argv[3], int(sys.argv[4]))
@@ -529,6 +543,7 @@ def main() -> None:
     import canarymw._compat
 
     print(f"canarymw build: {canarymw._compat.BUILD}; load average {os.getloadavg()[0]:.1f}")
+    print(f"machine reference: a Python loop of 10**6 additions takes {reference_ms():.1f} ms of CPU")
     if args.what in ("request", "all"):
         request(args.rounds, args.per_round, kinds)
     if args.what in ("instructions", "all"):
@@ -541,7 +556,7 @@ def main() -> None:
             flush(kind)
     if args.what in ("idle", "all"):
         idle(kinds, args.seconds)
-    print(f"load average at the end {os.getloadavg()[0]:.1f}")
+    print(f"load average at the end {os.getloadavg()[0]:.1f}; reference loop {reference_ms():.1f} ms")
 
 
 if __name__ == "__main__":
