@@ -73,9 +73,12 @@ NAIVE_SALT = "naive-canary"
 App = Callable[[Any, Any, Any], Awaitable[None]]
 
 
-def hello(label: str) -> Starlette:
+def hello(label: str, extra: list[tuple[bytes, bytes]] | None = None) -> Starlette:
     async def index(request: Request) -> Response:
-        return PlainTextResponse(f"Hello, {label} World!")
+        response = PlainTextResponse(f"Hello, {label} World!")
+        if extra:
+            response.raw_headers.extend(extra)  # as sent, without Starlette's own header work
+        return response
 
     return Starlette(routes=[Route("/", index)])
 
@@ -141,8 +144,11 @@ def switch(old: App, new: App) -> App:
 
 
 def make_app(kind: str | None = None) -> App:
-    """One contender: ``bare``, ``canarymw``, ``canarymw-nosink``, ``naive`` or ``basehttp``
-    (``canarymw-py`` is ``canarymw``, run in a server with CANARYMW_NO_EXTENSIONS=1).
+    """One contender: ``bare``, ``bare-headers``, ``canarymw``, ``canarymw-nosink``, ``naive``
+    or ``basehttp`` (``canarymw-py`` is ``canarymw``, run in a server with
+    CANARYMW_NO_EXTENSIONS=1). ``bare-headers`` is the bare app sending the two headers
+    canarymw adds to every response (``Vary: Cookie``, ``Cache-Control: private``): what
+    the server itself spends on them.
 
     Under uvicorn the contender comes from the environment variable BENCH_APP.
     """
@@ -150,6 +156,8 @@ def make_app(kind: str | None = None) -> App:
     blue, green = hello("Blue"), hello("Green")
     if kind == "bare":
         return blue
+    if kind == "bare-headers":
+        return hello("Blue", [(b"vary", b"Cookie"), (b"cache-control", b"private")])
     if kind in ("canarymw", "canarymw-nosink", "canarymw-py"):
         rollout = Rollout(NAME, percent=PERCENT, secret_key=KEY)
         sink = MemorySink() if kind == "canarymw" else None

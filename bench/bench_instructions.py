@@ -16,7 +16,9 @@ sources (``CANARYMW_NO_EXTENSIONS=1``), and with ``--compare PYTHON`` the ``@oth
 rows the canarymw that another interpreter imports (another checkout's venv, say the
 one from before ac4eb6c with the hand-written C twin), on the same workload.
 
-``--server uvicorn`` runs ``uvicorn`` (one worker, uvloop and httptools) and
+``--server uvicorn`` runs ``uvicorn`` (one worker, uvloop and httptools; with a
+``bare-headers`` row, the bare app sending the ``Vary`` and ``Cache-Control`` headers
+canarymw adds, to tell the server's work on them from the adapter's) and
 ``--server gunicorn`` runs ``gunicorn -w 1`` (sync worker) under callgrind, serving the
 apps of bench_asgi.py and bench/wsgi_apps.py; a client in this process sends exactly
 W + N and then W + N + K requests (32 keep-alive connections for uvicorn, 2 for
@@ -200,6 +202,8 @@ def _server_count(server: str, kind: str, python: str, requests: int, connection
 def server_table(server: str, other: str | None, warm: int, extra: int) -> None:
     connections = 32 if server == "uvicorn" else 2
     kinds = [("bare", sys.executable), ("canarymw", sys.executable), ("canarymw-py", sys.executable)]
+    if server == "uvicorn":  # the server's own work on the two headers canarymw adds
+        kinds.insert(1, ("bare-headers", sys.executable))
     if other:
         kinds.append(("canarymw@other", other))
     per: dict[str, float] = {}
@@ -214,10 +218,10 @@ def server_table(server: str, other: str | None, warm: int, extra: int) -> None:
         f"every 10th request a new visitor's; {warm} + {extra} requests against {warm}, difference / {extra})"
     )
     bare = per["bare"]
-    print(f"{'contender':16} {'instr/req':>10} {'added':>8} {'% of bare':>9}")
+    print(f"{'contender':16} {'instr/req':>10} {'added':>8} {'% of bare':>9} {'bare/this':>9}")
     for name, count in per.items():
         added = count - bare
-        print(f"{name:16} {count:10.0f} {added:8.0f} {100 * added / bare:8.1f}%")
+        print(f"{name:16} {count:10.0f} {added:8.0f} {100 * added / bare:8.1f}% {bare / count:9.3f}")
 
 
 def main() -> None:
