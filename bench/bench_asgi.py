@@ -34,7 +34,9 @@ install -y wrk`` on Debian; ``-t1 -c32`` for one worker, ``-t2 -c32`` for more) 
 them in interleaved rounds with a returning visitor's cookie, every 10th request a new
 visitor's unless ``--new-visitors`` says otherwise. The listening socket is bound by this
 script so that TCP_NODELAY applies (see :func:`serve_uvicorn`); ``--stock-uvicorn`` uses
-the plain ``uvicorn`` CLI.
+the plain ``uvicorn`` CLI. ``--probe`` also times, from inside the worker, each
+contender's call and the server's ``send`` within it (see :class:`Probe`), to tell the
+contender's own work from what the server does with its answer.
 """
 
 from __future__ import annotations
@@ -143,6 +145,38 @@ def switch(old: App, new: App) -> App:
     return app
 
 
+class Probe:
+    """Wraps a contender under uvicorn (``--probe``): sums the time spent inside it and
+    inside the server's ``send``, per request; ``GET /_probe`` answers the sums (seconds)
+    as ``requests inside send`` and starts them afresh. The app never waits here (no
+    body, nothing to await but the server's send), so these times are CPU times."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.requests, self.inside, self.sending = 0, 0.0, 0.0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if scope["path"] == "/_probe":
+            body = f"{self.requests} {self.inside!r} {self.sending!r}".encode()
+            self.requests, self.inside, self.sending = 0, 0.0, 0.0
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": body})
+            return
+
+        async def timed_send(message: Any) -> None:
+            t = time.perf_counter()
+            await send(message)
+            self.sending += time.perf_counter() - t
+
+        self.requests += 1
+        t = time.perf_counter()
+        await self.app(scope, receive, timed_send)
+        self.inside += time.perf_counter() - t
+
+
 def make_app(kind: str | None = None) -> App:
     """One contender: ``bare``, ``bare-headers``, ``canarymw``, ``canarymw-nosink``, ``naive``
     or ``basehttp`` (``canarymw-py`` is ``canarymw``, run in a server with
@@ -152,6 +186,8 @@ def make_app(kind: str | None = None) -> App:
 
     Under uvicorn the contender comes from the environment variable BENCH_APP.
     """
+    if kind is None and os.environ.get("BENCH_PROBE"):
+        return Probe(make_app(os.environ["BENCH_APP"]))
     kind = kind or os.environ["BENCH_APP"]
     blue, green = hello("Blue"), hello("Green")
     if kind == "bare":
@@ -337,11 +373,15 @@ def under_uvicorn(args: argparse.Namespace) -> None:
                 argv = ["bench_asgi", "--serve", app, "--port", str(port), "--workers", str(args.workers)]
                 argv += ["--loop", args.loop, "--http", args.http]
             env = {"BENCH_APP": app, "PYTHONPATH": str(here)}
+            if args.probe:
+                env["BENCH_PROBE"] = "1"
             if kind == "canarymw-py":
                 env["CANARYMW_NO_EXTENSIONS"] = "1"  # the Python sources
             python = args.compare if kind.endswith("@other") else sys.executable
             groups[kind] = stack.enter_context(serve(argv, port, env=env, python=python)).pid
             wrk(f"http://127.0.0.1:{port}/", 1, cookies[kind], port, threads=threads, group=groups[kind])
+            if args.probe:
+                _probe(port)  # the warm-up's sums are thrown away
         order = list(kinds)
         shuffle = random.Random(0).shuffle
         for _ in range(args.server_rounds):
@@ -353,6 +393,7 @@ def under_uvicorn(args: argparse.Namespace) -> None:
                     new_cookie=OTHER_COOKIES, new_every=every, group=groups[kind],
                 )  # fmt: skip
                 runs[kind].append(run)
+        probed = {kind: _probe(ports[kind]) for kind in kinds} if args.probe else {}
     how = "stock uvicorn CLI" if args.stock_uvicorn else "TCP_NODELAY listener"
     mix = f"every {every}th request a new visitor's" if every else "returning visitors only"
     print(f"uvicorn --workers {args.workers} --loop {args.loop} --http {args.http} ({how}),")
@@ -361,6 +402,24 @@ def under_uvicorn(args: argparse.Namespace) -> None:
     print("round's; cpu: server CPU per request, median, and the median of its per-round difference")
     print("to bare's; cpu ratio: bare's cpu/request / this one's")
     report(runs)
+    if probed:
+        print("--probe: per request, time inside the contender, of it inside the server's send, and the rest")
+        print("(the contender's own work; for bare, Starlette's), all rounds together:")
+        for kind, (n, inside, sending) in probed.items():
+            per = 1e6 / max(n, 1)
+            print(
+                f"{kind:16} inside {inside * per:6.2f} us  send {sending * per:6.2f} us  "
+                f"own {(inside - sending) * per:6.2f} us  ({n:,} requests)"
+            )
+
+
+def _probe(port: int) -> tuple[int, float, float]:
+    """The sums a ``Probe`` server has kept since it was last asked (and now starts again)."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/_probe", timeout=10) as response:
+        n, inside, sending = response.read().split()
+    return int(n), float(inside), float(sending)
 
 
 def main() -> None:
@@ -379,6 +438,11 @@ def main() -> None:
     parser.add_argument("--loop", default="uvloop", help="uvicorn --loop")
     parser.add_argument("--http", default="httptools", help="uvicorn --http")
     parser.add_argument("--new-visitors", type=float, default=10, help="under uvicorn: %% of requests")
+    parser.add_argument(
+        "--probe",
+        action="store_true",
+        help="under uvicorn: also time each contender, and the server's send, from inside the worker",
+    )
     parser.add_argument(
         "--contenders", default="bare,canarymw,canarymw-py,naive,basehttp", help="under uvicorn"
     )
