@@ -16,7 +16,7 @@ from ._rollout import FORCE_HEADER, FORCE_PARAM, Decision, Rollout, split_force_
 from ._setup import check_adapter_args, resolve_upstreams, with_guard_sink
 from ._types import ASGIApp, Message, Receive, Scope, Send
 from .sinks._base import Sink, default_classifier
-from .sinks._dispatch import as_sink, direct_queue, record
+from .sinks._dispatch import Outlet, as_sink, record
 from .sinks.background import background_sinks
 
 if TYPE_CHECKING:
@@ -144,10 +144,11 @@ class _Core:
             self._extra.append((b"cache-control", self.cache_control.encode("ascii")))
         # Rollout.is_excluded is fixed at construction; skip the call when it is empty.
         self._excluded: Callable[[str], bool] | None = rollout.is_excluded if rollout.is_excluded else None
-        self._record = self._guard.sink.record if self._guard is not None else None
-        self._memory = direct_queue(self._guard)
+        self._outlet = None if self._guard is None else Outlet(self._guard)
+        memory = None if self._outlet is None else self._outlet.memory
         # A MemorySink that folds with the default rule reads no route: skip looking it up.
-        self._routes = self._memory is None or self._memory._classify is not default_classifier
+        self._routes = memory is None or memory._classify is not default_classifier
+        self._cached, self._decide_full = rollout.deciders()
         self._new_state: dict[str, Any] | None = None
         self.shadow: Shadow | None = None
         """The :class:`~canarymw.Shadow` given (an app or Upstream becomes one), or None."""
@@ -177,8 +178,8 @@ class _Core:
             query = scope.get("query_string", b"").decode("latin-1")
             if FORCE_PARAM in query:
                 scope["query_string"] = split_force_query(query)[1].encode("latin-1")
-        # On the fast path __call__ just consulted the cache (or there is no cookie).
-        return (rollout._decide_uncached if rollout.cookie_only else rollout.decide)(
+        # With a cache to consult, _begin just did (or there is no cookie).
+        return self._decide_full(
             None if cookie is None else cookie.decode("latin-1"),
             scope.get("scheme") in _SECURE,
             force,
@@ -209,9 +210,10 @@ class _Core:
             headers = _own_headers(scope)["headers"]
         decision = None
         cookie = joined_cookie(headers)
-        if cookie is not None and self.rollout.cookie_only:
+        cached = self._cached
+        if cookie is not None and cached is not None:
             # A returning visitor: one dict lookup, no parsing.
-            decision = self.rollout.cached(cookie.decode("latin-1"))
+            decision = cached(cookie.decode("latin-1"))
         if decision is None:
             decision = self._decide(scope, cookie)
         if decision.variant == "new":
@@ -341,11 +343,12 @@ class _Exchange:
             return
         self.done = True
         mw = self.mw
-        if mw._record is None:
+        outlet = mw._outlet
+        if outlet is None:
             return
         scope = self.scope
         record(
-            mw,
+            outlet,
             self.decision,
             self.status,
             (at or self.ended or _perf()) - self.started,

@@ -713,6 +713,15 @@ class Rollout:
                 decision = decision._replace(variant=forced, reason="forced")
         return decision
 
+    def deciders(self) -> tuple[Callable[[str], Decision | None] | None, Callable[..., Decision]]:
+        """What an adapter calls per request, read once at its construction: the
+        returning visitor's cache check (:meth:`cached`; None when ``key`` or
+        ``force_token`` is configured, which it ignores) and the decision to call when
+        that check gives None or there is no cookie (:meth:`decide`'s arguments)."""
+        if self.cookie_only:
+            return self.cached, self._decide_uncached
+        return None, self.decide
+
     def cached(self, cookie_header: str) -> Decision | None:
         """The decision for an exact ``Cookie`` header seen before, if still current.
 

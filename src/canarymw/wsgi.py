@@ -35,7 +35,7 @@ from ._setup import check_adapter_args, resolve_upstreams, with_guard_sink
 from ._types import StartResponse, WSGIApplication, WSGIEnvironment
 from .shadow._bind import shadow_tap
 from .sinks._base import Sink
-from .sinks._dispatch import as_sink, direct_queue, record
+from .sinks._dispatch import Outlet, as_sink, record
 
 if TYPE_CHECKING:
     from .shadow import Shadow
@@ -100,8 +100,9 @@ class WSGICanaryMiddleware:
         """The sink(s) as given; outcomes reach them through an internal guard (with a
         StoreSink added when the rollout has a guard and no sink given feeds its store)."""
         self._guard = as_sink(with_guard_sink(sink, rollout))
-        self._record = self._guard.sink.record if self._guard is not None else None
-        self._memory = direct_queue(self._guard)
+        self._outlet = None if self._guard is None else Outlet(self._guard)
+        self._cached, self._decide_full = rollout.deciders()
+        self._forcing = rollout.force_token is not None
         self._excluded = rollout.is_excluded if rollout.is_excluded else None
         self.cache_control = cache_control
         self.extra_headers: list[tuple[str, str]] = [("Vary", "Cookie")]
@@ -120,25 +121,24 @@ class WSGICanaryMiddleware:
         return self._guard.total_errors if self._guard is not None else 0
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        rollout = self.rollout
         if self._excluded is not None and self._excluded(environ.get("PATH_INFO", "")):
             return self.old_app(environ, start_response)
         cookie = environ.get("HTTP_COOKIE")
         decision = None
         wall = _wall()
-        fast = rollout.cookie_only
-        if cookie and fast:
-            decision = rollout.cached(cookie)
+        cached = self._cached
+        if cookie and cached is not None:
+            decision = cached(cookie)
         if decision is None:
-            # On the fast path the cache was just consulted (or there is no cookie).
-            decision = (rollout._decide_uncached if fast else rollout.decide)(
+            # With a cache to consult, it just was (or there is no cookie).
+            decision = self._decide_full(
                 cookie,
                 environ.get("wsgi.url_scheme") == "https",
                 environ.get(_FORCE),
                 environ.get("QUERY_STRING", ""),
                 environ,
             )
-        if not fast and rollout.force_token is not None:
+        if self._forcing:
             _drop_force(environ)
         environ["canarymw.decision"] = decision
         app = self.new_app if decision.variant == "new" else self.old_app
@@ -233,7 +233,8 @@ class _Response:
 
     def finish(self) -> None:
         mw = self.mw
-        if mw._record is None:
+        outlet = mw._outlet
+        if outlet is None:
             return
         env = self.environ
         if mw.split_only and not env.get("canarymw.split"):
@@ -243,7 +244,7 @@ class _Response:
         decision = self.decision
         method = env.get("REQUEST_METHOD", "GET")
         record(
-            mw,
+            outlet,
             decision,
             self.status,
             _perf() - self.started,

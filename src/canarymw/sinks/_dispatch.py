@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 from ._base import CallableSink, FanoutSink, Outcome, Sink, SinkGuard
 from .memory import _BATCH, MemorySink
@@ -11,28 +12,27 @@ from .memory import _BATCH, MemorySink
 _new_tuple = tuple.__new__
 
 
-def direct_queue(guard: SinkGuard | None) -> MemorySink | None:
-    """The MemorySink behind ``guard`` if outcomes may skip its ``record()`` call.
+class Outlet:
+    """Where one adapter's outcomes go, resolved once at construction (compiled, so the
+    request path reads its fields directly).
 
-    :func:`record` then appends a plain field tuple to its queue and folds at
-    ``_BATCH``: the work of ``record()`` without building an ``Outcome``. Not for
-    subclasses, which may override ``record()``.
+    ``pending`` is the queue of a plain ``MemorySink`` behind ``guard``: :func:`record`
+    then appends a plain field tuple to it and folds at ``_BATCH``, the work of
+    ``record()`` without building an ``Outcome``. Any other sink (subclasses included,
+    which may override ``record()``) gets an ``Outcome`` through ``sink_record``.
     """
-    inner = guard.sink if guard is not None else None
-    return inner if type(inner) is MemorySink else None
 
-
-class _Adapter(Protocol):
-    @property
-    def _memory(self) -> MemorySink | None: ...
-    @property
-    def _record(self) -> Callable[[Outcome], None] | None: ...
-    @property
-    def _guard(self) -> SinkGuard | None: ...
+    def __init__(self, guard: SinkGuard) -> None:
+        self.guard = guard
+        inner = guard.sink
+        self.memory: MemorySink | None = inner if type(inner) is MemorySink else None
+        # A MemorySink keeps its queue for life (reset() folds it, never replaces it).
+        self.pending: deque[Any] | None = None if self.memory is None else self.memory._pending
+        self.sink_record: Callable[[Outcome], None] = inner.record
 
 
 def record(
-    adapter: _Adapter,
+    outlet: Outlet,
     decision: Any,
     status: int | None,
     duration: float,
@@ -44,11 +44,11 @@ def record(
     close_code: int | None = None,
 ) -> None:
     """Build one request's outcome from its :class:`~canarymw.Decision` and hand it to
-    the adapter's sink.
+    the adapter's sink through its :class:`Outlet`.
 
     The one place the adapters' Python paths put the fields in ``Outcome`` order.
-    Straight into a MemorySink's queue (see :func:`direct_queue`), else as an
-    ``Outcome`` to the sink's ``record()``. A sink that raises is counted, never raised.
+    Straight into a MemorySink's queue, else as an ``Outcome`` to the sink's
+    ``record()``. A sink that raises is counted, never raised.
     """
     # One function, not a builder and a deliverer: a Python frame less per request.
     fields = (
@@ -64,17 +64,16 @@ def record(
         close_code,
     )
     try:
-        memory = adapter._memory
-        if memory is None:
+        pending = outlet.pending
+        if pending is None:
             # tuple.__new__ skips _make's length check: all the fields are here.
-            adapter._record(_new_tuple(Outcome, fields))  # type: ignore[misc]
+            outlet.sink_record(_new_tuple(Outcome, fields))
         else:
-            pending = memory._pending
             pending.append(fields)
             if len(pending) >= _BATCH:
-                memory._fold(blocking=False)
+                outlet.memory._fold(blocking=False)  # type: ignore[union-attr]
     except Exception:
-        adapter._guard.failed()  # type: ignore[union-attr]
+        outlet.guard.failed()
 
 
 def as_sink(sink: Sink | Sequence[Sink] | None) -> SinkGuard | None:

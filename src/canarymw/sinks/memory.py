@@ -132,7 +132,7 @@ class MemorySink:
             counts = self._counts
             if self._classify is not default_classifier:
                 classify = self._classify
-                # The adapters queue plain tuples (see direct_queue).
+                # The adapters queue plain tuples (see _dispatch.Outlet).
                 self._failed.update(_RV(o) for o in map(Outcome._make, batch) if not classify(o))
             kinds: dict[tuple[str, str], tuple[float, ...]]
             if names.count(names[0]) == n and variants.count(variants[0]) == n:
