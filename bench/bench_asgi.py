@@ -4,7 +4,9 @@
     python bench/bench_asgi.py --uvicorn       # requests/second under uvicorn --workers 2 (needs wrk)
 
 In-process, every contender serves the same Starlette "hello" request through the
-same minimal server loop (a fresh scope copy per request, as a server builds one).
+same minimal server loop (a fresh scope copy per request, as a server builds one);
+``--cold MIB`` writes that many MiB before each request and times the requests alone,
+so that each starts with the caches a server's own work between requests leaves.
 Each round runs every contender once, in a new random order, so drift (CPU frequency,
 other load) and position effects hit all of them alike. A contender's added cost is
 the median over rounds of (its time - bare's time in the same round). Contenders:
@@ -254,14 +256,24 @@ async def _send(message: Any) -> None:
     return None
 
 
-async def _serve(app: App, scope: dict[str, Any], n: int) -> float:
-    t0 = time.perf_counter()
+async def _serve(app: App, scope: dict[str, Any], n: int, cold: bytearray | None = None) -> float:
+    if cold is None:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            await app(dict(scope), _receive, _send)
+        return (time.perf_counter() - t0) / n * 1e6
+    # --cold: before each request, write one byte per cache line of `cold`, evicting what
+    # the caches held (as a server's own work between requests does); only the calls are timed.
+    spent, ones = 0.0, b"\x01" * len(cold[::64])
     for _ in range(n):
+        cold[::64] = ones
+        t0 = time.perf_counter()
         await app(dict(scope), _receive, _send)
-    return (time.perf_counter() - t0) / n * 1e6
+        spent += time.perf_counter() - t0
+    return spent / n * 1e6
 
 
-def in_process(rounds: int, per_round: int) -> None:
+def in_process(rounds: int, per_round: int, cold_mb: float = 0.0) -> None:
     returning = _scope(f"{OTHER_COOKIES}; {returning_cookie()}")
     first = _scope(OTHER_COOKIES)
     naive = _scope(f"{OTHER_COOKIES}; {naive_cookie()}")
@@ -285,14 +297,17 @@ def in_process(rounds: int, per_round: int) -> None:
             shuffle(order)
             for name in order:
                 app, scope = contenders[name]
-                samples[name].append(await _serve(app, scope, per_round))
+                samples[name].append(await _serve(app, scope, per_round, cold))
         return samples
 
+    cold = bytearray(int(cold_mb * 2**20)) if cold_mb > 0 else None
     samples = asyncio.run(measure())
     base = statistics.median(samples["bare"])
     added = paired_added(samples)
     ours = added["canarymw returning"]
     print(f"in-process, Starlette hello, {rounds} rounds (random order) x {per_round} requests; medians")
+    if cold is not None:
+        print(f"--cold {cold_mb:g}: {cold_mb:g} MiB written before each request (caches evicted)")
     print(
         f"{'contender':30} {'us/req':>8} {'added us':>9} {'% of bare':>9} {'added / canarymw returning':>27}"
     )
@@ -430,6 +445,9 @@ def main() -> None:
     parser.add_argument("--per-round", type=int, default=1000)
     parser.add_argument("--uvicorn", action="store_true", help="measure requests/second under uvicorn")
     parser.add_argument(
+        "--cold", type=float, default=0.0, metavar="MIB", help="in process: evict caches before each request"
+    )
+    parser.add_argument(
         "--stock-uvicorn", action="store_true", help="with --uvicorn: use the plain uvicorn CLI"
     )
     parser.add_argument("--seconds", type=int, default=3)
@@ -464,7 +482,7 @@ def main() -> None:
             print(f"canarymw@other: {args.compare}: {build_of(args.compare)}")
         under_uvicorn(args)
         return
-    in_process(args.rounds, args.per_round)
+    in_process(args.rounds, args.per_round, args.cold)
     if args.both:
         run_both(__file__)
 
