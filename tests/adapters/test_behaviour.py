@@ -184,6 +184,47 @@ def test_one_outcome_per_request_with_fields(kit: Kit, make_rollout: MakeRollout
     assert stats.requests == 4 and stats.errors == 0 and stats.statuses == {2: 4}
 
 
+def test_a_memory_sink_subclass_gets_its_record_called_with_whole_outcomes(
+    kit: Kit, make_rollout: MakeRollout
+) -> None:
+    # Only a plain MemorySink has its queue filled directly; a subclass may override record().
+    class Tallying(MemorySink):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[Outcome] = []
+
+        def record(self, outcome: Outcome) -> None:
+            self.seen.append(outcome)
+            super().record(outcome)
+
+    sink = Tallying()
+    app = kit.wrap(kit.echo("old"), kit.echo("new"), make_rollout(50), sink=sink)
+    with kit.client(app) as client:
+        for _ in range(3):
+            assert client.get("/").status_code == 200
+    assert [type(o) for o in sink.seen] == [Outcome] * 3
+    assert all(o.rollout == "hello-v2" and o.status == 200 and o.method == "GET" for o in sink.seen)
+    assert sum(s.requests for s in sink.snapshot().values()) == 3
+
+
+def test_a_plain_memory_sink_that_fails_to_fold_is_counted_not_raised(
+    kit: Kit, make_rollout: MakeRollout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import canarymw.sinks._dispatch as dispatch
+
+    sink = MemorySink()
+
+    def broken_fold(*, blocking: bool) -> None:
+        raise RuntimeError("fold failed")
+
+    monkeypatch.setattr(sink, "_fold", broken_fold)
+    mw = kit.raw_wrap(kit.echo("old"), kit.echo("new"), make_rollout(50), sink=sink)
+    with kit.client(mw) as client:
+        for _ in range(dispatch._BATCH):
+            assert client.get("/").status_code == 200
+    assert mw.sink_errors == 1  # the request that filled the batch; none failed
+
+
 def test_status_500_counts_as_error(kit: Kit, make_rollout: MakeRollout) -> None:
     memory = MemorySink()
     app = kit.wrap(kit.echo("old", status=500), kit.echo("new", status=500), make_rollout(50), sink=memory)
