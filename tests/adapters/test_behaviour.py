@@ -210,7 +210,7 @@ def test_a_memory_sink_subclass_gets_its_record_called_with_whole_outcomes(
 def test_a_plain_memory_sink_that_fails_to_fold_is_counted_not_raised(
     kit: Kit, make_rollout: MakeRollout, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import canarymw.sinks._dispatch as dispatch
+    from canarymw.sinks.memory import _BATCH
 
     sink = MemorySink()
 
@@ -220,7 +220,7 @@ def test_a_plain_memory_sink_that_fails_to_fold_is_counted_not_raised(
     monkeypatch.setattr(sink, "_fold", broken_fold)
     mw = kit.raw_wrap(kit.echo("old"), kit.echo("new"), make_rollout(50), sink=sink)
     with kit.client(mw) as client:
-        for _ in range(dispatch._BATCH):
+        for _ in range(_BATCH):
             assert client.get("/").status_code == 200
     assert mw.sink_errors == 1  # the request that filled the batch; none failed
 
